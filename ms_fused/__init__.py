@@ -1,0 +1,7 @@
+"""ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (see SPEC.md)."""
+from .api import multi_similarity_loss
+from .backends import available_backends
+from .module import MultiSimilarityLoss
+
+__all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends"]
+__version__ = "0.1.0"

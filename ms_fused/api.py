@@ -1,0 +1,48 @@
+"""The functional entry point: validate, pick a backend, reduce."""
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from ._inputs import _flag, check_backend_name, check_finite_inputs, check_hyperparams, check_inputs, check_reduction
+
+
+def reduce_losses(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return losses
+    total = losses.sum()
+    # "mean" divides by all N anchors, anchors without pairs included (as both reference codes do)
+    return total / losses.shape[0] if reduction == "mean" else total
+
+
+def multi_similarity_loss(
+    embeddings,
+    labels,
+    ref_emb=None,
+    ref_labels=None,
+    *,
+    alpha=2.0,
+    beta=50.0,
+    base=0.5,
+    epsilon=0.1,
+    mining=True,
+    normalize=True,
+    reduction="mean",
+    backend="auto",
+    ref_self_index=None,
+    check_finite=False,
+) -> torch.Tensor:
+    """Multi-Similarity loss (Wang et al., CVPR 2019) with its hard-pair miner; see SPEC.md.
+
+    Returns a float32 scalar (float64 for float64 inputs), or the (N,) per-anchor losses when
+    reduction="none". Raises ValueError/TypeError on bad input before any computation.
+    """
+    hp = check_hyperparams(alpha, beta, base, epsilon, mining, normalize)
+    reduction = check_reduction(reduction)
+    backend = check_backend_name(backend)
+    check_finite = _flag("check_finite", check_finite)
+    problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp)
+    impl = backends.resolve(backend, problem.q.device, problem.q.dtype)
+    if check_finite:
+        check_finite_inputs(problem)
+    return reduce_losses(impl.per_anchor_loss(problem), reduction)

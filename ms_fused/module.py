@@ -1,0 +1,26 @@
+"""`MultiSimilarityLoss`: the nn.Module face of `multi_similarity_loss`, called like pml's loss."""
+from __future__ import annotations
+
+from torch import nn
+
+from ._inputs import _flag, check_backend_name, check_hyperparams, check_reduction
+from .api import multi_similarity_loss
+
+
+class MultiSimilarityLoss(nn.Module):
+    """Drop-in for pml's `MultiSimilarityLoss` + `MultiSimilarityMiner`: `loss(embeddings, labels)`."""
+
+    def __init__(self, *, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, mining=True, normalize=True,
+                 reduction="mean", backend="auto", check_finite=False):
+        super().__init__()
+        check_hyperparams(alpha, beta, base, epsilon, mining, normalize)
+        self.kwargs = dict(alpha=alpha, beta=beta, base=base, epsilon=epsilon, mining=mining,
+                           normalize=normalize, reduction=check_reduction(reduction),
+                           backend=check_backend_name(backend), check_finite=_flag("check_finite", check_finite))
+
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None, *, ref_self_index=None):
+        return multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, ref_self_index=ref_self_index,
+                                     **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

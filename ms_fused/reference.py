@@ -1,0 +1,66 @@
+"""The `reference` backend: dense, line-by-line SPEC.md, plain autograd. The oracle of every test.
+
+It materialises several N x M matrices on purpose: clarity over speed.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._inputs import HyperParams, Problem, compute_dtype
+
+
+def log1p_sum_exp(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Row-wise log(1 + sum_{keep} exp(z)), shifted by m = max(0, max z); empty rows give exactly 0."""
+    z = z.masked_fill(~keep, float("-inf"))
+    m = z.amax(dim=1).clamp(min=0).detach()
+    return m + torch.log(torch.exp(-m) + torch.exp(z - m[:, None]).sum(dim=1))
+
+
+def pair_masks(yq: torch.Tensor, yr: torch.Tensor, self_index: Optional[torch.Tensor]):
+    """P (same label, own copy removed by index) and N (different label), each (N, M) bool."""
+    same = yq[:, None] == yr[None, :]
+    pos = same.clone()
+    if self_index is not None:
+        rows = torch.nonzero(self_index >= 0).flatten()
+        pos[rows, self_index[rows]] = False
+    return pos, ~same
+
+
+def mined_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, hp: HyperParams):
+    """SPEC "Mining": hard negatives beat the weakest positive by eps, hard positives the strongest negative."""
+    if not hp.mining:
+        return pos, neg
+    min_pos = S.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
+    max_neg = S.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
+    hard_pos = pos & (S - hp.epsilon < max_neg)
+    hard_neg = neg & (S + hp.epsilon > min_pos)
+    return hard_pos, hard_neg
+
+
+def per_anchor_loss(problem: Problem) -> torch.Tensor:
+    hp = problem.hp
+    cd = compute_dtype(problem.q.dtype)
+    q = problem.q.to(cd)
+    r = q if problem.self_mode else problem.ref.to(cd)
+    yr = problem.labels if problem.self_mode else problem.ref_labels
+    if hp.normalize:
+        q_hat = F.normalize(q, dim=1)
+        r_hat = q_hat if problem.self_mode else F.normalize(r, dim=1)
+    else:
+        q_hat, r_hat = q, r
+    S = q_hat @ r_hat.T
+
+    pos, neg = pair_masks(problem.labels, yr, problem.self_index)
+    hard_pos, hard_neg = mined_masks(S.detach(), pos, neg, hp)
+    pos_term = log1p_sum_exp(-hp.alpha * (S - hp.base), hard_pos) / hp.alpha
+    neg_term = log1p_sum_exp(hp.beta * (S - hp.base), hard_neg) / hp.beta
+    loss = pos_term + neg_term
+
+    # SPEC "Bad input": an anchor whose similarity row touches NaN/Inf gets NaN (value and gradient),
+    # so a non-finite embedding can never be mined away into a finite loss.
+    bad = ~torch.isfinite(S.detach()).all(dim=1)
+    nan_if_bad = torch.zeros_like(loss).masked_fill(bad, float("nan"))
+    return loss + S.sum(dim=1) * nan_if_bad
