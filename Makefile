@@ -1,0 +1,28 @@
+# Two entry points, each doing all set-up on a fresh machine:
+#   make bench   — the benchmark comparison on whatever device is here (quick sweep; FULL=1 for the full one)
+#   make test    — the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ms_fused-installed
+
+.PHONY: bench test install clean
+
+$(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# CPU build from the local wheel here; elsewhere PyPI's torch==2.13.0 (CUDA-enabled on Linux)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -r requirements-dev.txt
+	$(PY) -m pip install --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py $(if $(FULL),,--quick)
+
+clean:
+	rm -rf build *.egg-info ms_fused/*.so
