@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64; inf when out has a NaN/Inf that ref has not (NaN never passes)."""
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> float:
+    """‖out − ref‖ / max(‖ref‖, floor) in float64; inf when out has a NaN/Inf that ref has not (NaN never passes).
+
+    `floor` keeps a reference that is zero up to rounding (e.g. the gradient of a normalised D=1 row)
+    from turning rounding noise into a large relative error."""
     out, ref = out.detach().double(), ref.detach().double()
     if not torch.equal(torch.isnan(out), torch.isnan(ref)):
         return float("inf")
@@ -16,9 +19,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out[keep], ref[keep]
     if not torch.isfinite(out).all():
         return float("inf")
-    denom = ref.norm()
-    diff = (out - ref).norm()
-    return float(diff) if denom == 0 else float(diff / denom)
+    denom = max(float(ref.norm()), floor)
+    diff = float((out - ref).norm())
+    return diff if denom == 0 else diff / denom
 
 
 def clustered(n: int, d: int, n_classes: int, gen: torch.Generator, spread: float = 0.9):

@@ -1,0 +1,57 @@
+"""Public API: backend registry, "auto", the module, graph attachment of a zero loss."""
+import torch
+
+import ms_fused
+from helpers import clustered_batch, rel_err
+from ms_fused import MultiSimilarityLoss, available_backends, multi_similarity_loss
+
+
+def test_public_names():
+    assert set(ms_fused.__all__) >= {"multi_similarity_loss", "MultiSimilarityLoss", "available_backends"}
+
+
+def test_available_backends_on_cpu_fastest_first():
+    names = available_backends("cpu")
+    assert {"torch", "reference"} <= set(names)
+    assert names.index("torch") < names.index("reference")
+    if "cpp" in names:
+        assert names[0] == "cpp"
+    assert available_backends(torch.device("cpu")) == names
+    assert available_backends() == names  # torch's default device is the CPU here
+
+
+def test_auto_picks_the_first_available_backend_and_agrees_with_reference():
+    x, y = clustered_batch(40, 8, 5, 1)
+    auto = multi_similarity_loss(x, y)
+    first = multi_similarity_loss(x, y, backend=available_backends("cpu")[0])
+    assert torch.equal(auto, first)
+    assert rel_err(auto, multi_similarity_loss(x, y, backend="reference")) <= 1e-10
+
+
+def test_zero_loss_is_attached_to_the_graph():
+    x = torch.randn(8, 4, requires_grad=True)
+    loss = multi_similarity_loss(x, torch.zeros(8, dtype=torch.long))  # one class: nothing is mined
+    assert loss.item() == 0.0 and loss.requires_grad and loss.grad_fn is not None
+    loss.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_module_forward_with_reference_set_and_self_index():
+    x, y, r, yr = clustered_batch(20, 6, 4, 2, m=30)
+    r[:20], yr[:20] = x, y
+    idx = torch.arange(20)
+    module = MultiSimilarityLoss(reduction="sum", backend="torch", beta=40.0)
+    expected = multi_similarity_loss(x, y, r, yr, ref_self_index=idx, reduction="sum", backend="reference", beta=40.0)
+    assert rel_err(module(x, y, r, yr, ref_self_index=idx), expected) <= 1e-10
+    assert "beta=40.0" in repr(module)
+
+
+def test_gradients_come_back_in_each_inputs_dtype():
+    x, y, r, yr = clustered_batch(16, 4, 3, 3, m=12)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        q = x.to(dtype).requires_grad_(True)
+        k = r.to(dtype).requires_grad_(True)
+        loss = multi_similarity_loss(q, y, k, yr)
+        assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        loss.backward()
+        assert q.grad.dtype == dtype and k.grad.dtype == dtype

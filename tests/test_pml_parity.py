@@ -1,0 +1,58 @@
+"""Parity with pytorch-metric-learning (MultiSimilarityLoss + MultiSimilarityMiner) in float64, within 1e-10.
+
+pml is a test oracle only. Its one deliberate difference — returning a detached 0 when at most one pair
+of each kind is mined — cannot occur on these batches (hundreds of mined pairs).
+"""
+import pytest
+import torch
+
+from backends_under_test import CPU_BACKENDS
+from helpers import clustered_batch, rel_err
+from ms_fused import MultiSimilarityLoss, multi_similarity_loss
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+
+HP = [dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1), dict(alpha=2.0, beta=40.0, base=0.5, epsilon=0.1),
+      dict(alpha=0.5, beta=10.0, base=0.3, epsilon=0.05)]
+
+
+def pml_loss(x, y, r, yr, hp, mining):
+    loss_fn = pml_losses.MultiSimilarityLoss(alpha=hp["alpha"], beta=hp["beta"], base=hp["base"])
+    if r is None:
+        pairs = pml_miners.MultiSimilarityMiner(epsilon=hp["epsilon"])(x, y) if mining else None
+        return loss_fn(x, y, pairs)
+    pairs = pml_miners.MultiSimilarityMiner(epsilon=hp["epsilon"])(x, y, r, yr) if mining else None
+    return loss_fn(x, y, pairs, ref_emb=r, ref_labels=yr)
+
+
+def value_and_grads(fn, x, r):
+    x = x.clone().requires_grad_(True)
+    r = None if r is None else r.clone().requires_grad_(True)
+    loss = fn(x, r)
+    return loss.detach(), torch.autograd.grad(loss, [x] if r is None else [x, r])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("ref_mode", [False, True])
+@pytest.mark.parametrize("mining", [True, False])
+def test_matches_pml_loss_and_miner_float64(backend, ref_mode, mining):
+    for seed, hp in enumerate(HP):
+        if ref_mode:
+            x, y, r, yr = clustered_batch(96, 24, 8, seed, m=160, epsilon=hp["epsilon"])
+        else:
+            (x, y), r, yr = clustered_batch(160, 24, 12, seed, epsilon=hp["epsilon"]), None, None
+        ours = value_and_grads(lambda a, b: multi_similarity_loss(a, y, b, None if b is None else yr, backend=backend,
+                                                                  mining=mining, **hp), x, r)
+        theirs = value_and_grads(lambda a, b: pml_loss(a, y, b, yr, hp, mining), x, r)
+        assert rel_err(ours[0], theirs[0]) <= 1e-10
+        for g, pg in zip(ours[1], theirs[1]):
+            assert rel_err(g, pg) <= 1e-10
+
+
+def test_module_is_called_like_pml():
+    x, y = clustered_batch(64, 16, 8, 7)
+    x.requires_grad_(True)
+    ours = MultiSimilarityLoss()(x, y)
+    theirs = pml_losses.MultiSimilarityLoss()(x, y, pml_miners.MultiSimilarityMiner()(x, y))
+    assert rel_err(ours, theirs) <= 1e-10
