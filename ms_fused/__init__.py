@@ -2,6 +2,7 @@
 from .api import multi_similarity_loss
 from .backends import available_backends
 from .module import MultiSimilarityLoss
+from .xbm import CrossBatchMemory
 
-__all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends"]
+__all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory"]
 __version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""`CrossBatchMemory`: the MS loss of each batch against a FIFO memory of past embeddings (XBM, Wang et al. 2020).
+
+The memory is a ring buffer of detached rows; the batch is enqueued first, then its anchors are scored
+against everything the memory holds, their own copies removed from their positives by index. The memory
+never requires grad, so backends skip the reference-side gradient (dR) entirely.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._inputs import FLOAT_DTYPES, _embedding, _labels
+from .module import MultiSimilarityLoss
+
+
+class CrossBatchMemory(nn.Module):
+    """`xbm(embeddings, labels) -> loss` of the batch's anchors against a memory of the last `memory_size` rows.
+
+    Each call (1) writes the batch, detached and cast to the memory's `dtype`, into the ring buffer
+    (oldest rows first overwritten; of a batch longer than the memory only its last `memory_size` rows
+    stay), then (2) returns `multi_similarity_loss(embeddings, labels, memory[:filled], memory_labels[:filled],
+    ref_self_index=<slot of each anchor's copy, -1 if overwritten in the same call>, **loss_kwargs)`.
+    Only the filled part of the memory is used until it is full. The gradient reaches `embeddings`
+    through the anchor side only (the XBM convention: memory rows are constants).
+
+    The memory follows the embeddings' device (moved on the first call from another device), is saved
+    and restored by `state_dict()` / `load_state_dict()`, and costs memory_size x embedding_dim elements
+    of `dtype` plus one int64 label per row.
+    """
+
+    def __init__(self, memory_size: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device=None, **loss_kwargs):
+        super().__init__()
+        for name, value in (("memory_size", memory_size), ("embedding_dim", embedding_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
+        self.loss = MultiSimilarityLoss(**loss_kwargs)
+        self.register_buffer("memory", torch.zeros(memory_size, embedding_dim, dtype=dtype, device=device))
+        self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.int64, device=device))
+        # next slot to write, and how many slots hold data; 0-d int64 so that state_dict carries them
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.int64, device=device))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.int64, device=device))
+
+    @property
+    def memory_size(self) -> int:
+        return self.memory.shape[0]
+
+    def reset(self) -> None:
+        """Empty the memory (the buffers keep their size, device and dtype)."""
+        self.ptr.zero_()
+        self.filled.zero_()
+
+    @torch.no_grad()
+    def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Write the rows into the ring buffer; returns each row's slot (int64 (N,)), -1 for rows overwritten
+        by later rows of the same batch."""
+        n, size = embeddings.shape[0], self.memory_size
+        start = int(self.ptr)
+        slots = (start + torch.arange(n, device=embeddings.device)) % size
+        slots[: max(0, n - size)] = -1
+        kept = slice(max(0, n - size), n)
+        self.memory[slots[kept]] = embeddings[kept].detach().to(self.memory.dtype)
+        self.memory_labels[slots[kept]] = labels[kept]
+        self.ptr.fill_((start + n) % size)
+        self.filled.fill_(min(size, int(self.filled) + n))
+        return slots
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = _embedding("embeddings", embeddings)
+        if x.shape[1] != self.memory.shape[1]:
+            raise ValueError(f"embeddings must have embedding_dim = {self.memory.shape[1]} columns, got {x.shape[1]}")
+        y = _labels("labels", labels, x.shape[0], "embeddings")
+        if y.device != x.device:
+            raise ValueError(f"labels is on {y.device} but embeddings is on {x.device}; put both on one device")
+        if self.loss.kwargs["check_finite"] and not bool(torch.isfinite(x).all()):
+            # checked before the write: a rejected batch must not poison the memory
+            raise ValueError("embeddings contains NaN or Inf (check_finite=True)")
+        if self.memory.device != x.device:
+            self.to(x.device)
+        slots = self.enqueue(x, y)
+        filled = int(self.filled)
+        anchors = x.to(self.memory.dtype)
+        return self.loss(anchors, y, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots)
+
+    def extra_repr(self) -> str:
+        return f"memory_size={self.memory_size}, embedding_dim={self.memory.shape[1]}, dtype={self.memory.dtype}"

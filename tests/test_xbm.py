@@ -1,0 +1,162 @@
+"""CrossBatchMemory against the dense `reference` backend on a FIFO simulated with plain Python lists.
+
+Each step's expected loss is `multi_similarity_loss(batch, labels, memory, memory_labels,
+ref_self_index=slots, backend="reference")` in float64 on the same (rounded) numbers, with memory, labels
+and slots taken from the list simulation. Tolerances (relative error): float64 1e-10, float32 1e-5.
+"""
+import pytest
+import torch
+
+from backends_under_test import FAST_CPU_BACKENDS
+from helpers import clustered, rel_err, threshold_gap
+from ms_fused import CrossBatchMemory, multi_similarity_loss
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+MEMORY, DIM, CLASSES = 37, 11, 6
+# 9+16+7 = 32 rows fill most of the memory, 20 wraps around, 45 > 37 overwrites its own first rows
+BATCHES = [9, 16, 7, 20, 45, 12]
+
+
+class ListFifo:
+    """The memory as the issue describes it, one row at a time."""
+
+    def __init__(self, size):
+        self.size, self.rows, self.labels, self.ptr, self.filled = size, [None] * size, [None] * size, 0, 0
+
+    def push(self, x, y):
+        slots = []
+        for row, label in zip(x, y.tolist()):
+            self.rows[self.ptr], self.labels[self.ptr] = row, label
+            slots.append(self.ptr)
+            self.ptr, self.filled = (self.ptr + 1) % self.size, min(self.size, self.filled + 1)
+        last_writer = {slot: i for i, slot in enumerate(slots)}
+        return torch.tensor([s if last_writer[s] == i else -1 for i, s in enumerate(slots)])
+
+    def contents(self):
+        return torch.stack(self.rows[: self.filled]), torch.tensor(self.labels[: self.filled])
+
+
+def stream(seed, dtype, margin=1e-5):
+    """Steps (x, y, memory, memory_labels, slots) of one clustered stream, in `dtype`.
+
+    Streams with a pair within `margin` of a mining threshold are redrawn: such a pair flips between
+    implementations on rounding alone (see helpers.clustered_batch)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(100):
+        x_all, y_all = clustered(sum(BATCHES), DIM, CLASSES, gen)
+        x_all = x_all.to(dtype)
+        fifo, steps = ListFifo(MEMORY), []
+        for x, y in zip(x_all.split(BATCHES), y_all.split(BATCHES)):
+            slots = fifo.push(x, y)
+            mem, mem_labels = fifo.contents()
+            steps.append((x, y, mem, mem_labels, slots))
+        if all(threshold_gap(x, y, m, my, s) > margin for x, y, m, my, s in steps):
+            return steps
+    raise RuntimeError("no stream away from the mining thresholds")
+
+
+def loss_and_grad(fn, x, reduction):
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (grad,) = torch.autograd.grad((loss * weights).sum(), x)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mining", [True, False])  # without mining an anchor's own copy would always count
+def test_matches_reference_over_steps(backend, dtype, reduction, mining):
+    for seed in range(2):
+        xbm = CrossBatchMemory(MEMORY, DIM, dtype=dtype, backend=backend, reduction=reduction, mining=mining)
+        for step, (x, y, mem, mem_labels, slots) in enumerate(stream(seed, dtype)):
+            loss, grad = loss_and_grad(lambda q: xbm(q, y), x, reduction)
+            ref_loss, ref_grad = loss_and_grad(
+                lambda q: multi_similarity_loss(q, y, mem.double(), mem_labels, ref_self_index=slots,
+                                                reduction=reduction, mining=mining, backend="reference"), x.double(), reduction)
+            filled = int(xbm.filled)
+            assert torch.equal(xbm.memory[:filled], mem) and torch.equal(xbm.memory_labels[:filled], mem_labels)
+            assert loss.dtype == dtype and grad.dtype == dtype
+            assert rel_err(loss, ref_loss) <= TOL[dtype], (seed, step, rel_err(loss, ref_loss))
+            assert rel_err(grad, ref_grad) <= TOL[dtype], (seed, step, rel_err(grad, ref_grad))
+        assert int(xbm.filled) == MEMORY and int(xbm.ptr) == sum(BATCHES) % MEMORY
+
+
+def test_no_gradient_reaches_the_memory():
+    xbm = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64)
+    for x, y, *_ in stream(0, torch.float64)[:3]:
+        x = x.clone().requires_grad_(True)
+        xbm(x, y).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert not xbm.memory.requires_grad and xbm.memory.grad is None
+    assert [name for name, _ in xbm.named_parameters()] == []
+
+
+def test_state_dict_restores_the_memory():
+    steps = stream(1, torch.float64)
+    xbm = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64)
+    for x, y, *_ in steps[:3]:
+        xbm(x, y)
+    restored = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64)
+    restored.load_state_dict(xbm.state_dict())
+    assert set(xbm.state_dict()) == {"memory", "memory_labels", "ptr", "filled"}
+    for x, y, *_ in steps[3:]:
+        assert torch.equal(xbm(x, y), restored(x, y))
+    assert torch.equal(xbm.memory, restored.memory) and int(xbm.ptr) == int(restored.ptr)
+
+
+def test_reset_empties_the_memory():
+    (x, y, *_), = stream(2, torch.float64)[:1]
+    xbm = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64)
+    xbm(x, y)
+    xbm.reset()
+    fresh = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64)
+    assert int(xbm.filled) == 0 and torch.equal(xbm(x, y), fresh(x, y))
+
+
+def test_batch_is_cast_to_the_memory_dtype():
+    (x, y, *_), = stream(3, torch.float64)[:1]
+    x = x.clone().requires_grad_(True)
+    loss = CrossBatchMemory(MEMORY, DIM)(x, y)  # float32 memory by default
+    loss.backward()
+    assert loss.dtype == torch.float32 and x.grad.dtype == torch.float64
+
+
+def test_bad_batches_leave_the_memory_untouched():
+    xbm = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64, check_finite=True)
+    (x, y, *_), = stream(4, torch.float64)[:1]
+    xbm(x, y)
+    before = {k: v.clone() for k, v in xbm.state_dict().items()}
+    bad_x = x.clone()
+    bad_x[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        xbm(bad_x, y)
+    with pytest.raises(ValueError, match="embedding_dim"):
+        xbm(x[:, :-1], y)
+    with pytest.raises(ValueError, match="labels"):
+        xbm(x, y[:-1])
+    with pytest.raises(TypeError, match="labels"):
+        xbm(x, y.double())
+    assert all(torch.equal(before[k], v) for k, v in xbm.state_dict().items())
+
+
+def test_nan_without_check_finite_gives_nan():
+    (x, y, *_), = stream(5, torch.float64)[:1]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    losses = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64, reduction="none")(x, y)
+    assert torch.isnan(losses).all()  # the NaN row is in the memory, so every anchor's row touches it
+
+
+@pytest.mark.parametrize("args, error", [((0, 4), ValueError), ((4, 0), ValueError), ((4.0, 4), ValueError)])
+def test_bad_sizes_raise(args, error):
+    with pytest.raises(error, match="memory_size|embedding_dim"):
+        CrossBatchMemory(*args)
+
+
+def test_bad_loss_options_raise():
+    with pytest.raises(ValueError, match="alpha"):
+        CrossBatchMemory(8, 4, alpha=-1.0)
+    with pytest.raises(TypeError):
+        CrossBatchMemory(8, 4, ref_emb=torch.zeros(1, 4))
