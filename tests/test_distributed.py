@@ -1,0 +1,159 @@
+"""`ms_fused.distributed.multi_similarity_loss` on gloo processes against the single-process loss of the whole batch.
+
+One spawn of 3 CPU processes (file:// rendezvous, no ports) serves every case: world size 3 runs on the
+default group, world size 2 on the group of ranks 0 and 1. Each rank draws the same global batch, takes
+its slice, and records its loss and gradient next to the float64 `reference` result on the concatenated
+batch (same rounded numbers). Tolerances (relative error): float64 1e-10, float32 1e-5.
+"""
+import itertools
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from backends_under_test import FAST_CPU_BACKENDS
+from helpers import clustered_batch, rel_err
+from ms_fused import multi_similarity_loss
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+WORLD, DIM, CLASSES = 3, 13, 5
+# local batch sizes per rank: unequal, a rank with a single sample, a rank with none
+SPLITS = [(5, 9), (1, 12), (1, 6, 11), (7, 0, 4)]
+CASES = list(itertools.product(range(len(SPLITS)), [torch.float64, torch.float32], ["mean", "sum", "none"],
+                               [True, False], FAST_CPU_BACKENDS))
+
+
+def global_batch(split, seed=0):
+    return clustered_batch(sum(split), DIM, CLASSES, seed + 17 * len(split) + sum(split))
+
+
+def weighted_loss_and_grad(fn, x):
+    """The loss (already weighted by the caller) and the gradient of its sum."""
+    x = x.detach().clone().requires_grad_(True)
+    loss = fn(x)
+    return loss.detach(), torch.autograd.grad(loss.sum(), x)[0]
+
+
+def run_cases(rank, groups):
+    import ms_fused.distributed as msd
+
+    out = {}
+    for case in CASES:
+        split_id, dtype, reduction, mining, backend = case
+        split = SPLITS[split_id]
+        if rank >= len(split):
+            continue
+        x, y = global_batch(split)
+        x = x.to(dtype)
+        start, n = sum(split[:rank]), split[rank]
+        weights = torch.linspace(0.5, 1.5, sum(split), dtype=torch.float64)
+        kw = dict(reduction=reduction, mining=mining)
+        w = weights if reduction == "none" else torch.ones((), dtype=torch.float64)
+        ref_loss, ref_grad = weighted_loss_and_grad(
+            lambda q: w * multi_similarity_loss(q, y, backend="reference", **kw), x.double())
+        w_local = w[start:start + n] if reduction == "none" else w
+        loss, grad = weighted_loss_and_grad(
+            lambda q: w_local.to(torch.float64 if dtype == torch.float64 else torch.float32)
+            * msd.multi_similarity_loss(q, y[start:start + n], group=groups[len(split)], backend=backend, **kw),
+            x[start:start + n])
+        expected = ref_loss[start:start + n] if reduction == "none" else ref_loss
+        out[case] = dict(loss=loss, loss_err=rel_err(loss, expected), grad_err=rel_err(grad, ref_grad[start:start + n]),
+                         dtypes=(loss.dtype, grad.dtype))
+    return out
+
+
+def run_ddp(rank, group):
+    """DDP over ranks 0 and 1 with the loss scaled by the world size: the parameter gradients must be those of
+    one process training on the concatenated batch."""
+    import ms_fused.distributed as msd
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    split = (5, 9)
+    gen = torch.Generator().manual_seed(3)
+    inputs = torch.randn(sum(split), 7, generator=gen, dtype=torch.float64)
+    _, y = global_batch(split, seed=3)
+    torch.manual_seed(0)
+    model = nn.Linear(7, DIM, dtype=torch.float64)
+    single = nn.Linear(7, DIM, dtype=torch.float64)
+    single.load_state_dict(model.state_dict())
+    multi_similarity_loss(single(inputs), y, backend="reference").backward()
+
+    ddp = DDP(model, process_group=group)
+    start, n = sum(split[:rank]), split[rank]
+    loss = msd.multi_similarity_loss(ddp(inputs[start:start + n]), y[start:start + n], group=group)
+    (loss * dist.get_world_size(group)).backward()
+    return {name: rel_err(p.grad, q.grad) for (name, p), q in zip(model.named_parameters(), single.parameters())}
+
+
+def run_bad_inputs(rank):
+    """A bad input on one rank must make every rank raise, never leave the others waiting."""
+    import ms_fused.distributed as msd
+
+    x, y = global_batch((4, 4, 4))
+    x, y = x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4]
+    errors = {}
+    for name, (xr, yr) in {"labels length on rank 1": (x, y[:-1] if rank == 1 else y),
+                           "dim on rank 2": (x[:, :-1] if rank == 2 else x, y),
+                           "dtype on rank 0": (x.float() if rank == 0 else x, y)}.items():
+        try:
+            msd.multi_similarity_loss(xr, yr)
+            errors[name] = None
+        except (TypeError, ValueError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    return errors
+
+
+def worker(rank, rendezvous, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    pair = dist.new_group([0, 1])  # every rank must take part in creating it
+    result = dict(cases=run_cases(rank, {2: pair, 3: None}), bad=run_bad_inputs(rank))
+    if rank < 2:
+        result["ddp"] = run_ddp(rank, pair)
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("distributed")
+    mp.spawn(worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: str(c))
+def test_matches_single_process(results, case):
+    split_id, dtype, reduction, *_ = case
+    for rank in range(len(SPLITS[split_id])):
+        got = results[rank]["cases"][case]
+        assert got["loss_err"] <= TOL[dtype], (rank, got)
+        assert got["grad_err"] <= TOL[dtype], (rank, got)
+        out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        assert got["dtypes"] == (out_dtype, dtype)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] != "none"], ids=lambda c: str(c))
+def test_every_rank_gets_the_same_loss(results, case):
+    losses = [results[rank]["cases"][case]["loss"] for rank in range(len(SPLITS[case[0]]))]
+    assert all(torch.equal(loss, losses[0]) for loss in losses)
+
+
+def test_ddp_with_loss_times_world_size_matches_single_process(results):
+    for rank in range(2):
+        for name, err in results[rank]["ddp"].items():
+            assert err <= TOL[torch.float64], (rank, name, err)
+
+
+def test_bad_input_on_one_rank_raises_on_every_rank(results):
+    for rank in range(WORLD):
+        errors = results[rank]["bad"]
+        assert all(message is not None for message in errors.values()), (rank, errors)
+    assert "labels" in results[1]["bad"]["labels length on rank 1"]
+    assert "rank(s) [1]" in results[0]["bad"]["labels length on rank 1"]
+    assert "dim" in results[0]["bad"]["dim on rank 2"]
