@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import HyperParams, Problem, compute_dtype
-from .reference import log1p_sum_exp
 
 DEFAULT_CHUNK_BYTES = int(os.environ.get("MS_FUSED_TORCH_CHUNK_MB", "32")) * 2**20
 
-# live (chunk x M) temporaries in the worst step: S, G or z, exp(z) in the float type plus ~8 bool masks
-_FLOAT_TEMPS, _BOOL_TEMPS = 4, 8
+# live (chunk x M) temporaries in the worst step: S, z, exp(z), G in the float type plus ~6 bool masks
+_FLOAT_TEMPS, _BOOL_TEMPS = 4, 6
 
 
 def chunk_rows(m: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
@@ -26,16 +25,46 @@ def chunk_rows(m: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYT
     return max(1, budget_bytes // per_row)
 
 
-def _pair_masks(yq_c, yr, self_c, cols):
+def _pair_masks(yq_c, yr, self_c):
+    """(pos, same) for a chunk of anchors; pos = same label minus each anchor's own copy (by index)."""
     same = yq_c[:, None] == yr[None, :]
-    pos = same if self_c is None else same & (cols[None, :] != self_c[:, None])
-    return pos, ~same
+    if self_c is None:
+        return same, same
+    pos = same.clone()
+    rows = torch.nonzero(self_c >= 0).flatten()
+    pos[rows, self_c[rows]] = False
+    return pos, same
 
 
-def _hard_masks(S, pos, neg, min_pos, max_neg, hp: HyperParams):
+def _hard_masks(S, pos, same, min_pos, max_neg, hp: HyperParams):
+    """SPEC "Mining", thresholds tested as written: S - eps < max_neg, S + eps > min_pos."""
     if not hp.mining:
-        return pos, neg
-    return pos & (S - hp.epsilon < max_neg[:, None]), neg & (S + hp.epsilon > min_pos[:, None])
+        return pos, ~same
+    hard_pos = torch.lt(S - hp.epsilon, max_neg[:, None]).logical_and_(pos)
+    hard_neg = torch.gt(S + hp.epsilon, min_pos[:, None]).logical_and_(~same)
+    return hard_pos, hard_neg
+
+
+def _row_shifts(min_pos, max_neg, hp: HyperParams):
+    """Per-row shifts m = max(0, max z) of the two log-sum-exps, found from the row extremes alone.
+
+    The weakest positive (min_pos) is hard whenever any positive is, and the strongest negative
+    (max_neg) likewise, so max z is reached there; testing them with the same float expression as
+    the masks decides exactly whether the mined sets are empty (then m = 0 and the term is 0).
+    """
+    if hp.mining:
+        any_pos, any_neg = min_pos - hp.epsilon < max_neg, max_neg + hp.epsilon > min_pos
+    else:
+        any_pos, any_neg = min_pos < float("inf"), max_neg > float("-inf")
+    m_pos = torch.where(any_pos, (-hp.alpha * (min_pos - hp.base)).clamp(min=0), 0.0)
+    m_neg = torch.where(any_neg, (hp.beta * (max_neg - hp.base)).clamp(min=0), 0.0)
+    return m_pos, m_neg
+
+
+def _shifted_exp(S, keep, scale, base, shift):
+    """exp(scale * (S_ij - base) - shift_i) where keep, else 0 (evaluated as the SPEC writes it)."""
+    z = (S - base).mul_(scale).sub_(shift[:, None])
+    return z.masked_fill_(~keep, float("-inf")).exp_()
 
 
 class ChunkedMultiSimilarity(torch.autograd.Function):
@@ -43,22 +72,25 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, r, yq, yr, self_index, hp: HyperParams, chunk: int):
-        n, m = q.shape[0], r.shape[0]
-        cols = torch.arange(m, device=q.device)
+        n = q.shape[0]
         loss = torch.empty(n, dtype=q.dtype, device=q.device)
         stats = torch.empty(n, 4, dtype=q.dtype, device=q.device)  # min_pos, max_neg, A, B
         bad = torch.empty(n, dtype=torch.bool, device=q.device)
+        a, b, lam = hp.alpha, hp.beta, hp.base
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             S = q[s:e] @ r.T
-            pos, neg = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e], cols)
-            min_pos = S.masked_fill(~pos, float("inf")).amin(dim=1)
-            max_neg = S.masked_fill(~neg, float("-inf")).amax(dim=1)
-            hard_pos, hard_neg = _hard_masks(S, pos, neg, min_pos, max_neg, hp)
-            A = log1p_sum_exp(-hp.alpha * (S - hp.base), hard_pos)
-            B = log1p_sum_exp(hp.beta * (S - hp.base), hard_neg)
-            bad[s:e] = ~torch.isfinite(S).all(dim=1)
-            loss[s:e] = torch.where(bad[s:e], float("nan"), A / hp.alpha + B / hp.beta)
+            pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
+            min_pos = torch.where(pos, S, float("inf")).amin(dim=1)
+            max_neg = torch.where(same, float("-inf"), S).amax(dim=1)
+            hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
+            m_pos, m_neg = _row_shifts(min_pos, max_neg, hp)
+            # A = m + log(exp(-m) + sum exp(z - m)), z = -a(S - lam) on hard positives, b(S - lam) on hard negatives
+            A = m_pos + torch.log(torch.exp(-m_pos) + _shifted_exp(S, hard_pos, -a, lam, m_pos).sum(dim=1))
+            B = m_neg + torch.log(torch.exp(-m_neg) + _shifted_exp(S, hard_neg, b, lam, m_neg).sum(dim=1))
+            lo, hi = torch.aminmax(S, dim=1)  # NaN propagates; +-inf shows in an extreme
+            bad[s:e] = ~(torch.isfinite(lo) & torch.isfinite(hi))
+            loss[s:e] = torch.where(bad[s:e], float("nan"), A / a + B / b)
             stats[s:e] = torch.stack((min_pos, max_neg, A, B), dim=1)
         ctx.save_for_backward(q, r, yq, yr, self_index, stats, bad)
         ctx.hp, ctx.chunk = hp, chunk
@@ -69,22 +101,22 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
         q, r, yq, yr, self_index, stats, bad = ctx.saved_tensors
         hp, chunk = ctx.hp, ctx.chunk
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n, m = q.shape[0], r.shape[0]
-        cols = torch.arange(m, device=q.device)
+        n = q.shape[0]
+        a, b, lam = hp.alpha, hp.beta, hp.base
         g = g.to(q.dtype)
         dq = torch.empty_like(q) if need_q else None
         dr = torch.zeros_like(r) if need_r else None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             S = q[s:e] @ r.T
-            pos, neg = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e], cols)
+            pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
             min_pos, max_neg, A, B = stats[s:e].unbind(dim=1)
-            hard_pos, hard_neg = _hard_masks(S, pos, neg, min_pos, max_neg, hp)
-            gc = g[s:e, None]
-            # SPEC "Gradient": G_ip = -g exp(-a(S-l) - A), G_in = +g exp(b(S-l) - B), 0 elsewhere
-            G = torch.where(hard_pos, -gc * torch.exp(-hp.alpha * (S - hp.base) - A[:, None]), 0.0)
-            G += torch.where(hard_neg, gc * torch.exp(hp.beta * (S - hp.base) - B[:, None]), 0.0)
-            G = torch.where(bad[s:e, None], float("nan"), G)
+            hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
+            # SPEC "Gradient": G_ip = -g exp(-a(S-lam) - A), G_in = +g exp(b(S-lam) - B), 0 elsewhere
+            G = _shifted_exp(S, hard_neg, b, lam, B)
+            G.sub_(_shifted_exp(S, hard_pos, -a, lam, A))
+            G.mul_(g[s:e, None])
+            G.masked_fill_(bad[s:e, None], float("nan"))
             if need_q:
                 torch.mm(G, r, out=dq[s:e])
             if need_r:
