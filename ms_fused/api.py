@@ -1,6 +1,8 @@
 """The functional entry point: validate, pick a backend, reduce."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import backends
@@ -13,6 +15,14 @@ def reduce_losses(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     total = losses.sum()
     # "mean" divides by all N anchors, anchors without pairs included (as both reference codes do)
     return total / losses.shape[0] if reduction == "mean" else total
+
+
+def autocast_off(device: torch.device):
+    """Autocast switched off for `device`: the loss computes in float32 (float64 for float64) even inside an
+    autocast region, whose matmuls would otherwise run in float16/bfloat16 (SPEC "Similarities")."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def multi_similarity_loss(
@@ -45,4 +55,5 @@ def multi_similarity_loss(
     impl = backends.resolve(backend, problem.q.device, problem.q.dtype)
     if check_finite:
         check_finite_inputs(problem)
-    return reduce_losses(impl.per_anchor_loss(problem), reduction)
+    with autocast_off(problem.q.device):
+        return reduce_losses(impl.per_anchor_loss(problem), reduction)

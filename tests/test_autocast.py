@@ -1,0 +1,107 @@
+"""Under torch.autocast the loss still computes in float32 and returns float32 (SPEC "Similarities", "Output dtype").
+
+Inside an autocast region the loss's own matmuls would run in bfloat16/float16, which moves the loss by ~1e-3
+relative; the tolerances below are far tighter than that, so they fail if autocast leaks into the loss.
+"""
+import pytest
+import torch
+from torch import nn
+
+from backends_under_test import CPU_BACKENDS
+from helpers import clustered_batch, rel_err, threshold_gap
+from ms_fused import MultiSimilarityLoss, multi_similarity_loss
+
+LOW = [torch.bfloat16, torch.float16]
+# float32 accumulation of the same low-precision rows vs the float64 reference on them
+LOSS_TOL = 1e-5
+# the gradient comes back rounded to the embeddings' own 8/11-bit mantissa
+GRAD_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def network_batch(low_dtype, seed=0):
+    """Features, labels and a small network whose autocast embeddings sit away from the mining thresholds.
+
+    A pair within rounding distance of a threshold is mined by float32 and not by float64 (or the other way),
+    which changes the loss by a whole term; such draws are redrawn (see helpers.clustered_batch).
+    """
+    for attempt in range(50):
+        x, y = clustered_batch(64, 16, 6, seed=seed + attempt, dtype=torch.float32)
+        torch.manual_seed(seed + attempt)
+        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+        with torch.no_grad(), torch.autocast("cpu", dtype=low_dtype):
+            emb = net(x)
+        if threshold_gap(emb.double(), y) > 1e-5:
+            return x, y, net
+    raise RuntimeError("no network batch away from the mining thresholds")
+
+
+def reference_on(emb, y):
+    """Loss and gradient of the float64 reference on exactly the rows the loss saw."""
+    leaf = emb.detach().double().requires_grad_(True)
+    loss = multi_similarity_loss(leaf, y, backend="reference")
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("low_dtype", LOW)
+def test_autocast_network_embeddings(backend, low_dtype):
+    x, y, net = network_batch(low_dtype)
+    with torch.autocast("cpu", dtype=low_dtype):
+        emb = net(x)
+        emb.retain_grad()
+        loss = multi_similarity_loss(emb, y, backend=backend)
+    assert emb.dtype == low_dtype
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert emb.grad.dtype == low_dtype
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    ref_loss, ref_grad = reference_on(emb, y)
+    assert rel_err(loss, ref_loss) <= LOSS_TOL
+    assert rel_err(emb.grad, ref_grad) <= GRAD_TOL[low_dtype]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_embeddings_inside_autocast_match_outside(backend):
+    x, y = clustered_batch(64, 16, 6, seed=4, dtype=torch.float32)
+    outside = multi_similarity_loss(x, y, reduction="none", backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = multi_similarity_loss(x, y, reduction="none", backend=backend)
+    assert inside.dtype == torch.float32
+    assert rel_err(inside, outside) <= 1e-6
+
+
+def test_module_under_autocast_float64_stays_float64():
+    x, y = clustered_batch(32, 8, 4, seed=5, dtype=torch.float64)
+    x.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = MultiSimilarityLoss()(x, y)
+    assert loss.dtype == torch.float64
+    ref_loss, ref_grad = reference_on(x, y)
+    (grad,) = torch.autograd.grad(loss, x)
+    assert rel_err(loss, ref_loss) <= 1e-12 and rel_err(grad, ref_grad) <= 1e-12
+
+
+def test_compiled_under_autocast_matches_eager():
+    torch._dynamo.reset()
+    x, y, net = network_batch(torch.bfloat16)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = net(x)
+            return multi_similarity_loss(emb, y), emb
+
+    def run(fn):
+        net.zero_grad()
+        loss, emb = fn(x)
+        loss.backward()
+        return loss.detach(), emb.detach(), [p.grad.clone() for p in net.parameters()]
+
+    eager_loss, _, eager_grads = run(step)
+    compiled_loss, emb, compiled_grads = run(torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager"))
+    torch._dynamo.reset()
+    assert compiled_loss.dtype == torch.float32 and emb.dtype == torch.bfloat16
+    assert rel_err(compiled_loss, eager_loss) <= LOSS_TOL
+    assert rel_err(compiled_loss, reference_on(emb, y)[0]) <= LOSS_TOL
+    for g_c, g_e in zip(compiled_grads, eager_grads):
+        assert rel_err(g_c, g_e) <= GRAD_TOL[torch.bfloat16]
