@@ -30,9 +30,10 @@ def _pair_masks(yq_c, yr, self_c):
     same = yq_c[:, None] == yr[None, :]
     if self_c is None:
         return same, same
-    pos = same.clone()
-    rows = torch.nonzero(self_c >= 0).flatten()
-    pos[rows, self_c[rows]] = False
+    # clear (i, self_c[i]) with a fixed-shape scatter (torch.compile cannot trace nonzero's data-dependent
+    # shape inside an autograd.Function); rows with self_c = -1 write back their own value at column 0
+    col = self_c.clamp(min=0)[:, None]
+    pos = same.scatter(1, col, same.gather(1, col) & (self_c < 0)[:, None])
     return pos, same
 
 
@@ -138,5 +139,9 @@ def normalized_inputs(problem: Problem):
 
 def per_anchor_loss(problem: Problem, chunk_bytes: Optional[int] = None) -> torch.Tensor:
     q, r, yr = normalized_inputs(problem)
+    if problem.self_mode:
+        # torch.compile refuses an autograd.Function given one tensor twice; views are distinct inputs
+        # (autograd still adds the q and r gradients, i.e. G and G^T)
+        r, yr = q.view_as(q), yr.view_as(yr)
     chunk = chunk_rows(r.shape[0], q.dtype, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
     return ChunkedMultiSimilarity.apply(q, r, problem.labels, yr, problem.self_index, problem.hp, chunk)
