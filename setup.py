@@ -1,23 +1,52 @@
 """Install with `pip install --no-build-isolation -e .` on top of an installed torch."""
-import glob
+import importlib.util
 import os
 
 from setuptools import find_packages, setup
+
+NO_CPP_HINT = "the `cpp` backend then falls back to `torch`; install a C++ compiler and rerun " \
+              "`pip install --no-build-isolation -e .` to build it"
+
+
+def _build_flags():
+    """csrc/build_flags.py, loaded by path (it is not part of the installed package)."""
+    spec = importlib.util.spec_from_file_location("ms_fused_build_flags", os.path.join("csrc", "build_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpp_extensions():
     """The `cpp` backend's extension (csrc/), built with torch's cpp_extension and ninja.
 
-    Skipped, not failed, when there are no sources yet or MS_FUSED_NO_CPP=1; the package then
-    falls back to its pure-PyTorch backend.
+    Skipped, not failed, when there are no sources, when MS_FUSED_NO_CPP=1, or when the build itself fails
+    (no compiler, ...): the package then falls back to its pure-PyTorch backend.
     """
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    flags = _build_flags()
+    sources = [os.path.relpath(s) for s in flags.sources(os.path.abspath("csrc"))]
     if not sources or os.environ.get("MS_FUSED_NO_CPP") == "1":
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    ext = CppExtension("ms_fused._C", sources, extra_compile_args={"cxx": ["-O3"]})
-    return [ext], {"build_ext": BuildExtension}
+    class OptionalBuildExtension(BuildExtension):
+        """A failed extension build is a warning, not a failed install."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as exc:  # compiler missing or failing: keep the pure-Python package
+                print(f"WARNING: ms_fused: building the C++ extension failed ({type(exc).__name__}: {exc}); "
+                      f"{NO_CPP_HINT}")
+                self.extensions = []
+
+        def get_outputs(self):
+            return [] if not self.extensions else super().get_outputs()
+
+    cflags, ldflags, note = flags.extension_flags()
+    if note:
+        print(f"WARNING: ms_fused: {note}")
+    ext = CppExtension("ms_fused._C", sources, extra_compile_args={"cxx": cflags}, extra_link_args=ldflags)
+    return [ext], {"build_ext": OptionalBuildExtension}
 
 
 ext_modules, cmdclass = cpp_extensions()

@@ -1,0 +1,253 @@
+// CPU kernels of ms_fused::ms_forward / ms_fused::ms_backward (schemas in csrc/ms_fused_ops.cpp).
+//
+// Anchors are processed in row blocks: each block's similarities come from one ATen matrix product into a
+// reused (rows x M) buffer, the row passes of row_kernels.cpp run over it in parallel, and the backward
+// turns the same buffer into the block's weights G in place before multiplying it back. Scratch memory is
+// O(rows x M); nothing N x M is ever allocated.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "row_kernels.h"
+
+namespace ms_fused::cpu {
+namespace {
+
+// A block's similarity buffer stays near this size (it is streamed through the row passes while hot in
+// cache); more rows per product matter less than the buffer fitting in the last-level cache.
+constexpr int64_t kBlockBytes = 4 << 20;
+constexpr int64_t kMinBlockRows = 32, kMaxBlockRows = 256;
+
+int64_t block_rows(int64_t n, int64_t m, int64_t elem_size) {
+  const int64_t rows = kBlockBytes / std::max<int64_t>(1, m * elem_size);
+  return std::min(n, std::clamp(rows, kMinBlockRows, kMaxBlockRows));
+}
+
+struct Inputs {
+  at::Tensor q, r;                  // contiguous; r is q in self mode
+  at::Tensor q_ids, r_ids;          // labels as dense int32 ids (equal labels <=> equal ids)
+  std::optional<at::Tensor> own;    // reference mode: int64 (N,) column of each anchor's own copy or -1
+  bool self_mode;
+};
+
+void check_labels(const at::Tensor& y, int64_t rows, const char* name) {
+  TORCH_CHECK(y.dim() == 1 && y.size(0) == rows, "ms_fused: ", name, " must have shape (", rows, ",), got ",
+              y.sizes());
+  TORCH_CHECK(!y.is_floating_point() && !y.is_complex() && y.scalar_type() != at::kBool, "ms_fused: ", name,
+              " must be an integer tensor, got ", y.scalar_type());
+}
+
+Inputs prepare(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat, const at::Tensor& labels,
+               const std::optional<at::Tensor>& ref_labels, const std::optional<at::Tensor>& self_index) {
+  TORCH_CHECK(q_hat.dim() == 2 && q_hat.size(0) > 0 && q_hat.size(1) > 0,
+              "ms_fused: q_hat must be a non-empty (N, D) matrix, got ", q_hat.sizes());
+  TORCH_CHECK(q_hat.scalar_type() == at::kFloat || q_hat.scalar_type() == at::kDouble,
+              "ms_fused: q_hat must be float32 or float64, got ", q_hat.scalar_type());
+  TORCH_CHECK(r_hat.has_value() == ref_labels.has_value(), "ms_fused: r_hat and ref_labels go together");
+  TORCH_CHECK(r_hat.has_value() || !self_index.has_value(), "ms_fused: self_index needs r_hat");
+  Inputs in;
+  in.self_mode = !r_hat.has_value();
+  in.q = q_hat.contiguous();
+  const int64_t n = in.q.size(0);
+  check_labels(labels, n, "labels");
+  if (in.self_mode) {
+    in.r = in.q;
+  } else {
+    const at::Tensor& r = *r_hat;
+    TORCH_CHECK(r.dim() == 2 && r.size(0) > 0 && r.size(1) == q_hat.size(1),
+                "ms_fused: r_hat must be a non-empty (M, D) matrix with D = ", q_hat.size(1), ", got ", r.sizes());
+    TORCH_CHECK(r.scalar_type() == q_hat.scalar_type(), "ms_fused: r_hat must have the dtype of q_hat");
+    in.r = r.contiguous();
+    check_labels(*ref_labels, in.r.size(0), "ref_labels");
+  }
+  const int64_t m = in.r.size(0);
+  TORCH_CHECK(m < std::numeric_limits<int32_t>::max() && n < std::numeric_limits<int32_t>::max(),
+              "ms_fused: the cpp backend supports fewer than 2^31 rows");
+
+  const at::Tensor all = in.self_mode ? labels : at::cat({labels.to(at::kLong), ref_labels->to(at::kLong)});
+  const at::Tensor ids = std::get<1>(at::_unique(all, /*sorted=*/true, /*return_inverse=*/true)).to(at::kInt);
+  in.q_ids = ids.narrow(0, 0, n).contiguous();
+  in.r_ids = in.self_mode ? in.q_ids : ids.narrow(0, n, m).contiguous();
+
+  if (self_index.has_value()) {
+    check_labels(*self_index, n, "self_index");
+    in.own = self_index->to(at::kLong).contiguous();
+  }
+  return in;
+}
+
+template <typename T>
+Hyper<T> hyper(double alpha, double beta, double base, double epsilon, bool mining) {
+  return {static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(base), static_cast<T>(epsilon), mining};
+}
+
+// The column of anchor i's own copy (removed from P_i), or -1.
+int32_t own_column(const Inputs& in, const int64_t* own, int64_t i) {
+  if (in.self_mode) return static_cast<int32_t>(i);
+  return own == nullptr ? -1 : static_cast<int32_t>(own[i]);
+}
+
+template <typename T>
+RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (4, N): min_pos, max_neg, A, B
+  return {stats[i], stats[n + i], stats[2 * n + i], stats[3 * n + i]};
+}
+
+template <typename T>
+void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::Tensor& stats) {
+  const int64_t n = in.q.size(0), m = in.r.size(0);
+  const int64_t rows = block_rows(n, m, sizeof(T));
+  at::Tensor buffer = at::empty({rows, m}, in.q.options());
+  const at::Tensor r_t = in.r.t();
+  const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
+  const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
+  const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
+  T* loss_out = loss.data_ptr<T>();
+  T* st = stats.data_ptr<T>();
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t count = std::min(rows, n - start);
+    at::Tensor sim = buffer.narrow(0, 0, count);
+    at::mm_out(sim, in.q.narrow(0, start, count), r_t);
+    const T* s = sim.data_ptr<T>();
+    at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t i = start + k;
+        const RowStats<T> rs = forward_row(s + k * m, r_ids, m, q_ids[i], own_column(in, own, i), hp);
+        st[i] = rs.min_pos;
+        st[n + i] = rs.max_neg;
+        st[2 * n + i] = rs.A;
+        st[3 * n + i] = rs.B;
+        loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // SPEC "Loss"; NaN for a non-finite row
+      }
+    });
+  }
+}
+
+// Reference mode: dQ_block = G_block R and dR += G_block^T Q_block.
+template <typename T>
+void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* st, at::Tensor& dq,
+                     at::Tensor& dr, bool need_q, bool need_r) {
+  const int64_t n = in.q.size(0), m = in.r.size(0);
+  const int64_t rows = block_rows(n, m, sizeof(T));
+  at::Tensor buffer = at::empty({rows, m}, in.q.options());
+  const at::Tensor r_t = in.r.t();
+  const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
+  const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
+  const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t count = std::min(rows, n - start);
+    at::Tensor sim = buffer.narrow(0, 0, count);
+    const at::Tensor q_block = in.q.narrow(0, start, count);
+    at::mm_out(sim, q_block, r_t);  // the forward's product again: same blocks, same bits
+    T* s = sim.data_ptr<T>();
+    at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t i = start + k;
+        weight_row(s + k * m, r_ids, m, q_ids[i], own_column(in, own, i), pair_weights(row_stats(st, n, i), hp, g[i]),
+                   hp);
+      }
+    });
+    if (need_q) {
+      at::Tensor dq_block = dq.narrow(0, start, count);
+      at::mm_out(dq_block, sim, in.r);
+    }
+    if (need_r) dr.addmm_(sim.t(), q_block);
+  }
+}
+
+// Self mode: row i of dX = sum_j (G_ij + G_ji) X_j. Row i of the symmetric S holds both S_ij and S_ji, so each
+// block builds its rows of G + G^T in place (column-side weights from the other anchors' saved statistics)
+// and one product per block gives dX, written once per row: no accumulation, deterministic.
+template <typename T>
+void symmetric_backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* st, at::Tensor& dx) {
+  const int64_t n = in.q.size(0);
+  at::Tensor columns = at::empty({7, n}, in.q.options());
+  T* col = columns.data_ptr<T>();
+  for (int64_t j = 0; j < n; ++j) {
+    const RowStats<T> rs = row_stats(st, n, j);
+    const PairWeights<T> w = pair_weights(rs, hp, g[j]);
+    const bool bad = std::isnan(rs.A) || std::isnan(rs.B);
+    const T values[7] = {w.pos_limit, w.neg_limit, bad ? T(0) : w.pos_shift, bad ? T(0) : w.neg_shift, w.pos_coef,
+                         w.neg_coef, bad ? std::numeric_limits<T>::quiet_NaN() : T(0)};
+    for (int c = 0; c < 7; ++c) col[c * n + j] = values[c];
+  }
+  const ColumnWeights<T> cols{col, col + n, col + 2 * n, col + 3 * n, col + 4 * n, col + 5 * n, col + 6 * n};
+
+  const int64_t rows = block_rows(n, n, sizeof(T));
+  at::Tensor buffer = at::empty({rows, n}, in.q.options());
+  const at::Tensor x_t = in.q.t();
+  const int32_t* ids = in.q_ids.data_ptr<int32_t>();
+  for (int64_t start = 0; start < n; start += rows) {
+    const int64_t count = std::min(rows, n - start);
+    at::Tensor sim = buffer.narrow(0, 0, count);
+    at::mm_out(sim, in.q.narrow(0, start, count), x_t);
+    T* s = sim.data_ptr<T>();
+    at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const int64_t i = start + k;
+        symmetric_weight_row(s + k * n, ids, n, static_cast<int32_t>(i),
+                             pair_weights(row_stats(st, n, i), hp, g[i]), cols, hp);
+      }
+    });
+    at::Tensor dx_block = dx.narrow(0, start, count);
+    at::mm_out(dx_block, sim, in.q);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat,
+                                                  const at::Tensor& labels,
+                                                  const std::optional<at::Tensor>& ref_labels,
+                                                  const std::optional<at::Tensor>& self_index, double alpha,
+                                                  double beta, double base, double epsilon, bool mining) {
+  const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, self_index);
+  const int64_t n = in.q.size(0);
+  at::Tensor loss = at::empty({n}, in.q.options());
+  at::Tensor stats = at::empty({4, n}, in.q.options());
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ms_forward_cpu", [&] {
+    forward_blocks<scalar_t>(in, hyper<scalar_t>(alpha, beta, base, epsilon, mining), loss, stats);
+  });
+  return {loss, stats};
+}
+
+std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const at::Tensor& q_hat,
+                                                   const std::optional<at::Tensor>& r_hat, const at::Tensor& labels,
+                                                   const std::optional<at::Tensor>& ref_labels,
+                                                   const std::optional<at::Tensor>& self_index,
+                                                   const at::Tensor& stats, double alpha, double beta, double base,
+                                                   double epsilon, bool mining, bool need_q, bool need_r) {
+  const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, self_index);
+  const int64_t n = in.q.size(0);
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n, "ms_fused: grad must have shape (", n, ",)");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == n, "ms_fused: stats must have shape (4, ",
+              n, ")");
+  const at::Tensor g = grad.to(in.q.scalar_type()).contiguous();
+  const at::Tensor st = stats.to(in.q.scalar_type()).contiguous();
+  need_r = need_r && !in.self_mode;  // in self mode the one input gets the whole gradient through q
+  at::Tensor dq = need_q ? at::empty_like(in.q) : at::empty({0}, in.q.options());
+  at::Tensor dr = need_r ? at::zeros_like(in.r) : at::empty({0}, in.q.options());
+  if (!need_q && !need_r) return {dq, dr};
+  AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ms_backward_cpu", [&] {
+    const Hyper<scalar_t> hp = hyper<scalar_t>(alpha, beta, base, epsilon, mining);
+    if (in.self_mode) {
+      symmetric_backward_blocks<scalar_t>(in, hp, g.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), dq);
+    } else {
+      backward_blocks<scalar_t>(in, hp, g.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), dq, dr, need_q, need_r);
+    }
+  });
+  return {dq, dr};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ms_fused, CPU, m) {
+  m.impl("ms_forward", &ms_forward_cpu);
+  m.impl("ms_backward", &ms_backward_cpu);
+}
+
+}  // namespace ms_fused::cpu

@@ -1,0 +1,226 @@
+// The per-row passes (see row_kernels.h). Every loop is a `#pragma omp simd` loop of selects, so the
+// compiler vectorises it; the entry points are cloned per ISA level where GCC supports it.
+#include "row_kernels.h"
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <utility>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// one copy per x86-64 level (AVX-512, AVX2+FMA, baseline SSE2), chosen once when the library loads
+#define MS_FUSED_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MS_FUSED_ISA_CLONES
+#endif
+
+#define MS_FUSED_INLINE inline __attribute__((always_inline))
+
+namespace ms_fused::cpu {
+namespace {
+
+template <typename T>
+struct ExpConsts;
+
+template <>
+struct ExpConsts<float> {
+  using Bits = int32_t;
+  static constexpr float lo = -87.0f, hi = 88.0f;  // 2^n stays a normal number
+  static constexpr float round_shift = 0x1.8p23f;  // adding it leaves round(x) in the low mantissa bits
+  static constexpr float ln2_hi = 0x1.62e400p-1f, ln2_lo = 0x1.7f7d1cp-20f;
+  static constexpr Bits bias = 127, mantissa_bits = 23;
+  static constexpr int degree = 7;
+};
+
+template <>
+struct ExpConsts<double> {
+  using Bits = int64_t;
+  static constexpr double lo = -708.0, hi = 709.0;
+  static constexpr double round_shift = 0x1.8p52;
+  static constexpr double ln2_hi = 0x1.62e42fee00000p-1, ln2_lo = 0x1.a39ef35793c76p-33;
+  static constexpr Bits bias = 1023, mantissa_bits = 52;
+  static constexpr int degree = 12;
+};
+
+template <typename T>
+constexpr T factorial(int k) {
+  T f = 1;
+  for (int i = 2; i <= k; ++i) f *= T(i);
+  return f;
+}
+
+template <typename T, int K>
+inline constexpr T kInverseFactorial = T(1) / factorial<T>(K);
+
+// Taylor polynomial of exp(r) up to r^Degree / Degree!, by Horner, fully unrolled at compile time
+template <typename T, int Degree>
+MS_FUSED_INLINE T exp_taylor(T r) {
+  T p = kInverseFactorial<T, Degree>;
+  [&]<int... K>(std::integer_sequence<int, K...>) {
+    ((p = p * r + kInverseFactorial<T, Degree - 1 - K>), ...);
+  }(std::make_integer_sequence<int, Degree>{});
+  return p;
+}
+
+// exp(x) with a branch-free body the vectoriser can map onto any SIMD width: x = n ln2 + r with
+// |r| <= ln2/2, exp(r) by its Taylor polynomial (relative error below 1e-8 in float, 1e-15 in double),
+// 2^n assembled in the exponent bits. exp(x) = 0 below `lo`; NaN stays NaN.
+template <typename T>
+MS_FUSED_INLINE T vec_exp(T x) {
+  using C = ExpConsts<T>;
+  using Bits = typename C::Bits;
+  const T xc = x < C::lo ? C::lo : (x > C::hi ? C::hi : x);
+  const T shifted = xc * T(1.4426950408889634) + C::round_shift;
+  const T n = shifted - C::round_shift;
+  const T r = (xc - n * C::ln2_hi) - n * C::ln2_lo;
+  const T p = exp_taylor<T, C::degree>(r);
+  const Bits k = std::bit_cast<Bits>(shifted) - std::bit_cast<Bits>(C::round_shift);
+  const T scale = std::bit_cast<T>(static_cast<Bits>((k + C::bias) << C::mantissa_bits));
+  const T y = p * scale;
+  return x < C::lo ? T(0) : (x != x ? x : y);
+}
+
+// log(1 + sum) where the sum's terms were scaled by exp(-shift), shift >= 0 (SPEC "Loss": the "1" is exp(0))
+template <typename T>
+T log1p_shifted(T shift, T sum) {
+  return shift > 0 ? shift + std::log(std::exp(-shift) + sum) : std::log1p(sum);
+}
+
+template <typename T>
+MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int64_t m, int32_t yq,
+                                             int32_t own_col, const Hyper<T>& hp) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  T min_pos = inf, max_neg = -inf, nonfinite = 0;
+#pragma omp simd reduction(min : min_pos) reduction(max : max_neg) reduction(+ : nonfinite)
+  for (int64_t j = 0; j < m; ++j) {
+    const T v = s[j];
+    const bool same = yr[j] == yq;
+    const bool pos = same & (static_cast<int32_t>(j) != own_col);
+    const T as_pos = pos ? v : inf;
+    const T as_neg = same ? -inf : v;
+    min_pos = as_pos < min_pos ? as_pos : min_pos;
+    max_neg = as_neg > max_neg ? as_neg : max_neg;
+    nonfinite += v - v;  // NaN as soon as one v is NaN or +-Inf
+  }
+  if (!(nonfinite == 0)) return {min_pos, max_neg, nan, nan};
+
+  const T eps = hp.epsilon;
+  const T pos_limit = hp.mining ? max_neg : inf;  // SPEC "Mining": hard positive iff s - eps < max_neg
+  const T neg_limit = hp.mining ? min_pos : -inf;  //               hard negative iff s + eps > min_pos
+  // hardness is monotone in s, so a mined set is non-empty iff its extreme is mined, and the extreme
+  // gives the log-sum-exp shift m = max(0, max z)
+  const bool any_pos = min_pos < inf && min_pos - eps < pos_limit;
+  const bool any_neg = max_neg > -inf && max_neg + eps > neg_limit;
+  const T pos_max = any_pos ? std::max(T(0), -hp.alpha * (min_pos - hp.base)) : T(0);
+  const T neg_max = any_neg ? std::max(T(0), hp.beta * (max_neg - hp.base)) : T(0);
+  const T pos_shift = hp.alpha * hp.base - pos_max, neg_shift = -hp.beta * hp.base - neg_max;
+  const T alpha = hp.alpha, beta = hp.beta;
+  T sum_pos = 0, sum_neg = 0;
+  if (any_pos || any_neg) {
+#pragma omp simd reduction(+ : sum_pos, sum_neg)
+    for (int64_t j = 0; j < m; ++j) {
+      const T v = s[j];
+      const bool same = yr[j] == yq;
+      const bool pos = same & (static_cast<int32_t>(j) != own_col);
+      const T e = vec_exp(same ? -alpha * v + pos_shift : beta * v + neg_shift);
+      sum_pos += (pos & (v - eps < pos_limit)) ? e : T(0);
+      sum_neg += (!same & (v + eps > neg_limit)) ? e : T(0);
+    }
+  }
+  return {min_pos, max_neg, log1p_shifted(pos_max, sum_pos), log1p_shifted(neg_max, sum_neg)};
+}
+
+// G for pair (anchor, column) given its similarity v, whether the labels match and whether it is a positive
+template <typename T>
+MS_FUSED_INLINE T pair_weight(T v, bool same, bool pos, T pos_limit, T neg_limit, T pos_shift, T neg_shift,
+                              T pos_coef, T neg_coef, T alpha, T beta, T eps) {
+  const T e = vec_exp(same ? -alpha * v + pos_shift : beta * v + neg_shift);
+  // flat selects only: nested ?: on booleans defeats GCC's if-conversion
+  const bool hard = (pos & (v - eps < pos_limit)) | (!same & (v + eps > neg_limit));
+  const T coef = same ? pos_coef : neg_coef;
+  return hard ? coef * e : T(0);
+}
+
+template <typename T>
+void fill_nan(T* s, int64_t m) {
+  for (int64_t j = 0; j < m; ++j) s[j] = std::numeric_limits<T>::quiet_NaN();
+}
+
+// The loops below read the weights and hyper-parameters from local copies: through a reference they
+// might alias s (same type), which stops the vectoriser.
+template <typename T>
+MS_FUSED_INLINE void weight_row_impl(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+                                     const PairWeights<T>& weights, const Hyper<T>& hp) {
+  const PairWeights<T> w = weights;
+  if (!(w.pos_shift == w.pos_shift && w.neg_shift == w.neg_shift)) return fill_nan(s, m);  // A or B NaN
+  const T alpha = hp.alpha, beta = hp.beta, eps = hp.epsilon;
+#pragma omp simd
+  for (int64_t j = 0; j < m; ++j) {
+    const bool same = yr[j] == yq;
+    const bool pos = same & (static_cast<int32_t>(j) != own_col);
+    s[j] = pair_weight(s[j], same, pos, w.pos_limit, w.neg_limit, w.pos_shift, w.neg_shift, w.pos_coef,
+                       w.neg_coef, alpha, beta, eps);
+  }
+}
+
+template <typename T>
+MS_FUSED_INLINE void symmetric_weight_row_impl(T* s, const int32_t* y, int64_t n, int32_t i,
+                                               const PairWeights<T>& weights, const ColumnWeights<T>& c,
+                                               const Hyper<T>& hp) {
+  const PairWeights<T> w = weights;
+  if (!(w.pos_shift == w.pos_shift && w.neg_shift == w.neg_shift)) return fill_nan(s, n);
+  const int32_t yi = y[i];
+  const T alpha = hp.alpha, beta = hp.beta, eps = hp.epsilon;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const T v = s[j];
+    const bool same = y[j] == yi;
+    const bool pos = same & (static_cast<int32_t>(j) != i);  // (i, j) and (j, i) are positives together
+    const T g_ij = pair_weight(v, same, pos, w.pos_limit, w.neg_limit, w.pos_shift, w.neg_shift, w.pos_coef,
+                               w.neg_coef, alpha, beta, eps);
+    const T g_ji = pair_weight(v, same, pos, c.pos_limit[j], c.neg_limit[j], c.pos_shift[j], c.neg_shift[j],
+                               c.pos_coef[j], c.neg_coef[j], alpha, beta, eps);
+    s[j] = g_ij + g_ji + c.nan_if_bad[j];
+  }
+}
+
+}  // namespace
+
+MS_FUSED_ISA_CLONES
+RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+                            const Hyper<float>& hp) {
+  return forward_row_impl(s, yr, m, yq, own_col, hp);
+}
+
+MS_FUSED_ISA_CLONES
+RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+                             const Hyper<double>& hp) {
+  return forward_row_impl(s, yr, m, yq, own_col, hp);
+}
+
+MS_FUSED_ISA_CLONES
+void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col, const PairWeights<float>& w,
+                const Hyper<float>& hp) {
+  weight_row_impl(s, yr, m, yq, own_col, w, hp);
+}
+
+MS_FUSED_ISA_CLONES
+void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+                const PairWeights<double>& w, const Hyper<double>& hp) {
+  weight_row_impl(s, yr, m, yq, own_col, w, hp);
+}
+
+MS_FUSED_ISA_CLONES
+void symmetric_weight_row(float* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<float>& row,
+                          const ColumnWeights<float>& cols, const Hyper<float>& hp) {
+  symmetric_weight_row_impl(s, y, n, i, row, cols, hp);
+}
+
+MS_FUSED_ISA_CLONES
+void symmetric_weight_row(double* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<double>& row,
+                          const ColumnWeights<double>& cols, const Hyper<double>& hp) {
+  symmetric_weight_row_impl(s, y, n, i, row, cols, hp);
+}
+
+}  // namespace ms_fused::cpu

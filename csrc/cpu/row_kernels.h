@@ -1,0 +1,68 @@
+// Per-row passes of the fused Multi-Similarity kernel (SPEC.md "Mining", "Loss", "Gradient").
+//
+// Plain C++ over raw pointers, no torch headers: this file's .cpp is compiled once per x86 ISA level
+// (target_clones) and the loader picks the widest the CPU supports, so the passes run on AVX-512 or
+// AVX2 where available while the extension itself stays portable.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+namespace ms_fused::cpu {
+
+template <typename T>
+struct Hyper {  // the hyper-parameters, in the compute dtype
+  T alpha, beta, base, epsilon;
+  bool mining;
+};
+
+template <typename T>
+struct RowStats {  // what the forward saves per anchor; A = B = NaN marks a row with a non-finite S
+  T min_pos, max_neg, A, B;
+};
+
+// How S_ij becomes G_ij for one anchor i (SPEC "Gradient"):
+//   hard positive (same label, not i's own column, s - eps < pos_limit): G = pos_coef * exp(-alpha*s + pos_shift)
+//   hard negative (other label, s + eps > neg_limit):                     G = neg_coef * exp( beta*s + neg_shift)
+//   anything else: 0.
+template <typename T>
+struct PairWeights {
+  T pos_limit, neg_limit, pos_shift, neg_shift, pos_coef, neg_coef;
+};
+
+// The same, one array entry per column j, for G_ji in self mode; nan_if_bad[j] is NaN for an anchor j
+// whose row has a non-finite similarity, else 0.
+template <typename T>
+struct ColumnWeights {
+  const T *pos_limit, *neg_limit, *pos_shift, *neg_shift, *pos_coef, *neg_coef, *nan_if_bad;
+};
+
+template <typename T>
+PairWeights<T> pair_weights(const RowStats<T>& st, const Hyper<T>& hp, T g) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  // without mining every pair in P_i / N_i counts: limits that every finite s passes
+  return {hp.mining ? st.max_neg : inf, hp.mining ? st.min_pos : -inf, hp.alpha * hp.base - st.A,
+          -hp.beta * hp.base - st.B, -g, g};
+}
+
+// Forward of one anchor row s[0..m): mining statistics, then both log-sum-exps. `own_col` is the column of
+// the anchor's own copy (removed from P_i), or -1.
+RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+                            const Hyper<float>& hp);
+RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+                             const Hyper<double>& hp);
+
+// Overwrites s[0..m) (anchor i's similarities) with G_i.
+void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col, const PairWeights<float>& w,
+                const Hyper<float>& hp);
+void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+                const PairWeights<double>& w, const Hyper<double>& hp);
+
+// Self mode: overwrites s[0..n) (row i of the symmetric S) with G_ij + G_ji, so that one product with X
+// gives row i of (G + G^T) X.
+void symmetric_weight_row(float* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<float>& row,
+                          const ColumnWeights<float>& cols, const Hyper<float>& hp);
+void symmetric_weight_row(double* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<double>& row,
+                          const ColumnWeights<double>& cols, const Hyper<double>& hp);
+
+}  // namespace ms_fused::cpu

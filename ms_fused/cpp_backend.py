@@ -1,0 +1,117 @@
+"""The `cpp` backend: the fused CPU kernel of csrc/, called through the torch ops ms_fused::ms_forward/ms_backward.
+
+The ops come from the compiled extension `ms_fused._C` (built by setup.py). When it is missing, one JIT build
+from csrc/ is tried (torch.utils.cpp_extension.load); when that fails too, the backend reports why, and
+backend="auto" falls back to `torch` after a single warning that says how to build it. MS_FUSED_NO_CPP=1
+switches the backend off (no import, no JIT build).
+
+This module also registers what torch needs besides the CPU kernels: fake (meta) kernels, so that
+torch.compile traces the ops without running them, and the autograd formula (the backward op).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+
+from ._inputs import Problem
+from .torch_backend import normalized_inputs
+
+BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
+_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+_load_error: Optional[str] = None  # why the ops are unavailable; None once loaded (or not tried yet)
+_load_tried = False
+
+
+def _jit_build() -> None:
+    """Compile csrc/ with torch.utils.cpp_extension.load (cached by torch across processes)."""
+    import importlib.util
+
+    from torch.utils.cpp_extension import load
+
+    spec = importlib.util.spec_from_file_location("ms_fused_build_flags", os.path.join(_CSRC, "build_flags.py"))
+    if spec is None or not os.path.isdir(_CSRC):
+        raise FileNotFoundError(f"no C++ sources at {_CSRC}")
+    flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags)
+    cflags, ldflags, _ = flags.extension_flags()
+    load(name="ms_fused_C", sources=flags.sources(_CSRC), extra_cflags=cflags, extra_ldflags=ldflags)
+
+
+def _load() -> Optional[str]:
+    """Make the ops available once per process; None when they are, else the reason (warned about once)."""
+    global _load_error, _load_tried
+    if _load_tried:
+        return _load_error
+    _load_tried = True
+    if os.environ.get("MS_FUSED_NO_CPP") == "1":
+        _load_error = "the C++ extension is switched off by MS_FUSED_NO_CPP=1"
+    else:
+        try:
+            from . import _C  # noqa: F401  (loading it registers the ops)
+        except ImportError as exc:
+            try:
+                _jit_build()
+            except Exception as jit_exc:  # no compiler, no sources, a failed compile: fall back, never crash
+                _load_error = (f"the C++ extension is not built ({exc}) and building it now failed "
+                               f"({type(jit_exc).__name__}: {str(jit_exc).strip().splitlines()[-1] if str(jit_exc).strip() else ''})")
+    if _load_error is None:
+        _register_fake_and_autograd()
+    else:
+        warnings.warn(f"ms_fused: {_load_error}; CPU tensors use the slower `torch` backend instead; {BUILD_HINT}.",
+                      RuntimeWarning, stacklevel=2)
+    return _load_error
+
+
+def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the C++ kernel can serve `device` (every float dtype; half types are computed in float32)."""
+    if device.type != "cpu":
+        return f"the cpp backend runs on the CPU only, not on {device.type}"
+    return _load()
+
+
+def per_anchor_loss(problem: Problem) -> torch.Tensor:
+    q, r, yr = normalized_inputs(problem)
+    hp = problem.hp
+    ref = None if problem.self_mode else r
+    ref_labels = None if problem.self_mode else yr
+    self_index = None if problem.self_mode else problem.self_index
+    loss, _ = torch.ops.ms_fused.ms_forward(q, ref, problem.labels, ref_labels, self_index,
+                                            hp.alpha, hp.beta, hp.base, hp.epsilon, hp.mining)
+    return loss
+
+
+def _ms_forward_fake(q_hat, r_hat, labels, ref_labels, self_index, alpha, beta, base, epsilon, mining):
+    n = q_hat.shape[0]
+    return q_hat.new_empty(n), q_hat.new_empty(4, n)
+
+
+def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, self_index, stats, alpha, beta, base, epsilon,
+                      mining, need_q, need_r):
+    dq = q_hat.new_empty(q_hat.shape) if need_q else q_hat.new_empty(0)
+    dr = r_hat.new_empty(r_hat.shape) if need_r and r_hat is not None else q_hat.new_empty(0)
+    return dq, dr
+
+
+def _setup_context(ctx, inputs, output):
+    q_hat, r_hat, labels, ref_labels, self_index, alpha, beta, base, epsilon, mining = inputs
+    ctx.save_for_backward(q_hat, r_hat, labels, ref_labels, self_index, output[1])
+    ctx.hyper = (alpha, beta, base, epsilon, mining)
+
+
+def _backward(ctx, grad_loss, grad_stats):
+    q_hat, r_hat, labels, ref_labels, self_index, stats = ctx.saved_tensors
+    need_q = ctx.needs_input_grad[0]
+    need_r = r_hat is not None and ctx.needs_input_grad[1]
+    dq, dr = torch.ops.ms_fused.ms_backward(grad_loss, q_hat, r_hat, labels, ref_labels, self_index, stats,
+                                            *ctx.hyper, need_q, need_r)
+    return (dq if need_q else None, dr if need_r else None) + (None,) * 8
+
+
+def _register_fake_and_autograd() -> None:
+    torch.library.register_fake("ms_fused::ms_forward", _ms_forward_fake)
+    torch.library.register_fake("ms_fused::ms_backward", _ms_backward_fake)
+    torch.library.register_autograd("ms_fused::ms_forward", _backward, setup_context=_setup_context)
