@@ -42,6 +42,8 @@ def extension_flags() -> Tuple[List[str], List[str], Optional[str]]:
     """(compile flags, link flags, a note when OpenMP is left out and why)."""
     import torch
 
+    if not _compiles([], _PLAIN_PROBE):
+        return BASE_FLAGS, [], f"no working C++ compiler ({os.environ.get('CXX', 'c++')}) was found"
     if not torch.backends.openmp.is_available():
         note = "torch was built without OpenMP, so the extension is too (its row passes run on one thread)"
     elif not _compiles(["-fopenmp"], _OPENMP_PROBE):

@@ -24,6 +24,7 @@ _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _load_error: Optional[str] = None  # why the ops are unavailable; None once loaded (or not tried yet)
 _load_tried = False
+_registered = False
 
 
 def _jit_build() -> None:
@@ -112,6 +113,10 @@ def _backward(ctx, grad_loss, grad_stats):
 
 
 def _register_fake_and_autograd() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
     torch.library.register_fake("ms_fused::ms_forward", _ms_forward_fake)
     torch.library.register_fake("ms_fused::ms_backward", _ms_backward_fake)
     torch.library.register_autograd("ms_fused::ms_forward", _backward, setup_context=_setup_context)

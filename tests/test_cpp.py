@@ -1,0 +1,314 @@
+"""The `cpp` backend (csrc/): parity with `reference`, the ops' torch.library contract, compile, fallback.
+
+Tolerances (relative, ‖out − ref‖ / ‖ref‖ against `reference` in float64 on the same values):
+float64 1e-10 (summation order is the only difference), float32 1e-5 (float32 GEMM and exp), half inputs
+1e-5 for the float32 loss and 2e-3 for gradients returned in the half type (one rounding to 8/11 bits).
+Batches with more rows than a block (256, fewer when M is large) exercise the row blocking.
+"""
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import clustered_batch, rel_err
+from ms_fused import backends, multi_similarity_loss
+
+CPU = torch.device("cpu")
+if os.environ.get("MS_FUSED_NO_CPP") == "1":
+    pytest.skip("MS_FUSED_NO_CPP=1: the C++ extension is switched off", allow_module_level=True)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+HALF_GRAD_TOL = 2e-3
+HP = (2.0, 50.0, 0.5, 0.1, True)  # alpha, beta, base, epsilon, mining as the ops take them
+
+
+def test_extension_is_built_and_auto_picks_it():
+    # CI builds the extension from scratch; a silently failed build must fail here, not skip the module
+    assert backends.unavailable_reason("cpp", CPU) is None
+    from ms_fused import cpp_backend
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert backends.resolve("auto", CPU, dtype) is cpp_backend
+    assert backends.available_backends("cpu")[0] == "cpp"
+
+
+def losses_and_grads(backend, x, y, r=None, yr=None, weights=None, **kw):
+    """Per-anchor losses and the gradients of Σ w_i ℓ_i (random weights test every g_i, not just 1/N)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in ([x] if r is None else [x, r])]
+    loss = multi_similarity_loss(*leaves[:1], y, *leaves[1:], yr, backend=backend, reduction="none", **kw)
+    if weights is None:
+        weights = torch.linspace(0.5, 1.5, loss.shape[0], dtype=loss.dtype)
+    grads = torch.autograd.grad((loss * weights).sum(), leaves)
+    return loss.detach(), grads
+
+
+def assert_matches_reference(x, y, r=None, yr=None, tol=None, grad_tol=None, **kw):
+    out_loss, out_grads = losses_and_grads("cpp", x, y, r, yr, **kw)
+    ref_loss, ref_grads = losses_and_grads("reference", x.double(), y, None if r is None else r.double(), yr, **kw)
+    tol = TOL[torch.float64 if x.dtype == torch.float64 else torch.float32] if tol is None else tol
+    assert out_loss.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    assert rel_err(out_loss, ref_loss) <= tol, (out_loss, ref_loss)
+    for g, rg, inp in zip(out_grads, ref_grads, (x, r)):
+        assert g.dtype == inp.dtype
+        assert rel_err(g, rg, floor=1e-3) <= (tol if grad_tol is None else grad_tol)
+    return out_loss, out_grads
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n, d, classes", [(1, 4, 1), (7, 1, 3), (37, 5, 4), (300, 33, 12), (600, 16, 40)])
+def test_self_mode_float64(seed, n, d, classes):
+    x, y = clustered_batch(n, d, classes, seed, margin=1e-9)
+    assert_matches_reference(x, y)
+
+
+@pytest.mark.parametrize("mining", [True, False])
+@pytest.mark.parametrize("n, classes", [(150, 10), (520, 30)])
+def test_self_mode_float32(mining, n, classes):
+    x, y = clustered_batch(n, 24, classes, seed=3, dtype=torch.float32, margin=1e-6)
+    assert_matches_reference(x, y, mining=mining)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_computed_in_float32(dtype):
+    x, y = clustered_batch(90, 16, 8, seed=4, margin=1e-4)
+    x = x.to(dtype)  # the reference sees exactly these half values, upcast
+    assert_matches_reference(x, y, tol=TOL[torch.float32], grad_tol=HALF_GRAD_TOL)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("hyper", [dict(), dict(alpha=1000.0, beta=1000.0, base=0.9, epsilon=0.0),
+                                   dict(alpha=0.3, beta=7.0, base=-0.2, epsilon=0.5, mining=False)])
+def test_hyper_parameters_and_no_overflow(normalize, hyper):
+    eps = hyper.get("epsilon", 0.1)
+    x, y = clustered_batch(70, 8, 6, seed=5, margin=1e-9, epsilon=eps, normalize=normalize)
+    if not normalize:
+        x = x / 3  # keep |S| near 1 so that alpha, beta = 1000 stay within float64 (the spec's range)
+    loss, _ = assert_matches_reference(x, y, normalize=normalize, **hyper)
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("n, m", [(30, 45), (300, 40), (70, 40000)])  # last: M >> N, 32-row blocks
+def test_reference_mode_float64(seed, n, m):
+    x, y, r, yr = clustered_batch(n, 6, 5, seed, m=m, margin=1e-9)
+    assert_matches_reference(x, y, r, yr)
+
+
+def test_reference_mode_float32():
+    x, y, r, yr = clustered_batch(260, 12, 9, seed=6, dtype=torch.float32, m=310, margin=1e-6)
+    assert_matches_reference(x, y, r, yr)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ref_self_index(seed):
+    m = 50
+    x, y, r, yr = clustered_batch(40, 6, 4, seed, m=m, margin=1e-9)
+    own = torch.randint(0, m, (40,), generator=torch.Generator().manual_seed(seed))
+    own[::3] = -1  # anchors without a copy in r
+    own[1] = own[2]  # two anchors naming the same row
+    # five more anchors that are exact copies of r's first rows (a memory bank holding the batch) ...
+    x, y, own = torch.cat([x, r[:5]]), torch.cat([y, yr[:5]]), torch.cat([own, torch.arange(5)])
+    # ... one of them labelled differently from its copy: removed from P_i only, so that pair stays a negative
+    y[-1] = yr[4] + 1000
+    assert_matches_reference(x, y, r, yr, ref_self_index=own)
+
+
+@pytest.mark.parametrize("grad_of", ["q", "r"])
+def test_reference_mode_gradient_of_one_side_only(grad_of):
+    x, y, r, yr = clustered_batch(300, 8, 6, seed=7, m=90, margin=1e-9)
+    leaf = (x if grad_of == "q" else r).clone().requires_grad_(True)
+    args = (leaf, y, r, yr) if grad_of == "q" else (x, y, leaf, yr)
+    outs = {}
+    for backend in ("cpp", "reference"):
+        loss = multi_similarity_loss(*args, backend=backend)
+        outs[backend] = (loss.detach(), torch.autograd.grad(loss, leaf)[0])
+    assert rel_err(outs["cpp"][0], outs["reference"][0]) <= 1e-10
+    assert rel_err(outs["cpp"][1], outs["reference"][1]) <= 1e-10
+
+
+def test_non_contiguous_inputs_and_odd_labels():
+    x, y = clustered_batch(280, 20, 9, seed=8, margin=1e-9)
+    wide = torch.zeros(20, 2 * 280, dtype=torch.float64)
+    wide[:, ::2] = x.T
+    x_strided = wide[:, ::2].T  # same values, strides (2, 560)
+    assert not x_strided.is_contiguous()
+    labels = (y.to(torch.int64) - 4) * (2**59) + 7  # huge and negative, still one value per class
+    assert len(torch.unique(labels)) == len(torch.unique(y))
+    ref_loss, ref_grads = losses_and_grads("reference", x, labels)
+    loss, grads = losses_and_grads("cpp", x_strided, labels.to(torch.int64))
+    assert rel_err(loss, ref_loss) <= 1e-10 and rel_err(grads[0], ref_grads[0]) <= 1e-10
+    loss32, _ = losses_and_grads("cpp", x_strided, y.to(torch.int32))
+    assert rel_err(loss32, ref_loss) <= 1e-10
+
+
+def test_duplicates_and_zero_rows():
+    x, y = clustered_batch(40, 5, 4, seed=9, margin=1e-9)
+    x[3] = x[0]  # exact duplicate of an anchor: a real positive when the labels agree
+    y[3] = y[0]
+    x[7] = 0.0  # a zero row normalises to zero (F.normalize), never NaN
+    loss, _ = assert_matches_reference(x, y)
+    assert torch.isfinite(loss).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_non_finite_rows_give_nan(bad, normalize):
+    x, y, r, yr = clustered_batch(300, 6, 5, seed=10, m=30, margin=1e-9)
+    x[4, 2] = bad
+    loss, grads = assert_matches_reference(x, y, r, yr, normalize=normalize)
+    assert torch.isnan(loss[4]) and torch.isfinite(torch.cat([loss[:4], loss[5:]])).all()
+    x_self = x.clone()
+    loss_self, _ = assert_matches_reference(x_self, y, normalize=normalize)  # in self mode every row sees it
+    assert torch.isnan(loss_self).all()
+
+
+def test_backward_is_deterministic():
+    x, y = clustered_batch(600, 16, 30, seed=11, dtype=torch.float32, margin=0)
+    first = losses_and_grads("cpp", x, y)
+    second = losses_and_grads("cpp", x, y)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1][0], second[1][0])
+
+
+def test_zero_loss_still_backpropagates():
+    x = torch.randn(5, 3, requires_grad=True)
+    loss = multi_similarity_loss(x, torch.arange(5), backend="cpp")  # no positives: every anchor gives 0
+    assert loss.item() == 0.0 and loss.requires_grad
+    assert torch.equal(torch.autograd.grad(loss, x)[0], torch.zeros_like(x))
+
+
+# ---- bad input -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    (dict(embeddings=torch.randn(6)), ValueError, r"embeddings must be 2-D"),
+    (dict(labels=torch.zeros(5, dtype=torch.long)), ValueError, r"labels must have one entry per row"),
+    (dict(labels=torch.zeros(6)), TypeError, r"labels must have an integer dtype"),
+    (dict(ref_emb=torch.randn(5, 3), ref_labels=torch.zeros(5, dtype=torch.long)), ValueError,
+     r"ref_emb must have the same dim"),
+    (dict(alpha=0.0), ValueError, r"alpha must be > 0"),
+    (dict(epsilon=-1.0), ValueError, r"epsilon must be >= 0"),
+    (dict(embeddings=torch.randn(6, 4, device="meta"), labels=torch.zeros(6, dtype=torch.long, device="meta")),
+     ValueError, r"backend='cpp' cannot serve .* on meta: the cpp backend runs on the CPU only"),
+])
+def test_bad_input_raises_before_the_kernel(kwargs, error, pattern):
+    args = dict(embeddings=torch.randn(6, 4), labels=torch.tensor([0, 0, 1, 1, 2, 2]), backend="cpp")
+    args.update(kwargs)
+    with pytest.raises(error, match=pattern):
+        multi_similarity_loss(**args)
+
+
+def test_ops_check_their_own_arguments():
+    q, y = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    with pytest.raises(RuntimeError, match="q_hat must be float32 or float64"):
+        torch.ops.ms_fused.ms_forward(q.half(), None, y, None, None, *HP)
+    with pytest.raises(RuntimeError, match="labels must have shape"):
+        torch.ops.ms_fused.ms_forward(q, None, y[:5], None, None, *HP)
+    with pytest.raises(RuntimeError, match="r_hat must be a non-empty"):
+        torch.ops.ms_fused.ms_forward(q, torch.randn(3, 5), y, y[:3], None, *HP)
+
+
+# ---- torch.library contract and torch.compile ----------------------------------------------------------
+
+def _op_inputs(dtype, reference_mode):
+    q, y, r, yr = clustered_batch(40, 8, 5, seed=12, dtype=dtype, m=30, margin=1e-6)
+    q = F.normalize(q, dim=1).requires_grad_(True)
+    if not reference_mode:
+        return (q, None, y, None, None, *HP)
+    own = torch.randint(-1, 30, (40,), generator=torch.Generator().manual_seed(0))
+    return (q, F.normalize(r, dim=1).requires_grad_(True), y, yr, own, *HP)
+
+
+@pytest.mark.parametrize("reference_mode", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_forward(dtype, reference_mode):
+    torch.library.opcheck(torch.ops.ms_fused.ms_forward.default, _op_inputs(dtype, reference_mode))
+
+
+@pytest.mark.parametrize("reference_mode", [False, True])
+def test_opcheck_backward(reference_mode):
+    args = _op_inputs(torch.float64, reference_mode)
+    q, r = (t.detach() if t is not None else None for t in args[:2])
+    loss, stats = torch.ops.ms_fused.ms_forward(q, r, *args[2:])
+    grad = torch.linspace(0.1, 1.0, q.shape[0], dtype=q.dtype)
+    torch.library.opcheck(torch.ops.ms_fused.ms_backward.default,
+                          (grad, q, r, *args[2:5], stats, *HP, True, reference_mode))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+@pytest.mark.parametrize("reference_mode", [False, True])
+def test_compile_fullgraph(backend, reference_mode):
+    torch._dynamo.reset()
+    x, y, r, yr = clustered_batch(48, 8, 5, seed=13, dtype=torch.float32, m=36, margin=1e-6)
+
+    def fn(x, r):
+        if reference_mode:
+            return multi_similarity_loss(x, y, r, yr, backend=backend, reduction="none").sum()
+        return multi_similarity_loss(x, y, backend=backend)
+
+    def run(f):
+        leaves = (x.clone().requires_grad_(True), r.clone().requires_grad_(True))
+        out = f(*leaves)
+        return out.detach(), torch.autograd.grad(out, leaves, allow_unused=True, materialize_grads=True)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")  # raises on a graph break
+    (out_c, grads_c), (out_e, grads_e) = run(compiled), run(fn)
+    assert rel_err(out_c, out_e) <= 1e-6
+    for g_c, g_e in zip(grads_c, grads_e):
+        assert rel_err(g_c, g_e) <= 1e-6
+    torch._dynamo.reset()
+
+
+# ---- fallback when the extension is missing ------------------------------------------------------------
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    from ms_fused import cpp_backend
+
+    import ms_fused
+
+    monkeypatch.setitem(sys.modules, "ms_fused._C", None)  # `from . import _C` now raises ImportError
+    monkeypatch.delattr(ms_fused, "_C", raising=False)
+
+    def failing_jit_build():
+        raise RuntimeError("Error building extension 'ms_fused_C'\nc++: command not found")
+
+    monkeypatch.setattr(cpp_backend, "_jit_build", failing_jit_build)
+    monkeypatch.setattr(cpp_backend, "_load_tried", False)
+    monkeypatch.setattr(cpp_backend, "_load_error", None)
+    with pytest.warns(RuntimeWarning, match=r"building it now failed .*command not found.*"
+                                            r"pip install --no-build-isolation -e \."):
+        reason = cpp_backend.unavailable_reason(CPU)
+    assert "not built" in reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second question must not warn again
+        assert cpp_backend.unavailable_reason(CPU) == reason
+
+
+def test_switched_off_extension_falls_back_to_torch():
+    """A fresh process with MS_FUSED_NO_CPP=1: "auto" takes `torch` after exactly one warning."""
+    script = textwrap.dedent("""
+        import warnings, torch, ms_fused
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+            a = ms_fused.multi_similarity_loss(x, y)
+            b = ms_fused.multi_similarity_loss(x, y)
+            print(ms_fused.available_backends("cpu"))
+        print(len([w for w in caught if "MS_FUSED_NO_CPP" in str(w.message)]))
+        print(abs(float(a) - float(ms_fused.multi_similarity_loss(x, y, backend="torch"))))
+        try:
+            ms_fused.multi_similarity_loss(x, y, backend="cpp")
+        except ValueError as exc:
+            print("ValueError", exc)
+    """)
+    env = dict(os.environ, MS_FUSED_NO_CPP="1")
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    backends_line, n_warnings, diff, error = out.stdout.strip().splitlines()
+    assert "'cpp'" not in backends_line and "'torch'" in backends_line
+    assert n_warnings == "1"
+    assert float(diff) == 0.0
+    assert error.startswith("ValueError backend='cpp' cannot serve") and "MS_FUSED_NO_CPP=1" in error
