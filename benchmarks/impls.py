@@ -1,0 +1,218 @@
+"""The implementations the suite times, all with the same hyper-parameters and the same batches.
+
+- `ms_fused:<backend>`: this package, one entry per backend that serves the device;
+- `pml`: pytorch-metric-learning's MultiSimilarityLoss fed by its MultiSimilarityMiner;
+- `dense_torch`: the vectorised all-in-memory version a user writes by hand (N x N matrices and masks);
+- `loop`: the authors' per-anchor loop style, written here from the paper's algorithm;
+- `mm`: one torch.mm(X, X.T) in the batch's dtype, the yardstick a fused kernel is measured against.
+
+Every loss callable takes (embeddings, labels) and returns the mean loss over all N anchors.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+ALPHA, BETA, BASE, EPSILON = 2.0, 50.0, 0.5, 0.1
+HYPER_PARAMS = dict(alpha=ALPHA, beta=BETA, base=BASE, epsilon=EPSILON)
+
+# P x K batches: K samples of each of N/K classes, in random order; rows scattered around class centres,
+# with the scatter chosen per D so that the miner keeps about this share of the negative pairs
+SAMPLES_PER_CLASS = 4
+TARGET_HARD_NEGATIVES = 0.10
+
+BASELINES = ("pml", "dense_torch", "loop", "mm")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def _clustered(n: int, d: int, spread: float, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    n_classes = math.ceil(n / SAMPLES_PER_CLASS)
+    labels = (torch.arange(n) // SAMPLES_PER_CLASS)[torch.randperm(n, generator=gen)]
+    centres = torch.randn(n_classes, d, generator=gen)
+    return centres[labels] + spread * torch.randn(n, d, generator=gen), labels
+
+
+def hard_pair_fractions(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
+    """Share of the positive and of the negative pairs that the miner keeps (float64, self mode)."""
+    from ms_fused._inputs import HyperParams
+    from ms_fused.reference import mined_masks, pair_masks
+
+    xn = F.normalize(x.double(), dim=1)
+    S = xn @ xn.T
+    pos, neg = pair_masks(y, y, torch.arange(len(y), device=y.device))
+    hard_pos, hard_neg = mined_masks(S, pos, neg, HyperParams(ALPHA, BETA, BASE, EPSILON))
+    return {"positives": float(hard_pos.sum() / pos.sum()), "negatives": float(hard_neg.sum() / neg.sum())}
+
+
+# cluster_spread(d) for the swept D, rounded (so that a record's child process need not bisect)
+_KNOWN_SPREADS = {128: 1.547, 512: 1.977}
+
+
+@functools.lru_cache(maxsize=None)
+def cluster_spread(d: int) -> float:
+    """Noise std (centres have std 1) at which the miner keeps ~TARGET_HARD_NEGATIVES of the negatives.
+
+    The share grows with the spread; found by bisection on a 512-row batch, then the same for every N.
+    """
+    if d in _KNOWN_SPREADS:
+        return _KNOWN_SPREADS[d]
+    lo, hi = 0.1, 20.0
+    for _ in range(16):
+        mid = (lo + hi) / 2
+        if hard_pair_fractions(*_clustered(512, d, mid, seed=1))["negatives"] < TARGET_HARD_NEGATIVES:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def make_batch(n: int, d: int, dtype: torch.dtype, device, seed: int = 0):
+    """Embeddings (n, d) in `dtype` and int64 labels: n/K classes of K samples each, shuffled.
+
+    Each row is its class centre plus Gaussian noise of std `cluster_spread(d)`: positives are more
+    similar than negatives and the miner keeps ~10% of the negatives, as in the middle of training.
+    """
+    x, labels = _clustered(n, d, cluster_spread(d), seed)
+    return x.to(device=device, dtype=dtype), labels.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# the implementations
+
+
+def ms_fused_loss(backend: str) -> Callable:
+    import ms_fused
+
+    def loss(x, y):
+        return ms_fused.multi_similarity_loss(x, y, backend=backend, **HYPER_PARAMS)
+
+    return loss
+
+
+def pml_loss() -> Callable:
+    from pytorch_metric_learning import losses, miners
+
+    loss_fn = losses.MultiSimilarityLoss(alpha=ALPHA, beta=BETA, base=BASE)
+    miner = miners.MultiSimilarityMiner(epsilon=EPSILON)
+
+    def loss(x, y):
+        return loss_fn(x, y, miner(x, y))
+
+    return loss
+
+
+def dense_torch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """All pairs at once: similarity matrix, masks, mining, two masked log-sum-exps."""
+    x = F.normalize(x, dim=1)
+    S = x @ x.T
+    same = y[:, None] == y[None, :]
+    pos = same & ~torch.eye(len(y), dtype=torch.bool, device=x.device)
+    neg = ~same
+    min_pos = S.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
+    max_neg = S.masked_fill(~neg, float("-inf")).amax(dim=1, keepdim=True)
+    hard_pos = pos & (S - EPSILON < max_neg)
+    hard_neg = neg & (S + EPSILON > min_pos)
+
+    def log1p_sum_exp(z, keep):
+        # log(1 + sum exp z) over the kept entries, shifted by max(0, max z) so that it cannot overflow
+        z = z.masked_fill(~keep, float("-inf"))
+        m = z.amax(dim=1).clamp(min=0)
+        return m + torch.log(torch.exp(-m) + torch.exp(z - m[:, None]).sum(dim=1))
+
+    pos_term = log1p_sum_exp(-ALPHA * (S - BASE), hard_pos) / ALPHA
+    neg_term = log1p_sum_exp(BETA * (S - BASE), hard_neg) / BETA
+    return (pos_term + neg_term).mean()
+
+
+def loop_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The authors' style: one similarity matrix, then a Python loop over anchors (paper, Alg. 1)."""
+    x = F.normalize(x, dim=1)
+    S = x @ x.T
+    n = len(y)
+    index = torch.arange(n, device=x.device)
+    terms = []
+    for i in range(n):
+        same = y == y[i]
+        pos_pairs = S[i][same & (index != i)]
+        neg_pairs = S[i][~same]
+        if len(pos_pairs) == 0 or len(neg_pairs) == 0:
+            continue
+        hard_neg = neg_pairs[neg_pairs + EPSILON > pos_pairs.min()]
+        hard_pos = pos_pairs[pos_pairs - EPSILON < neg_pairs.max()]
+        if len(hard_neg) == 0 or len(hard_pos) == 0:
+            continue
+        pos_term = torch.log(1 + torch.exp(-ALPHA * (hard_pos - BASE)).sum()) / ALPHA
+        neg_term = torch.log(1 + torch.exp(BETA * (hard_neg - BASE)).sum()) / BETA
+        terms.append(pos_term + neg_term)
+    if not terms:
+        return S.sum() * 0
+    return torch.stack(terms).sum() / n
+
+
+def mm_yardstick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.mm(x, x.T)
+
+
+# ---------------------------------------------------------------------------------------------
+# what is available where
+
+
+def ms_fused_backends(device: torch.device) -> List[str]:
+    """The package's backends on `device` at run time, less the dense oracle and interpreted Triton."""
+    import ms_fused
+
+    names = [b for b in ms_fused.available_backends(device) if b != "reference"]
+    if device.type != "cuda":
+        names = [b for b in names if b != "triton"]  # on the CPU Triton only runs in its interpreter
+    return [f"ms_fused:{b}" for b in names]
+
+
+def all_impls(device: torch.device) -> List[str]:
+    return ms_fused_backends(device) + list(BASELINES)
+
+
+def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """None when `impl` can run on (device, dtype), else why not (recorded, never raised)."""
+    if impl.startswith("ms_fused:"):
+        from ms_fused.backends import unavailable_reason as backend_reason
+
+        return backend_reason(impl.split(":", 1)[1], device, dtype)
+    if impl == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:
+        return "pytorch-metric-learning is not installed"
+    if impl not in BASELINES:
+        return f"unknown implementation {impl!r}"
+    return None
+
+
+def build(impl: str) -> Callable:
+    """The callable (embeddings, labels) -> output that one timed step runs."""
+    if impl.startswith("ms_fused:"):
+        return ms_fused_loss(impl.split(":", 1)[1])
+    return {"pml": pml_loss, "dense_torch": lambda: dense_torch_loss, "loop": lambda: loop_loss,
+            "mm": lambda: mm_yardstick}[impl]()
+
+
+def is_yardstick(impl: str) -> bool:
+    """mm runs the same single product in both modes (no autograd), so each mode has its unit."""
+    return impl == "mm"
+
+
+# Peak memory of one step, in bytes per anchor pair (N^2), measured with this suite on the CPU at
+# N = 2048-4096 (forward_backward, float32) and rounded up; the sweep skips a record whose estimate
+# exceeds the memory limit instead of letting the machine run out of memory.
+_BYTES_PER_PAIR = {"pml": 80, "dense_torch": 48, "loop": 40, "mm": 4}
+
+
+def estimated_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype) -> int:
+    size = torch.finfo(dtype).bits // 8
+    per_pair = _BYTES_PER_PAIR.get(impl)
+    if per_pair is None:  # ms_fused: O(N D) tensors plus a bounded scratch
+        return 8 * n * d * 4 + 64 * 2**20
+    return int(per_pair * max(size, 4) / 4 * n * n) + 8 * n * d * 4

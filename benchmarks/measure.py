@@ -1,0 +1,270 @@
+"""Time and peak memory of one record, measured in a child process that the sweep can time out or lose.
+
+On the CPU every record runs in a fresh child (forked from a server that has already imported torch, so
+a child costs milliseconds, not an import): its resident-set growth is that record's alone, and a
+record that runs out of memory or time takes down nothing but its child. On CUDA one child serves
+records until it fails (a CUDA context costs seconds); the peak is `torch.cuda.max_memory_allocated`.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import multiprocessing
+import os
+import resource
+import statistics
+import time
+import traceback
+from typing import Optional
+
+import torch
+
+import impls
+
+OK, OOM, TIMEOUT, ERROR, KILLED, SKIPPED, UNAVAILABLE = (
+    "ok", "oom", "timeout", "error", "killed", "skipped", "unavailable")
+
+# a warm-up at this size first loads lazily-initialised code (kernels, extensions, JIT) outside the measurement
+SMALL_N = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# in the child
+
+
+def _proc_status_kb(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Set VmHWM back to the current resident set (Linux: writing 5 to /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _cap_cpu_memory(limit_bytes: int) -> None:
+    """Backstop: make allocations beyond the limit fail with an error instead of summoning the OOM killer."""
+    data_kb = _proc_status_kb("VmData")
+    if data_kb is None or limit_bytes <= 0:
+        return
+    cap = data_kb * 1024 + limit_bytes
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (cap, hard))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(fn, x, y, mode: str, yardstick: bool):
+    """One call as a training step makes it: forward only, or forward then backward into x.grad."""
+    if yardstick:
+        return fn(x, y)
+    out = fn(x, y)
+    if mode == "forward_backward":
+        out.backward()
+    return out
+
+
+def _timed_step(fn, x, y, mode, yardstick, device) -> float:
+    """Milliseconds of one step (CUDA events on the GPU, a synchronised wall clock on the CPU)."""
+    if not yardstick:
+        x.grad = None
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = _step(fn, x, y, mode, yardstick)
+        end.record()
+        end.synchronize()
+        del out
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    out = _step(fn, x, y, mode, yardstick)
+    ms = (time.perf_counter() - t0) * 1e3
+    del out
+    return ms
+
+
+def _inputs(spec: dict, n: int, device: torch.device, yardstick: bool):
+    x, y = impls.make_batch(n, spec["d"], impls.DTYPES[spec["dtype"]], device, seed=spec.get("seed", 0))
+    return x.requires_grad_(not yardstick), y
+
+
+def measure(spec: dict) -> dict:
+    """Warm up, then the median of repeats; peak memory of one step above what the inputs hold."""
+    device = torch.device(spec["device"])
+    impl, mode, n = spec["impl"], spec["mode"], spec["n"]
+    yardstick = impls.is_yardstick(impl)
+    fn = impls.build(impl)
+    if device.type == "cpu" and spec.get("mem_cap_bytes"):
+        _cap_cpu_memory(spec["mem_cap_bytes"])
+
+    xs, ys = _inputs(spec, min(n, SMALL_N), device, yardstick)
+    _timed_step(fn, xs, ys, mode, yardstick, device)
+    del xs, ys
+    x, y = _inputs(spec, n, device, yardstick)
+    gc.collect()
+
+    peak_mb = None
+    if device.type == "cuda":
+        # GPU: the caching allocator makes the steady state the honest peak, so measure the timed repeats
+        warmup_ms = [_timed_step(fn, x, y, mode, yardstick, device) for _ in range(spec.get("warmup", 2))]
+        x.grad = None
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        # CPU: the first call at this size takes all its memory from the OS, so its RSS growth is the peak
+        reset_ok = _reset_peak_rss()
+        base_kb = _proc_status_kb("VmRSS")
+        warmup_ms = [_timed_step(fn, x, y, mode, yardstick, device)]
+        hwm_kb = _proc_status_kb("VmHWM")
+        if reset_ok and base_kb is not None and hwm_kb is not None:
+            peak_mb = max(0, hwm_kb - base_kb) / 1024
+        warmup_ms += [_timed_step(fn, x, y, mode, yardstick, device) for _ in range(spec.get("warmup", 1) - 1)]
+
+    per_call = max(warmup_ms[-1], 1e-3)
+    repeats = int(min(spec["max_repeats"], max(spec["min_repeats"], math.ceil(spec["target_s"] * 1e3 / per_call))))
+    times = [_timed_step(fn, x, y, mode, yardstick, device) for _ in range(repeats)]
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return {"status": OK, "median_ms": statistics.median(times), "peak_mb": peak_mb, "repeats": repeats,
+            "warmup_ms": warmup_ms, "times_ms": times}
+
+
+def agreement(spec: dict) -> dict:
+    """Relative error of loss and gradient against ms_fused's dense `reference` in float64 (a sanity check)."""
+    import ms_fused
+
+    device = torch.device(spec["device"])
+    dtype = impls.DTYPES[spec["dtype"]]
+    x0, y = impls.make_batch(spec["n"], spec["d"], torch.float64, device, seed=spec.get("seed", 1))
+    ref_x = x0.clone().requires_grad_()
+    ref = ms_fused.multi_similarity_loss(ref_x, y, backend="reference", **impls.HYPER_PARAMS)
+    ref.backward()
+    x = x0.to(dtype).requires_grad_()
+    out = impls.build(spec["impl"])(x, y)
+    out.backward()
+
+    def rel(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return float((a - b).norm() / b.norm()) if b.norm() > 0 else float((a - b).norm())
+
+    return {"status": OK, "loss": out.item(), "reference": ref.item(), "loss_rel_err": rel(out, ref),
+            "grad_rel_err": rel(x.grad, ref_x.grad)}
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def run_in_child(spec: dict) -> dict:
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    try:
+        return agreement(spec) if spec.get("kind") == "agreement" else measure(spec)
+    except BaseException as exc:  # recorded, never raised: the sweep goes on
+        status = OOM if _is_oom(exc) else ERROR
+        note = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+        if status == ERROR:
+            note += " | " + traceback.format_exc(limit=-2).strip().replace("\n", " / ")[-500:]
+        if spec["device"].startswith("cuda"):
+            torch.cuda.empty_cache()
+        return {"status": status, "median_ms": None, "peak_mb": None, "note": note}
+
+
+def serve(conn) -> None:
+    """Child main loop: a spec in, a result out, until the parent sends None or goes away."""
+    while True:
+        try:
+            spec = conn.recv()
+        except EOFError:
+            return
+        if spec is None:
+            return
+        conn.send(run_in_child(spec))
+
+
+# ---------------------------------------------------------------------------------------------
+# in the parent
+
+
+class Runner:
+    """Runs specs in child processes with a time-out; fresh child per record unless `reuse`."""
+
+    def __init__(self, reuse: bool, preload=("torch", "impls", "measure")):
+        self.reuse = reuse
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx.set_forkserver_preload(list(preload))
+        self.proc = None
+        self.conn = None
+
+    def _start(self):
+        parent_end, child_end = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=serve, args=(child_end,), daemon=True)
+        self.proc.start()
+        child_end.close()
+        self.conn = parent_end
+
+    def _stop(self, kill: bool):
+        if self.proc is None:
+            return
+        if kill:
+            self.proc.kill()
+        else:
+            try:
+                self.conn.send(None)
+            except (OSError, BrokenPipeError):
+                pass
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+        self.proc = self.conn = None
+
+    def run(self, spec: dict, timeout_s: float) -> dict:
+        if self.proc is None or not self.proc.is_alive():
+            self._stop(kill=True)
+            self._start()
+        started = time.monotonic()
+        try:
+            self.conn.send(spec)
+            if not self.conn.poll(max(timeout_s, 0.1)):
+                self._stop(kill=True)
+                return {"status": TIMEOUT, "median_ms": None, "peak_mb": None,
+                        "note": f"no result within {timeout_s:.0f} s"}
+            result = self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            self.proc.join(5)
+            code = self.proc.exitcode
+            self._stop(kill=True)
+            # SIGKILL that we did not send: on Linux almost always the kernel's OOM killer
+            status = OOM if code == -9 else KILLED
+            return {"status": status, "median_ms": None, "peak_mb": None,
+                    "note": f"child process died (exit code {code})"}
+        result["wall_s"] = round(time.monotonic() - started, 3)
+        if not self.reuse or result["status"] != OK:
+            # after a failure the CUDA context may be unusable: start the next record in a new child
+            self._stop(kill=False)
+        return result
+
+    def close(self):
+        self._stop(kill=False)

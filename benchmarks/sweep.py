@@ -1,0 +1,90 @@
+"""What a sweep runs, in what order, and which records it skips before they can hurt the machine."""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import impls
+from measure import OK, OOM, SKIPPED, TIMEOUT, UNAVAILABLE
+
+# the sweeps of the CLI; N, D, dtypes per device, loop only where one record stays in seconds-to-minutes
+PRESETS = {
+    # quick on the CPU: a global deadline keeps it under 3 minutes even on a busy machine
+    ("cpu", "quick"): dict(n=[512, 1024, 2048], d=[128], dtypes=["float32"], loop_max_n=512,
+                           timeout_s=30, target_s=0.25, min_repeats=3, max_repeats=10, warmup=1, deadline_s=150),
+    ("cpu", "full"): dict(n=[512, 1024, 2048, 4096, 8192, 16384, 32768], d=[128, 512], dtypes=["float32"],
+                          loop_max_n=1024, timeout_s=150, target_s=1.0, min_repeats=3, max_repeats=20, warmup=1),
+    ("cuda", "quick"): dict(n=[1024, 4096, 16384], d=[128, 512], dtypes=["float32", "bfloat16"], loop_max_n=1024,
+                            timeout_s=60, target_s=0.2, min_repeats=5, max_repeats=20, warmup=2),
+    ("cuda", "full"): dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], d=[128, 512],
+                           dtypes=["float32", "bfloat16", "float16"], loop_max_n=4096,
+                           timeout_s=120, target_s=0.5, min_repeats=5, max_repeats=50, warmup=2),
+}
+MODES = ("forward", "forward_backward")
+
+
+@dataclass(frozen=True)
+class Key:
+    impl: str
+    n: int
+    d: int
+    dtype: str
+    mode: str
+
+    def series(self) -> Tuple[str, int, str, str]:
+        return self.impl, self.d, self.dtype, self.mode
+
+
+def plan(impl_names: Sequence[str], ns, ds, dtypes, modes) -> List[Key]:
+    """N outermost and ascending: a deadline cuts the largest N of every implementation, not whole ones."""
+    return [Key(i, n, d, t, m) for n, d, t, m, i in itertools.product(sorted(ns), ds, dtypes, modes, impl_names)]
+
+
+@dataclass
+class Guard:
+    """Decides, before a record runs, whether it must be skipped, from the limits and earlier records."""
+
+    device: torch.device
+    mem_limit_bytes: int
+    timeout_s: float
+    calls_per_record: int
+    loop_max_n: int
+    deadline: Optional[float] = None  # time.monotonic() after which nothing more starts
+    done: Dict[Tuple, List[Tuple[int, dict]]] = field(default_factory=dict)
+
+    def skip_reason(self, key: Key) -> Optional[Tuple[str, str]]:
+        """(status, note) for a record that must not run, else None."""
+        reason = impls.unavailable_reason(key.impl, self.device, impls.DTYPES[key.dtype])
+        if reason is not None:
+            return UNAVAILABLE, reason
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return SKIPPED, "global deadline reached"
+        if key.impl == "loop" and key.n > self.loop_max_n:
+            return SKIPPED, f"loop only runs up to N = {self.loop_max_n}"
+        history = self.done.get(key.series(), [])
+        for n, rec in history:
+            if rec["status"] in (OOM, TIMEOUT, "killed") and n < key.n:
+                return SKIPPED, f"N = {n} already ended in {rec['status']}"
+        est = impls.estimated_peak_bytes(key.impl, key.n, key.d, impls.DTYPES[key.dtype])
+        if est > self.mem_limit_bytes:
+            return SKIPPED, f"est. peak {est / 1e9:.1f} GB > limit {self.mem_limit_bytes / 1e9:.1f} GB"
+        ok = [(n, rec["median_ms"]) for n, rec in history if rec["status"] == OK and n < key.n]
+        if ok:
+            n0, ms0 = max(ok)
+            # all implementations here do O(N^2) work; the extrapolation ignores the (faster) small-N regime
+            est_s = ms0 / 1e3 * (key.n / n0) ** 2 * self.calls_per_record
+            if est_s > self.time_left():
+                return SKIPPED, f"est. {est_s:.0f} s for {self.calls_per_record} calls > {self.time_left():.0f} s allowed"
+        return None
+
+    def time_left(self) -> float:
+        if self.deadline is None:
+            return self.timeout_s
+        return max(0.0, min(self.timeout_s, self.deadline - time.monotonic()))
+
+    def record(self, key: Key, rec: dict) -> None:
+        self.done.setdefault(key.series(), []).append((key.n, rec))
