@@ -1,0 +1,321 @@
+"""The `triton` backend against the `reference` oracle (float64), on the CPU through Triton's interpreter
+(conftest sets TRITON_INTERPRET=1 when there is no GPU) and, where CUDA exists, on the GPU.
+
+Interpreter cases stay small (N, M <= ~130, 32-wide blocks) because the interpreter runs every program
+in Python; sizes are picked so that N, M and D are not multiples of any block and several row, column,
+K and output-D blocks occur.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import clustered, clustered_batch, rel_err, threshold_gap
+from ms_fused import multi_similarity_loss
+
+triton_backend = pytest.importorskip("ms_fused.triton_backend")
+if triton_backend.unavailable_reason(torch.device("cpu")) is not None and not torch.cuda.is_available():
+    pytest.skip(f"triton backend unusable here: {triton_backend.unavailable_reason(torch.device('cpu'))}",
+                allow_module_level=True)
+
+# the interpreter evaluates exp() on every tile entry, including unmined ones whose overflow the kernels
+# discard with a select (as the GPU does, silently)
+# (and Inf inputs make NaN products there before the NaN rows are flagged, as intended)
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# relative error (‖out − ref‖ / ‖ref‖) against the float64 reference on the same rounded inputs
+LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+# half-precision gradients: the second GEMM takes weights and x_hat rounded to the input dtype, and the
+# gradient itself is stored in it
+GRAD_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+def memory_bank_batch(n: int, m_extra: int, d: int, n_classes: int, seed: int, margin: float = 1e-5):
+    """Reference mode where R = [Q; other rows] and anchor i's own copy is row i of R, except for a few
+    anchors given -1 (their copy then is a real positive); redrawn away from mining thresholds."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        x, y = clustered(n, d, n_classes, gen)
+        extra, y_extra = clustered(m_extra, d, n_classes, gen)
+        r, yr = torch.cat([x, extra]), torch.cat([y, y_extra])
+        own = torch.arange(n)
+        own[::5] = -1
+        if threshold_gap(x, y, r, yr, self_index=own) > margin:
+            return x, y, r, yr, own
+    raise RuntimeError("no batch away from the thresholds")
+
+
+def run(backend, dtype, x, y, r=None, yr=None, weights=None, grad_ref=True, **kw):
+    """Per-anchor losses and gradients (None when not asked) of `backend` on x, r cast to `dtype` (the
+    reference gets those rounded values in float64)."""
+    work = torch.float64 if backend == "reference" else dtype
+    xs = x.to(dtype).to(work).to(DEVICE).requires_grad_()
+    rs = None if r is None else r.to(dtype).to(work).to(DEVICE).requires_grad_(grad_ref)
+    y = y.to(DEVICE)
+    yr = None if yr is None else yr.to(DEVICE)
+    if "ref_self_index" in kw and kw["ref_self_index"] is not None:
+        kw["ref_self_index"] = kw["ref_self_index"].to(DEVICE)
+    loss = multi_similarity_loss(xs, y, rs, yr, backend=backend, reduction="none", **kw)
+    w = torch.linspace(0.2, 1.0, loss.shape[0], dtype=loss.dtype, device=DEVICE) if weights is None else weights
+    (loss * w.to(loss.dtype)).sum().backward()
+    return loss, xs.grad, None if rs is None else rs.grad
+
+
+def assert_matches_reference(dtype, x, y, r=None, yr=None, grad_ref=True, grad_floor=0.0, **kw):
+    loss, dx, dr = run("triton", dtype, x, y, r, yr, grad_ref=grad_ref, **kw)
+    loss_ref, dx_ref, dr_ref = run("reference", dtype, x, y, r, yr, grad_ref=grad_ref, **kw)
+    assert loss.dtype == torch.float32 and dx.dtype == dtype
+    assert rel_err(loss, loss_ref) <= LOSS_TOL[dtype], rel_err(loss, loss_ref)
+    assert rel_err(dx, dx_ref, grad_floor) <= GRAD_TOL[dtype], rel_err(dx, dx_ref, grad_floor)
+    if r is not None and grad_ref:
+        assert dr.dtype == dtype
+        assert rel_err(dr, dr_ref, grad_floor) <= GRAD_TOL[dtype], rel_err(dr, dr_ref, grad_floor)
+    return loss, dx, dr
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["self", "reference", "memory_bank"])
+def test_parity_with_reference(dtype, mode):
+    if mode == "self":
+        x, y = clustered_batch(77, 40, 7, seed=1)
+        assert_matches_reference(dtype, x, y)
+    elif mode == "reference":
+        x, y, r, yr = clustered_batch(45, 40, 6, seed=2, m=70)
+        assert_matches_reference(dtype, x, y, r, yr)
+    else:
+        x, y, r, yr, own = memory_bank_batch(40, 30, 40, 6, seed=3)
+        assert_matches_reference(dtype, x, y, r, yr, ref_self_index=own)
+
+
+@pytest.mark.parametrize("mining,normalize", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("mode", ["self", "reference"])
+def test_mining_and_normalize_switches(mining, normalize, mode):
+    if mode == "self":
+        x, y = clustered_batch(50, 24, 5, seed=4, normalize=normalize)
+        assert_matches_reference(torch.float32, x / 4, y, mining=mining, normalize=normalize)
+    else:
+        x, y, r, yr = clustered_batch(40, 24, 5, seed=5, m=37, normalize=normalize)
+        assert_matches_reference(torch.float32, x / 4, y, r / 4, yr, mining=mining, normalize=normalize)
+
+
+@pytest.mark.parametrize("seed", [6, 7])
+def test_more_seeds_and_hyper_parameters(seed):
+    x, y = clustered_batch(60, 20, 6, seed=seed, epsilon=0.05)
+    assert_matches_reference(torch.float32, x, y, alpha=3.0, beta=40.0, base=0.4, epsilon=0.05)
+
+
+def test_large_alpha_beta_never_overflow():
+    x, y = clustered_batch(40, 16, 4, seed=8)
+    for dtype in (torch.float32, torch.float16):
+        loss, dx, _ = run("triton", dtype, x, y, alpha=1000.0, beta=1000.0)
+        loss_ref, dx_ref, _ = run("reference", dtype, x, y, alpha=1000.0, beta=1000.0)
+        assert torch.isfinite(loss).all() and torch.isfinite(dx).all()
+        assert rel_err(loss, loss_ref) <= 1e-5
+        # a weight exp(1000 (S - base) - B) turns an S error of 1e-7 into 1e-4 relative
+        assert rel_err(dx, dx_ref) <= 3e-3 if dtype == torch.float32 else 3e-2
+
+
+def test_reductions():
+    x, y, r, yr = clustered_batch(35, 12, 4, seed=9, m=41)
+    xs = x.float().to(DEVICE)
+    for reduction in ("mean", "sum", "none"):
+        out = multi_similarity_loss(xs, y.to(DEVICE), r.float().to(DEVICE), yr.to(DEVICE), backend="triton",
+                                    reduction=reduction)
+        ref = multi_similarity_loss(x.float().double(), y, r.float().double(), yr, backend="reference",
+                                    reduction=reduction)
+        assert out.dtype == torch.float32 and out.shape == ref.shape
+        assert rel_err(out.cpu(), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("n,m,d", [(1, None, 8), (33, None, 1), (20, None, 130), (1, 1, 5), (3, 65, 17)])
+def test_odd_sizes(n, m, d):
+    gen = torch.Generator().manual_seed(10 + n + d)
+    x, y = clustered(n, d, 3, gen)
+    # with D = 1 a normalised row is +-1 whatever x is, so the true gradient is 0 and both sides return
+    # rounding noise; measure it against 1/|x|, the scale of anything back-propagated through x / |x|
+    floor = float((1 / x.abs()).norm()) if d == 1 else 0.0
+    if m is None:
+        assert_matches_reference(torch.float32, x, y, grad_floor=floor)
+    else:
+        r, yr = clustered(m, d, 3, gen)
+        assert_matches_reference(torch.float32, x, y, r, yr, grad_floor=floor)
+
+
+def test_zero_rows_duplicates_and_extreme_labels():
+    x, y = clustered_batch(30, 10, 3, seed=11)
+    x[4] = 0.0                      # F.normalize keeps it 0: S = 0 with everyone, never NaN
+    x[7] = x[6]                     # an exact duplicate with the same label is a real positive
+    y[7] = y[6]
+    y = y * (2**40) - 7             # huge and negative labels
+    loss, dx, _ = assert_matches_reference(torch.float32, x, y)
+    assert torch.isfinite(loss).all() and torch.isfinite(dx).all()
+
+
+def test_no_pairs_gives_zero_loss_that_still_backpropagates():
+    x = torch.randn(9, 6, dtype=torch.float64)
+    y = torch.arange(9)             # all labels distinct: no positives, so no hard negatives either
+    loss, dx, _ = run("triton", torch.float32, x, y)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert dx is not None and torch.equal(dx, torch.zeros_like(dx))
+
+
+def test_non_contiguous_inputs():
+    x, y, r, yr = clustered_batch(30, 20, 4, seed=12, m=26)
+    wide = torch.zeros(30, 40, dtype=torch.float32, device=DEVICE)
+    wide[:, ::2] = x.float().to(DEVICE)
+    q = wide[:, ::2].requires_grad_()                 # stride (40, 2)
+    rt = r.float().to(DEVICE).T.contiguous().T        # column-major
+    loss = multi_similarity_loss(q, y.to(DEVICE), rt, yr.to(DEVICE), backend="triton", reduction="none")
+    loss.sum().backward()
+    loss_ref, dx_ref, _ = run("reference", torch.float32, x, y, r, yr, weights=torch.ones(30))
+    assert rel_err(loss.cpu(), loss_ref) <= 1e-5 and rel_err(q.grad.cpu(), dx_ref) <= 1e-5
+
+
+def test_frozen_reference_set_gets_no_gradient():
+    x, y, r, yr, own = memory_bank_batch(25, 20, 16, 4, seed=13)
+    loss, dx, dr = assert_matches_reference(torch.float32, x, y, r, yr, grad_ref=False, ref_self_index=own)
+    assert dr is None
+
+
+@pytest.mark.parametrize("mode", ["self", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_rows_give_nan_like_the_reference(mode, bad):
+    if mode == "self":
+        x, y = clustered_batch(36, 12, 4, seed=14)
+        x[5, 3] = bad
+        r = yr = None
+    else:
+        x, y, r, yr = clustered_batch(36, 12, 4, seed=15, m=40)
+        x[5, 3] = bad               # only anchor 5's row of S is non-finite
+    loss, dx, dr = run("triton", torch.float32, x, y, r, yr)
+    loss_ref, dx_ref, dr_ref = run("reference", torch.float32, x, y, r, yr)
+    assert torch.isnan(loss).any()
+    assert torch.equal(torch.isnan(loss), torch.isnan(loss_ref))
+    assert rel_err(loss, loss_ref) <= 1e-5 and rel_err(dx, dx_ref) <= 1e-5
+    if mode == "reference":
+        assert torch.isnan(loss).sum() == 1 and rel_err(dr, dr_ref) <= 1e-5
+
+
+def test_nan_in_the_reference_set_poisons_every_anchor():
+    x, y, r, yr = clustered_batch(20, 8, 3, seed=16, m=24)
+    r[9, 0] = float("nan")
+    loss, _, _ = run("triton", torch.float32, x, y, r, yr)
+    assert torch.isnan(loss).all()
+
+
+def test_two_runs_are_bitwise_identical():
+    x, y, r, yr, own = memory_bank_batch(30, 20, 24, 5, seed=17)
+    for dtype in (torch.float32, torch.float16):
+        first = run("triton", dtype, x, y, r, yr, ref_self_index=own)
+        second = run("triton", dtype, x, y, r, yr, ref_self_index=own)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+    xs, ys = clustered_batch(30, 24, 5, seed=18)
+    first, second = run("triton", torch.bfloat16, xs, ys), run("triton", torch.bfloat16, xs, ys)
+    assert all(torch.equal(a, b) for a, b in zip(first[:2], second[:2]))
+
+
+def test_block_shapes_and_zero_tile_skipping_do_not_change_the_result():
+    from ms_fused._inputs import HyperParams, check_inputs
+
+    x, y = clustered_batch(40, 40, 5, seed=19)
+    problem = check_inputs(x.float().to(DEVICE).requires_grad_(), y.to(DEVICE), None, None, None, HyperParams())
+    ref = triton_backend.per_anchor_loss(problem)
+    (grad_ref,) = torch.autograd.grad(ref.sum(), problem.q)
+    Blocks = triton_backend.Blocks
+    for fwd, bwd in [(Blocks(16, 64, 16), Blocks(64, 16, 32, 16, skip_zero_tiles=False)),
+                     (Blocks(64, 16, 64), Blocks(16, 64, 16, 64, skip_zero_tiles=True))]:
+        loss = triton_backend.per_anchor_loss(problem, fwd_blocks=[fwd], bwd_blocks=[bwd])
+        (grad,) = torch.autograd.grad(loss.sum(), problem.q)
+        assert rel_err(loss, ref) <= 1e-6 and rel_err(grad, grad_ref) <= 1e-5
+
+
+class _AllocationLog(TorchDispatchMode):
+    """Records (op, element count, bytes) of every tensor that an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((str(func), t.numel(), t.numel() * t.element_size()))
+        return out
+
+
+@pytest.mark.parametrize("mode", ["self", "reference"])
+def test_no_tensor_of_n_by_m_elements_is_ever_created(mode):
+    n, m, d = 96, 80, 6
+    x, y, r, yr = clustered_batch(n, d, 5, seed=20, m=m)
+    xs = x.float().to(DEVICE).requires_grad_()
+    rs = r.float().to(DEVICE).requires_grad_()
+    if mode == "self":
+        rs, yr, m = None, None, n
+    log = _AllocationLog()
+    with log:
+        loss = multi_similarity_loss(xs, y.to(DEVICE), rs, None if yr is None else yr.to(DEVICE), backend="triton")
+        loss.backward()
+    assert log.sizes, "the dispatch mode saw no op"
+    largest = sorted(log.sizes, key=lambda s: -s[2])[:5]
+    # nothing has N * M elements; the largest buffers are (rows, D) float32 inputs / gradients (the
+    # interpreter's byte views of them included); per-row statistics are O(N + M)
+    assert max(numel for _, numel, _ in log.sizes) < n * m, largest
+    assert max(nbytes for _, _, nbytes in log.sizes) <= max(n, m) * d * 4, largest
+
+
+def test_availability_and_dtype_routing(monkeypatch):
+    assert triton_backend.unavailable_reason(torch.device(DEVICE), None) is None
+    reason = triton_backend.unavailable_reason(torch.device(DEVICE), torch.float64)
+    assert reason is not None and "float64" in reason
+    x = torch.randn(6, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="float64"):
+        multi_similarity_loss(x, torch.zeros(6, dtype=torch.long, device=DEVICE), backend="triton")
+    assert multi_similarity_loss(x, torch.zeros(6, dtype=torch.long, device=DEVICE)).dtype == torch.float64
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cpu_reason = triton_backend.unavailable_reason(torch.device("cpu"), torch.float32)
+    assert cpu_reason is not None and "CUDA" in cpu_reason
+
+
+# ---- GPU only: sizes the interpreter cannot afford --------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_parity_at_a_larger_size(dtype):
+    x, y = clustered_batch(1500, 256, 60, seed=21, margin=1e-4)
+    assert_matches_reference(dtype, x, y)
+    x, y, r, yr, own = memory_bank_batch(700, 1300, 192, 50, seed=22, margin=1e-4)
+    assert_matches_reference(dtype, x, y, r, yr, ref_self_index=own)
+
+
+@needs_cuda
+def test_gpu_odd_dims_and_bitwise_repeatability():
+    x, y = clustered_batch(1111, 130, 40, seed=23, margin=1e-4)
+    first = assert_matches_reference(torch.bfloat16, x, y)
+    second = run("triton", torch.bfloat16, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(first[:2], second[:2]))
+
+
+@needs_cuda
+def test_gpu_extra_memory_is_o_of_n():
+    n, d = 8192, 256
+    x = torch.randn(n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 512, (n,), device="cuda")
+    multi_similarity_loss(x, y, backend="triton").backward()  # compile and autotune outside the measurement
+    x.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    multi_similarity_loss(x, y, backend="triton").backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - x.grad.numel() * x.grad.element_size()
+    assert extra < 0.01 * n * n * 4, f"{extra} bytes beyond inputs and gradients"
+    assert math.isfinite(float(x.grad.float().abs().sum()))
