@@ -75,8 +75,8 @@ def section_table(rows: List[dict]) -> List[str]:
     lines = ["| N | implementation | median ms | peak MB | speed-up vs pml | memory vs pml | time / mm | memory / mm | status |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: r["n"]):
-        if r["status"] == "unavailable":
-            continue
+        if r["status"] == "unavailable" or r.get("note", "").startswith("loop only runs"):
+            continue  # listed once in the header instead
         q = ratios(r, by)
         lines.append(f"| {r['n']} | {r['impl']} | {fmt(r['median_ms'])} | {fmt(r['peak_mb'])} | "
                      f"{fmt(q['speedup_vs_pml'])} | {fmt(q['memory_vs_pml'])} | {fmt(q['time_per_mm'])} | "
@@ -140,7 +140,8 @@ def markdown(doc) -> str:
         "on CUDA `torch.cuda.max_memory_allocated` over the timed calls. `mm` is one `torch.mm(X, X.T)` in "
         "the same dtype in both modes (a fused forward + backward does at least three such products). "
         f"Records whose estimated peak exceeds {s['mem_limit_bytes'] / 1e9:.1f} GB, or whose time extrapolated from "
-        f"the previous N exceeds the {s['timeout_s']:.0f} s record time-out, are skipped, not run.",
+        f"the previous N exceeds the {s['timeout_s']:.0f} s record time-out, are skipped, not run; `loop` runs "
+        f"only up to N = {s['loop_max_n']}.",
         "",
         "Columns: *speed-up vs pml* = pml's time / this time, *memory vs pml* = pml's peak / this peak (above 1: "
         "better than pml); *time / mm* and *memory / mm* = this record in units of the `mm` record.",
@@ -242,3 +243,25 @@ def save(doc, out_dir: str, with_plots: bool = True) -> List[str]:
     if with_plots:
         paths += plots(doc, out_dir)
     return paths
+
+
+def main(argv=None) -> int:
+    """Re-render a results folder from its results.json, or print the summary table (for the README)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results_json")
+    p.add_argument("--summary", action="store_true", help="print the summary table only")
+    args = p.parse_args(argv)
+    with open(args.results_json) as f:
+        doc = json.load(f)
+    if args.summary:
+        print("\n".join(headline_table(doc)))
+        return 0
+    out_dir = os.path.dirname(os.path.abspath(args.results_json))
+    print("\n".join(save(doc, out_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

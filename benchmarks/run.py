@@ -21,7 +21,7 @@ import environment
 import impls
 import report
 import sweep
-from measure import OK, Runner
+from measure import OK, SKIPPED, TIMEOUT, Runner
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -179,7 +179,10 @@ def main(argv=None) -> int:
                             warmup=settings["warmup"], target_s=settings["target_s"],
                             min_repeats=settings["min_repeats"], max_repeats=settings["max_repeats"],
                             mem_cap_bytes=int(1.5 * settings["mem_limit_bytes"]), threads=args.threads)
-                result = runner.run(spec, guard.time_left())
+                allowed = guard.time_left()
+                result = runner.run(spec, allowed)
+                if result["status"] == TIMEOUT and allowed < settings["timeout_s"]:
+                    result.update(status=SKIPPED, note=f"global deadline reached after {allowed:.0f} s of this record")
             record = {"impl": key.impl, "n": key.n, "d": key.d, "dtype": key.dtype, "mode": key.mode,
                       "median_ms": result.pop("median_ms"), "peak_mb": result.pop("peak_mb"),
                       **result, **env["per_record"]}

@@ -25,6 +25,8 @@ PRESETS = {
                            timeout_s=120, target_s=0.5, min_repeats=5, max_repeats=50, warmup=2),
 }
 MODES = ("forward", "forward_backward")
+# no record starts with less than this before the global deadline
+MIN_RECORD_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class Guard:
         reason = impls.unavailable_reason(key.impl, self.device, impls.DTYPES[key.dtype])
         if reason is not None:
             return UNAVAILABLE, reason
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.deadline is not None and self.deadline - time.monotonic() < MIN_RECORD_S:
             return SKIPPED, "global deadline reached"
         if key.impl == "loop" and key.n > self.loop_max_n:
             return SKIPPED, f"loop only runs up to N = {self.loop_max_n}"
