@@ -42,6 +42,12 @@ def _jit_build() -> None:
     load(name="ms_fused_C", sources=flags.sources(_CSRC), extra_cflags=cflags, extra_ldflags=ldflags)
 
 
+def _last_line(exc: Exception) -> str:
+    """A compiler's error output is long; its last line says what failed."""
+    lines = str(exc).strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def _load() -> Optional[str]:
     """Make the ops available once per process; None when they are, else the reason (warned about once)."""
     global _load_error, _load_tried
@@ -58,7 +64,7 @@ def _load() -> Optional[str]:
                 _jit_build()
             except Exception as jit_exc:  # no compiler, no sources, a failed compile: fall back, never crash
                 _load_error = (f"the C++ extension is not built ({exc}) and building it now failed "
-                               f"({type(jit_exc).__name__}: {str(jit_exc).strip().splitlines()[-1] if str(jit_exc).strip() else ''})")
+                               f"({type(jit_exc).__name__}: {_last_line(jit_exc)})")
     if _load_error is None:
         _register_fake_and_autograd()
     else:

@@ -20,9 +20,9 @@
 namespace ms_fused::cpu {
 namespace {
 
-// A block's similarity buffer stays near this size (it is streamed through the row passes while hot in
-// cache); more rows per product matter less than the buffer fitting in the last-level cache.
-constexpr int64_t kBlockBytes = 4 << 20;
+// Rows per block: up to 256 (the products reach full speed well before that), fewer when M is so large that
+// the (rows x M) buffer would pass this budget, but never below 32 (thin products run at half speed).
+constexpr int64_t kBlockBytes = 32 << 20;
 constexpr int64_t kMinBlockRows = 32, kMaxBlockRows = 256;
 
 int64_t block_rows(int64_t n, int64_t m, int64_t elem_size) {
