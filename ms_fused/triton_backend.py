@@ -7,6 +7,7 @@ Float32, float16 and bfloat16 inputs (float32 accumulation and exp); float64 is 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -127,11 +128,17 @@ def _launch(kernel, grid, args: tuple, consts: dict, candidates: list, with_dout
         if key not in _TUNED:
             configs = [triton.Config(_meta(b, with_dout), num_warps=b.num_warps, num_stages=b.num_stages)
                        for b in candidates]
-            _TUNED[key] = triton.autotune(configs=configs, key=["D"])(kernel)
+            # re-tuned per D and per kernel variant (the upper-case constexpr switches); dtypes are added by triton
+            _TUNED[key] = triton.autotune(configs=configs, key=["D", *sorted(k for k in consts if k.isupper())])(kernel)
         _TUNED[key][grid](*args, **consts)
         return
     b = candidates[0]
     kernel[grid](*args, **consts, **_meta(b, with_dout), num_warps=b.num_warps, num_stages=b.num_stages)
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _row_norms(x: torch.Tensor, normalize: bool):
@@ -211,15 +218,21 @@ class FusedMultiSimilarity(torch.autograd.Function):
         yr_ = yq if self_mode else yr
         own_mode = OWN_SELF if self_mode else (OWN_OF_ROWS if own is not None else NO_OWN)
         own_ = own if own is not None else torch.full_like(yq, -1)
-        norm_q, inv_q = _row_norms(q, hp.normalize)
-        norm_r, inv_r = (norm_q, inv_q) if self_mode else _row_norms(r_, hp.normalize)
-        loss, stats, bad = _forward(q, r_, yq, yr_, own_, inv_q, inv_r, hp, own_mode, fwd_blocks)
+        with _on_device(q.device):
+            norm_q, inv_q = _row_norms(q, hp.normalize)
+            norm_r, inv_r = (norm_q, inv_q) if self_mode else _row_norms(r_, hp.normalize)
+            loss, stats, bad = _forward(q, r_, yq, yr_, own_, inv_q, inv_r, hp, own_mode, fwd_blocks)
         ctx.save_for_backward(q, None if self_mode else r_, yq, yr_, own_, norm_q, inv_q, norm_r, inv_r, stats, bad)
         ctx.hp, ctx.has_own, ctx.bwd_blocks = hp, own is not None, bwd_blocks
         return loss
 
     @staticmethod
     def backward(ctx, g):
+        with _on_device(g.device):
+            return FusedMultiSimilarity._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
         q, r, yq, yr, own, norm_q, inv_q, norm_r, inv_r, stats, bad = ctx.saved_tensors
         hp, blocks = ctx.hp, ctx.bwd_blocks
         g_unit, g_scale = _unit_upstream(g)

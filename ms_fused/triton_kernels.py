@@ -11,7 +11,8 @@ import triton.language as tl
 INF = tl.constexpr(float("inf"))
 
 
-@triton.jit
+# row counts only bound masks: not specialising on their divisibility saves recompilations
+@triton.jit(do_not_specialize=["n_rows"])
 def row_norms_kernel(x_ptr, norm_ptr, inv_ptr, n_rows, D, stride_n, norm_eps,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """norm = ||x_i||, inv = 1 / max(norm, eps): F.normalize's x / max(||x||, eps)."""
@@ -90,7 +91,7 @@ def _count_non_finite(S, valid):
     return tl.sum(tl.where(valid & (tl.abs(S) < INF), 0, valid.to(tl.int32)), axis=1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "M"])
 def forward_kernel(q_ptr, r_ptr, inv_q_ptr, inv_r_ptr, yq_ptr, yr_ptr, own_ptr,
                    loss_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr,
                    N, M, D, stride_qn, stride_rn,
@@ -187,7 +188,7 @@ def _accumulate_tile(acc, x_dot_dx, W, S, b_ptr, cols, col_ok, stride_bn, inv_b,
     return acc, x_dot_dx
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NA", "NB"])
 def backward_kernel(a_ptr, b_ptr, inv_a_ptr, norm_a_ptr, inv_b_ptr, ya_ptr, yb_ptr, own_ptr,
                     g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr,
                     da_ptr, NA, NB, D, stride_an, stride_bn, stride_dan,
