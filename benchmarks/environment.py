@@ -59,6 +59,14 @@ def available_ram_bytes() -> int:
     return 8 * 10**9
 
 
+def load_average() -> float:
+    """The 1-minute load average (runnable threads) of the machine; 0 where unknown."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return 0.0
+
+
 def describe(device: torch.device, threads=None) -> dict:
     threads = threads or torch.get_num_threads()
     if device.type == "cuda":
@@ -76,6 +84,8 @@ def describe(device: torch.device, threads=None) -> dict:
         "python": platform.python_version(),
         "cuda": torch.version.cuda,
         "threads": threads,
+        "cores": os.cpu_count(),
+        "load_before": load_average(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     return {"device": device_text, "device_slug": slug, "environment": environment,

@@ -31,12 +31,15 @@ BASELINES = ("pml", "dense_torch", "loop", "mm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def _clustered(n: int, d: int, spread: float, seed: int):
-    gen = torch.Generator().manual_seed(seed)
+def _clustered(n: int, d: int, spread: float, seed: int, device="cpu"):
+    # drawn on the target device: a GPU sweep would otherwise spend seconds per record in CPU randn
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
     n_classes = math.ceil(n / SAMPLES_PER_CLASS)
-    labels = (torch.arange(n) // SAMPLES_PER_CLASS)[torch.randperm(n, generator=gen)]
-    centres = torch.randn(n_classes, d, generator=gen)
-    return centres[labels] + spread * torch.randn(n, d, generator=gen), labels
+    order = torch.randperm(n, generator=gen, device=device)
+    labels = (torch.arange(n, device=device) // SAMPLES_PER_CLASS)[order]
+    centres = torch.randn(n_classes, d, generator=gen, device=device)
+    return centres[labels] + spread * torch.randn(n, d, generator=gen, device=device), labels
 
 
 def hard_pair_fractions(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
@@ -79,8 +82,8 @@ def make_batch(n: int, d: int, dtype: torch.dtype, device, seed: int = 0):
     Each row is its class centre plus Gaussian noise of std `cluster_spread(d)`: positives are more
     similar than negatives and the miner keeps ~10% of the negatives, as in the middle of training.
     """
-    x, labels = _clustered(n, d, cluster_spread(d), seed)
-    return x.to(device=device, dtype=dtype), labels.to(device)
+    x, labels = _clustered(n, d, cluster_spread(d), seed, device)
+    return x.to(dtype), labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,15 +207,16 @@ def is_yardstick(impl: str) -> bool:
     return impl == "mm"
 
 
-# Peak memory of one step, in bytes per anchor pair (N^2), measured with this suite on the CPU at
-# N = 2048-4096 (forward_backward, float32) and rounded up; the sweep skips a record whose estimate
-# exceeds the memory limit instead of letting the machine run out of memory.
-_BYTES_PER_PAIR = {"pml": 80, "dense_torch": 48, "loop": 40, "mm": 4}
+# Peak memory of one step in bytes per anchor pair (N^2), rounded up from this suite's CPU measurements
+# at N = 1024-4096, float32, both modes (pml 53-58, dense_torch 42-66, loop 23-30, mm 4.1-5.4) and
+# from pml's ~4.8 GB at N = 8192 on a GPU (71). The sweep skips a record whose estimate exceeds the
+# memory limit instead of letting the machine run out of memory.
+_BYTES_PER_PAIR = {"pml": 80, "dense_torch": 72, "loop": 40, "mm": 6}
 
 
 def estimated_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype) -> int:
-    size = torch.finfo(dtype).bits // 8
     per_pair = _BYTES_PER_PAIR.get(impl)
     if per_pair is None:  # ms_fused: O(N D) tensors plus a bounded scratch
         return 8 * n * d * 4 + 64 * 2**20
-    return int(per_pair * max(size, 4) / 4 * n * n) + 8 * n * d * 4
+    # half-precision batches are charged as float32: several of the N x N temporaries are masks or float32
+    return int(per_pair * n * n) + 8 * n * d * 4

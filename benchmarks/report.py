@@ -122,6 +122,8 @@ def markdown(doc) -> str:
     env, s, b = doc["environment"], doc["settings"], doc["batches"]
     unavailable = sorted({(r["impl"], r.get("note", "")) for r in doc["records"] if r["status"] == "unavailable"})
     hp = ", ".join(f"{k} = {v:g}" for k, v in b["hyper_parameters"].items())
+    shares = "; ".join(f"D = {d}: {v['positives']:.0%} of positive and {v['negatives']:.0%} of negative pairs"
+                       for d, v in b.get("hard_pair_share_at_2048", {}).items())
     out = [
         f"# ms_fused benchmark: {doc['device']}",
         "",
@@ -130,8 +132,8 @@ def markdown(doc) -> str:
         f"{env['pytorch_metric_learning']}, Python {env['python']}, {env['threads']} torch threads.",
         "",
         f"Batches: P×K labels, {b['samples_per_class']} samples per class; rows around class centres, scattered so "
-        f"that the miner keeps ~{b['target_hard_negative_share']:.0%} of the negative pairs. Hyper-parameters: {hp}, "
-        "mining on, self mode, mean reduction.",
+        f"that the miner keeps ~{b['target_hard_negative_share']:.0%} of the negative pairs (at N = 2048, {shares}). "
+        f"Hyper-parameters: {hp}, mining on, self mode, mean reduction.",
         "",
         f"Measurement: each record runs in a child process; a warm-up at N = 256, {s['warmup']} warm-up call(s) at "
         f"size, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls (~{s['target_s']} s of work). "
@@ -146,6 +148,10 @@ def markdown(doc) -> str:
         "Columns: *speed-up vs pml* = pml's time / this time, *memory vs pml* = pml's peak / this peak (above 1: "
         "better than pml); *time / mm* and *memory / mm* = this record in units of the `mm` record.",
     ]
+    busy = env.get("load_before", 0) > 0.5 * (env.get("cores") or 1)
+    if busy and doc["device"].startswith("cpu"):
+        out += ["", f"**Warning: the machine was busy when the sweep started (1-minute load {env['load_before']} on "
+                    f"{env['cores']} cores); CPU timings from a shared machine are not reliable.**"]
     if not doc.get("complete", True):
         out += ["", "**Incomplete: the sweep was still running or was stopped when this was written.**"]
     if unavailable:
@@ -200,9 +206,11 @@ def plots(doc, out_dir: str) -> List[str]:
                 if good:
                     ax.plot([n for n, _ in good], [max(v, 1e-2) for _, v in good], marker=".",
                             color=colours[name], label=name)
+                # failure markers of different implementations at one N side by side, not on top of each other
+                shift = 2 ** (0.06 * (names.index(name) - (len(names) - 1) / 2))
                 for r in mine:
                     if _marked(r):
-                        ax.plot([r["n"]], [0.97], marker=FAILED_MARKERS[r["status"]][0], color=colours[name],
+                        ax.plot([r["n"] * shift], [0.97], marker=FAILED_MARKERS[r["status"]][0], color=colours[name],
                                 transform=top, linestyle="none", clip_on=False, fillstyle="none")
             ax.set_xscale("log", base=2)
             ns = sorted({r["n"] for r in rows})

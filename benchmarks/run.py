@@ -161,7 +161,10 @@ def main(argv=None) -> int:
         "settings": settings,
         "batches": {"samples_per_class": impls.SAMPLES_PER_CLASS,
                     "target_hard_negative_share": impls.TARGET_HARD_NEGATIVES,
-                    "hyper_parameters": impls.HYPER_PARAMS},
+                    "hyper_parameters": impls.HYPER_PARAMS,
+                    # what the miner keeps of these batches, per D, measured on the CPU at N = 2048
+                    "hard_pair_share_at_2048": {str(d): impls.hard_pair_fractions(*impls.make_batch(2048, d, torch.float64, "cpu"))
+                                                for d in settings["d"]}},
         "agreement": agreement,
         "records": [],
     }
@@ -196,6 +199,7 @@ def main(argv=None) -> int:
         runner.close()
 
     doc["complete"] = True
+    doc["environment"]["load_after"] = environment.load_average()
     paths = report.save(doc, out_dir, with_plots=not args.no_plots)
     if args.json:
         with open(args.json, "w") as f:
