@@ -44,13 +44,31 @@ LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
 
+def _same_centres(n: int, m: int, d: int, n_classes: int, gen: torch.Generator, spread: float = 0.9):
+    """Anchors and reference rows around one set of class centres (as a memory bank of past batches is)."""
+    centres = torch.randn(n_classes, d, generator=gen, dtype=torch.float64)
+    y, yr = torch.randint(0, n_classes, (n,), generator=gen), torch.randint(0, n_classes, (m,), generator=gen)
+    x = centres[y] + spread * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    r = centres[yr] + spread * torch.randn(m, d, generator=gen, dtype=torch.float64)
+    return x, y, r, yr
+
+
+def reference_batch(n: int, m: int, d: int, n_classes: int, seed: int, margin: float = 1e-5):
+    """Reference mode on shared class centres, redrawn away from mining thresholds (see helpers)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        x, y, r, yr = _same_centres(n, m, d, n_classes, gen)
+        if threshold_gap(x, y, r, yr) > margin:
+            return x, y, r, yr
+    raise RuntimeError("no batch away from the thresholds")
+
+
 def memory_bank_batch(n: int, m_extra: int, d: int, n_classes: int, seed: int, margin: float = 1e-5):
     """Reference mode where R = [Q; other rows] and anchor i's own copy is row i of R, except for a few
     anchors given -1 (their copy then is a real positive); redrawn away from mining thresholds."""
     gen = torch.Generator().manual_seed(seed)
     for _ in range(200):
-        x, y = clustered(n, d, n_classes, gen)
-        extra, y_extra = clustered(m_extra, d, n_classes, gen)
+        x, y, extra, y_extra = _same_centres(n, m_extra, d, n_classes, gen)
         r, yr = torch.cat([x, extra]), torch.cat([y, y_extra])
         own = torch.arange(n)
         own[::5] = -1
@@ -87,6 +105,7 @@ def assert_matches_reference(dtype, x, y, r=None, yr=None, grad_ref=True, grad_f
     return loss, dx, dr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="test_gpu_parity_at_a_larger_size covers it on a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["self", "reference", "memory_bank"])
 def test_parity_with_reference(dtype, mode):
@@ -126,7 +145,7 @@ def test_large_alpha_beta_never_overflow():
         assert torch.isfinite(loss).all() and torch.isfinite(dx).all()
         assert rel_err(loss, loss_ref) <= 1e-5
         # a weight exp(1000 (S - base) - B) turns an S error of 1e-7 into 1e-4 relative
-        assert rel_err(dx, dx_ref) <= 3e-3 if dtype == torch.float32 else 3e-2
+        assert rel_err(dx, dx_ref) <= (1e-4 if dtype == torch.float32 else 2e-2), rel_err(dx, dx_ref)
 
 
 def test_reductions():
@@ -362,13 +381,15 @@ def test_kernels_compile_for_sm90_through_the_real_launch_path():
 def test_gpu_parity_at_a_larger_size(dtype):
     x, y = clustered_batch(1500, 256, 60, seed=21)
     assert_matches_reference(dtype, x, y)
-    x, y, r, yr, own = memory_bank_batch(700, 1300, 192, 50, seed=22)
+    x, y, r, yr = reference_batch(900, 1700, 200, 50, seed=22)
+    assert_matches_reference(dtype, x, y, r, yr)
+    x, y, r, yr, own = memory_bank_batch(700, 1300, 192, 50, seed=23)
     assert_matches_reference(dtype, x, y, r, yr, ref_self_index=own)
 
 
 @needs_cuda
 def test_gpu_odd_dims_and_bitwise_repeatability():
-    x, y = clustered_batch(1111, 130, 40, seed=23)
+    x, y = clustered_batch(1111, 130, 40, seed=24)
     first = assert_matches_reference(torch.bfloat16, x, y)
     second = run("triton", torch.bfloat16, x, y)
     assert all(torch.equal(a, b) for a, b in zip(first[:2], second[:2]))
