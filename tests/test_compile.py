@@ -72,6 +72,38 @@ def test_functional_reference_mode_per_anchor(backend):
     assert_matches(loss_and_grads(compiled, q, r), loss_and_grads(fn, q, r), TOL[torch.float32])
 
 
+@pytest.mark.xfail(raises=torch._dynamo.exc.UserError, strict=False,
+                   reason="check_inputs range-checks ref_self_index with int(tensor.min()), a data-dependent branch")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_functional_memory_with_own_copies(backend):
+    q, yq, r, yr = clustered_batch(24, 16, 5, seed=2, dtype=torch.float32, m=40)
+    # a memory that holds 16 of the anchors (rows 8..23 at columns 0..15) besides other rows
+    own = torch.full((24,), -1)
+    own[8:] = torch.arange(16)
+    r[:16], yr[:16] = q[8:], yq[8:]
+    q.requires_grad_(True)
+
+    def fn(q):
+        return multi_similarity_loss(q, yq, r, yr, reduction="none", backend=backend, ref_self_index=own)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert_matches(loss_and_grads(compiled, q), loss_and_grads(fn, q), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_changing_batch_size(backend):
+    # a training loop's last, smaller batch: Dynamo recompiles with dynamic shapes, still without graph breaks
+    def fn(x, y):
+        return multi_similarity_loss(x, y, backend=backend)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for seed, n in enumerate((32, 40, 27)):
+        x, y = clustered_batch(n, 16, 5, seed=10 + seed, dtype=torch.float32)
+        x.requires_grad_(True)
+        assert_matches(loss_and_grads(lambda x: compiled(x, y), x), loss_and_grads(lambda x: fn(x, y), x),
+                       TOL[torch.float32])
+
+
 class Embedder(nn.Module):
     """A small embedding network that holds the loss as a submodule, as a training script would."""
 
