@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,9 +26,44 @@ namespace {
 constexpr int64_t kBlockBytes = 32 << 20;
 constexpr int64_t kMinBlockRows = 32, kMaxBlockRows = 256;
 
-int64_t block_rows(int64_t n, int64_t m, int64_t elem_size) {
-  const int64_t rows = kBlockBytes / std::max<int64_t>(1, m * elem_size);
-  return std::min(n, std::clamp(rows, kMinBlockRows, kMaxBlockRows));
+int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The row blocks of every pass over the anchors; forward and backward cut them the same way, so the
+// backward recomputes bit for bit the similarities the forward mined.
+struct Blocks {
+  int64_t n, rows, count;
+  int64_t start(int64_t b) const { return b * rows; }
+  int64_t size(int64_t b) const { return std::min(rows, n - b * rows); }
+};
+
+Blocks row_blocks(int64_t n, int64_t m, int64_t elem_size) {
+  const int64_t widest = std::clamp(kBlockBytes / std::max<int64_t>(1, m * elem_size), kMinBlockRows, kMaxBlockRows);
+  // a multiple of the thread count of equal blocks, so that every thread gets the same work
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t count = divup(divup(n, widest), threads) * threads;
+  const int64_t rows = std::min(n, std::max(divup(n, count), std::min(n, kMinBlockRows)));
+  return {n, rows, divup(n, rows)};
+}
+
+// Calls body(start, count, sim) for every block, `sim` a (count x M) view of a buffer of the calling thread.
+// With `spread`, the blocks are shared out among the threads and each block's products and row passes run
+// on its thread: one parallel region per call, so a thread that the OS preempts delays one barrier, not
+// several per block. Without it, blocks run in turn and each is parallel inside (at::parallel_for nested in
+// a parallel region runs inline, so the bodies can use it either way).
+template <typename Body>
+void for_each_block(const Blocks& blocks, int64_t m, const at::TensorOptions& options, bool spread,
+                    const Body& body) {
+  const at::ThreadLocalState caller_state;  // e.g. autograd already handled: worker threads must know it too
+  auto run = [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    at::Tensor buffer = at::empty({blocks.rows, m}, options);
+    for (int64_t b = first; b < last; ++b) body(blocks.start(b), blocks.size(b), buffer.narrow(0, 0, blocks.size(b)));
+  };
+  if (spread) {
+    at::parallel_for(0, blocks.count, 1, run);
+  } else {
+    run(0, blocks.count);
+  }
 }
 
 struct Inputs {
@@ -102,17 +138,14 @@ RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (4, N
 template <typename T>
 void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::Tensor& stats) {
   const int64_t n = in.q.size(0), m = in.r.size(0);
-  const int64_t rows = block_rows(n, m, sizeof(T));
-  at::Tensor buffer = at::empty({rows, m}, in.q.options());
   const at::Tensor r_t = in.r.t();
   const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
   const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
   const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
   T* loss_out = loss.data_ptr<T>();
   T* st = stats.data_ptr<T>();
-  for (int64_t start = 0; start < n; start += rows) {
-    const int64_t count = std::min(rows, n - start);
-    at::Tensor sim = buffer.narrow(0, 0, count);
+  for_each_block(row_blocks(n, m, sizeof(T)), m, in.q.options(), /*spread=*/true,
+                 [&](int64_t start, int64_t count, at::Tensor sim) {
     at::mm_out(sim, in.q.narrow(0, start, count), r_t);
     const T* s = sim.data_ptr<T>();
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
@@ -126,31 +159,29 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
         loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // SPEC "Loss"; NaN for a non-finite row
       }
     });
-  }
+  });
 }
 
-// Reference mode: dQ_block = G_block R and dR += G_block^T Q_block.
+// Reference mode: dQ_block = G_block R and dR += G_block^T Q_block. The blocks share dR, so with need_r they
+// run in turn (parallel inside); without, they are spread over the threads like the forward's.
 template <typename T>
 void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* st, at::Tensor& dq,
                      at::Tensor& dr, bool need_q, bool need_r) {
   const int64_t n = in.q.size(0), m = in.r.size(0);
-  const int64_t rows = block_rows(n, m, sizeof(T));
-  at::Tensor buffer = at::empty({rows, m}, in.q.options());
   const at::Tensor r_t = in.r.t();
   const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
   const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
   const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
-  for (int64_t start = 0; start < n; start += rows) {
-    const int64_t count = std::min(rows, n - start);
-    at::Tensor sim = buffer.narrow(0, 0, count);
+  for_each_block(row_blocks(n, m, sizeof(T)), m, in.q.options(), /*spread=*/!need_r,
+                 [&](int64_t start, int64_t count, at::Tensor sim) {
     const at::Tensor q_block = in.q.narrow(0, start, count);
-    at::mm_out(sim, q_block, r_t);  // the forward's product again: same blocks, same bits
+    at::mm_out(sim, q_block, r_t);  // the forward's product again
     T* s = sim.data_ptr<T>();
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t i = start + k;
-        weight_row(s + k * m, r_ids, m, q_ids[i], own_column(in, own, i), pair_weights(row_stats(st, n, i), hp, g[i]),
-                   hp);
+        weight_row(s + k * m, r_ids, m, q_ids[i], own_column(in, own, i),
+                   pair_weights(row_stats(st, n, i), hp, g[i]), hp);
       }
     });
     if (need_q) {
@@ -158,7 +189,7 @@ void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* 
       at::mm_out(dq_block, sim, in.r);
     }
     if (need_r) dr.addmm_(sim.t(), q_block);
-  }
+  });
 }
 
 // Self mode: row i of dX = sum_j (G_ij + G_ji) X_j. Row i of the symmetric S holds both S_ij and S_ji, so each
@@ -179,13 +210,10 @@ void symmetric_backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g,
   }
   const ColumnWeights<T> cols{col, col + n, col + 2 * n, col + 3 * n, col + 4 * n, col + 5 * n, col + 6 * n};
 
-  const int64_t rows = block_rows(n, n, sizeof(T));
-  at::Tensor buffer = at::empty({rows, n}, in.q.options());
   const at::Tensor x_t = in.q.t();
   const int32_t* ids = in.q_ids.data_ptr<int32_t>();
-  for (int64_t start = 0; start < n; start += rows) {
-    const int64_t count = std::min(rows, n - start);
-    at::Tensor sim = buffer.narrow(0, 0, count);
+  for_each_block(row_blocks(n, n, sizeof(T)), n, in.q.options(), /*spread=*/true,
+                 [&](int64_t start, int64_t count, at::Tensor sim) {
     at::mm_out(sim, in.q.narrow(0, start, count), x_t);
     T* s = sim.data_ptr<T>();
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
@@ -197,7 +225,7 @@ void symmetric_backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g,
     });
     at::Tensor dx_block = dx.narrow(0, start, count);
     at::mm_out(dx_block, sim, in.q);
-  }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat,
