@@ -12,13 +12,17 @@ from helpers import clustered_batch, rel_err, threshold_gap
 from ms_fused import MultiSimilarityLoss, multi_similarity_loss
 
 LOW = [torch.bfloat16, torch.float16]
+# CUDA cases run only where a GPU is present (autocast there is float16/bfloat16 on the triton backend)
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+CASES = [("cpu", backend) for backend in CPU_BACKENDS] + [
+    pytest.param("cuda", backend, marks=NEEDS_CUDA) for backend in ("auto", "torch")]
 # float32 accumulation of the same low-precision rows vs the float64 reference on them
 LOSS_TOL = 1e-5
 # the gradient comes back rounded to the embeddings' own 8/11-bit mantissa
 GRAD_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-def network_batch(low_dtype, seed=0):
+def network_batch(low_dtype, device="cpu", seed=0):
     """Features, labels and a small network whose autocast embeddings sit away from the mining thresholds.
 
     A pair within rounding distance of a threshold is mined by float32 and not by float64 (or the other way),
@@ -26,11 +30,12 @@ def network_batch(low_dtype, seed=0):
     """
     for attempt in range(50):
         x, y = clustered_batch(64, 16, 6, seed=seed + attempt, dtype=torch.float32)
+        x, y = x.to(device), y.to(device)
         torch.manual_seed(seed + attempt)
-        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
-        with torch.no_grad(), torch.autocast("cpu", dtype=low_dtype):
+        net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).to(device)
+        with torch.no_grad(), torch.autocast(device, dtype=low_dtype):
             emb = net(x)
-        if threshold_gap(emb.double(), y) > 1e-5:
+        if threshold_gap(emb.double().cpu(), y.cpu()) > 1e-5:
             return x, y, net
     raise RuntimeError("no network batch away from the mining thresholds")
 
@@ -43,11 +48,11 @@ def reference_on(emb, y):
     return loss.detach(), grad
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("device, backend", CASES)
 @pytest.mark.parametrize("low_dtype", LOW)
-def test_autocast_network_embeddings(backend, low_dtype):
-    x, y, net = network_batch(low_dtype)
-    with torch.autocast("cpu", dtype=low_dtype):
+def test_autocast_network_embeddings(device, backend, low_dtype):
+    x, y, net = network_batch(low_dtype, device)
+    with torch.autocast(device, dtype=low_dtype):
         emb = net(x)
         emb.retain_grad()
         loss = multi_similarity_loss(emb, y, backend=backend)

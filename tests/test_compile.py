@@ -11,6 +11,8 @@ from torch import nn
 from helpers import clustered_batch, rel_err, threshold_gap
 from ms_fused import MultiSimilarityLoss, multi_similarity_loss
 
+# CUDA cases run only where a GPU is present
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 # same operations as eager in the same order; Inductor may fuse the normalisation differently
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -43,11 +45,12 @@ def assert_matches(compiled, eager, tol):
         assert rel_err(g_c, g_e) <= tol
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_functional_self_mode(backend, dtype):
+def test_functional_self_mode(device, backend, dtype):
     x, y = clustered_batch(48, 16, 6, seed=1, dtype=dtype)
-    x.requires_grad_(True)
+    x, y = x.to(device).requires_grad_(True), y.to(device)
 
     def fn(x):
         return multi_similarity_loss(x, y, backend=backend)
@@ -123,13 +126,15 @@ def module_step(model, x, y):
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def test_module_with_inductor():
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_with_inductor(device):
     x, y = clustered_batch(40, 16, 5, seed=3, dtype=torch.float32)
+    x, y = x.to(device), y.to(device)
     torch.manual_seed(0)
-    model = Embedder()
+    model = Embedder().to(device)
     # the network's embeddings are not drawn away from the mining thresholds like clustered_batch's, so check
     # that no pair sits where Inductor's different rounding could flip it (this seed keeps them > 1e-5 away)
-    assert threshold_gap(model.net(x).detach(), y) > 1e-5
+    assert threshold_gap(model.net(x).detach().cpu(), y.cpu()) > 1e-5
     eager = module_step(model, x, y)
     compiled_model = torch.compile(model, fullgraph=True, dynamic=False)
     compiled = module_step(compiled_model, x, y)
