@@ -148,6 +148,11 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
         self_index = None
     else:
         self_index = _labels("ref_self_index", ref_self_index, q.shape[0], "embeddings")
+        if torch.compiler.is_compiling():
+            # a compiled graph cannot branch on tensor values: it asserts the range instead (RuntimeError)
+            torch._assert_async(((self_index >= -1) & (self_index < r.shape[0])).all(),
+                                "ref_self_index must hold row numbers of ref_emb or -1")
+            return Problem(q, yq, r, yr, self_index, hp)
         lo, hi = int(self_index.min()), int(self_index.max())
         if lo < -1 or hi >= r.shape[0]:
             raise ValueError(
@@ -157,5 +162,9 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
 
 def check_finite_inputs(problem: Problem) -> None:
     for name, x in (("embeddings", problem.q), ("ref_emb", problem.ref)):
-        if x is not None and not bool(torch.isfinite(x).all()):
+        if x is None:
+            continue
+        if torch.compiler.is_compiling():  # as above: asserted inside the graph, a RuntimeError when it fires
+            torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf (check_finite=True)")
+        elif not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")

@@ -75,8 +75,6 @@ def test_functional_reference_mode_per_anchor(backend):
     assert_matches(loss_and_grads(compiled, q, r), loss_and_grads(fn, q, r), TOL[torch.float32])
 
 
-@pytest.mark.xfail(raises=torch._dynamo.exc.UserError, strict=False,
-                   reason="check_inputs range-checks ref_self_index with int(tensor.min()), a data-dependent branch")
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_functional_memory_with_own_copies(backend):
     q, yq, r, yr = clustered_batch(24, 16, 5, seed=2, dtype=torch.float32, m=40)
@@ -142,3 +140,18 @@ def test_module_with_inductor(device):
     assert_matches(compiled, eager, TOL[torch.float32])
     # a second step reuses the compiled graph (no recompilation), still eager's numbers
     assert_matches(module_step(compiled_model, x, y), eager, TOL[torch.float32])
+
+
+def test_check_finite_compiles_and_asserts_inside_the_graph():
+    x, y = clustered_batch(32, 8, 4, seed=5, dtype=torch.float32)
+    x.requires_grad_(True)
+
+    def fn(x):
+        return multi_similarity_loss(x, y, check_finite=True)
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")
+    assert_matches(loss_and_grads(compiled, x), loss_and_grads(fn, x), TOL[torch.float32])
+    bad = x.detach().clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="embeddings contains NaN or Inf"):
+        compiled(bad)
