@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from rss import reset_peak, status_kb
+
 D = 128
 SAMPLES_PER_CLASS = 4
 SPREAD = 1.5  # noise std around unit-variance class centres: the miner keeps a minority of the pairs
@@ -89,26 +91,17 @@ def time_record(record: str, n: int, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def peak_child(record: str, n: int) -> dict:
     """Runs in the fresh subprocess: one step's peak RSS growth above its inputs (and that step's time)."""
     step = build(record)
     step(*inputs(record, min(n, 256)))  # load lazily initialised code outside the measurement
     x, y = inputs(record, n)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    base_kb = _status_kb("VmRSS")
+    reset_peak()  # VmHWM := VmRSS
+    base_kb = status_kb("VmRSS")
     t0 = time.perf_counter()
     step(x, y)
     seconds = time.perf_counter() - t0
-    return {"peak_mb": (_status_kb("VmHWM") - base_kb) / 1024, "seconds": seconds}
+    return {"peak_mb": (status_kb("VmHWM") - base_kb) / 1024, "seconds": seconds}
 
 
 def peak_record(record: str, n: int) -> dict:
@@ -155,8 +148,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--backends", type=lambda s: s.split(","), default=["cpp", "torch"])
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--big", action="store_true", help="also check that cpp at N = 65536 and torch at 32768 complete")
     parser.add_argument("--out", help="also write the report (markdown) to this file")
     parser.add_argument("--peak-child", nargs=2, metavar=("RECORD", "N"), help=argparse.SUPPRESS)

@@ -10,16 +10,15 @@ from __future__ import annotations
 import gc
 import math
 import multiprocessing
-import os
 import resource
 import statistics
 import time
 import traceback
-from typing import Optional
 
 import torch
 
 import impls
+from rss import reset_peak, status_kb
 
 OK, OOM, TIMEOUT, ERROR, KILLED, SKIPPED, UNAVAILABLE = (
     "ok", "oom", "timeout", "error", "killed", "skipped", "unavailable")
@@ -32,30 +31,9 @@ SMALL_N = 256
 # in the child
 
 
-def _proc_status_kb(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Set VmHWM back to the current resident set (Linux: writing 5 to /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _cap_cpu_memory(limit_bytes: int) -> None:
     """Backstop: make allocations beyond the limit fail with an error instead of summoning the OOM killer."""
-    data_kb = _proc_status_kb("VmData")
+    data_kb = status_kb("VmData")
     if data_kb is None or limit_bytes <= 0:
         return
     cap = data_kb * 1024 + limit_bytes
@@ -129,10 +107,10 @@ def measure(spec: dict) -> dict:
         base = torch.cuda.memory_allocated(device)
     else:
         # CPU: the first call at this size takes all its memory from the OS, so its RSS growth is the peak
-        reset_ok = _reset_peak_rss()
-        base_kb = _proc_status_kb("VmRSS")
+        reset_ok = reset_peak()
+        base_kb = status_kb("VmRSS")
         warmup_ms = [_timed_step(fn, x, y, mode, yardstick, device)]
-        hwm_kb = _proc_status_kb("VmHWM")
+        hwm_kb = status_kb("VmHWM")
         if reset_ok and base_kb is not None and hwm_kb is not None:
             peak_mb = max(0, hwm_kb - base_kb) / 1024
         warmup_ms += [_timed_step(fn, x, y, mode, yardstick, device) for _ in range(spec.get("warmup", 1) - 1)]
