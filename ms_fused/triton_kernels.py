@@ -91,6 +91,22 @@ def _count_non_finite(S, valid):
     return tl.sum(tl.where(valid & (tl.abs(S) < INF), 0, valid.to(tl.int32)), axis=1)
 
 
+@triton.jit
+def _anchor_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr, inv_r_ptr, start, M, stride_rn, D,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
+                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, OWN_MODE: tl.constexpr):
+    """The forward's view of reference columns [start, start + BLOCK_M): similarities and pair masks."""
+    cols = start + tl.arange(0, BLOCK_M)
+    col_ok = cols < M
+    yr = tl.load(yr_ptr + cols, mask=col_ok, other=0)
+    inv_r = tl.load(inv_r_ptr + cols, mask=col_ok, other=1.0)
+    S = _similarity_tile(q_ptr, rows, row_ok, stride_qn, inv_q, r_ptr, cols, col_ok, stride_rn, inv_r, D,
+                         BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32, PRECISION)
+    valid = row_ok[:, None] & col_ok[None, :]
+    pos, neg = _pair_masks(yq, yr, rows, cols, own, valid, OWN_MODE)
+    return S, pos, neg, valid
+
+
 @triton.jit(do_not_specialize=["N", "M"])
 def forward_kernel(q_ptr, r_ptr, inv_q_ptr, inv_r_ptr, yq_ptr, yr_ptr, own_ptr,
                    loss_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr,
@@ -112,14 +128,9 @@ def forward_kernel(q_ptr, r_ptr, inv_q_ptr, inv_r_ptr, yq_ptr, yr_ptr, own_ptr,
 
     if MINING:
         for start in range(0, M, BLOCK_M):
-            cols = start + tl.arange(0, BLOCK_M)
-            col_ok = cols < M
-            yr = tl.load(yr_ptr + cols, mask=col_ok, other=0)
-            inv_r = tl.load(inv_r_ptr + cols, mask=col_ok, other=1.0)
-            S = _similarity_tile(q_ptr, rows, row_ok, stride_qn, inv_q, r_ptr, cols, col_ok, stride_rn, inv_r, D,
-                                 BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32, PRECISION)
-            valid = row_ok[:, None] & col_ok[None, :]
-            pos, neg = _pair_masks(yq, yr, rows, cols, own, valid, OWN_MODE)
+            S, pos, neg, valid = _anchor_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr, inv_r_ptr,
+                                              start, M, stride_rn, D, BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32,
+                                              PRECISION, OWN_MODE)
             min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
             max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, S, -INF), axis=1))
             n_bad += _count_non_finite(S, valid)
@@ -129,14 +140,9 @@ def forward_kernel(q_ptr, r_ptr, inv_q_ptr, inv_r_ptr, yq_ptr, yr_ptr, own_ptr,
     max_neg_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     sum_neg = tl.full([BLOCK_N], 1.0, tl.float32)
     for start in range(0, M, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < M
-        yr = tl.load(yr_ptr + cols, mask=col_ok, other=0)
-        inv_r = tl.load(inv_r_ptr + cols, mask=col_ok, other=1.0)
-        S = _similarity_tile(q_ptr, rows, row_ok, stride_qn, inv_q, r_ptr, cols, col_ok, stride_rn, inv_r, D,
-                             BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32, PRECISION)
-        valid = row_ok[:, None] & col_ok[None, :]
-        pos, neg = _pair_masks(yq, yr, rows, cols, own, valid, OWN_MODE)
+        S, pos, neg, valid = _anchor_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr, inv_r_ptr,
+                                          start, M, stride_rn, D, BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32,
+                                          PRECISION, OWN_MODE)
         if not MINING:
             n_bad += _count_non_finite(S, valid)
         hard_pos, hard_neg = _hard_masks(S, pos, neg, min_pos[:, None], max_neg[:, None], eps, MINING)
