@@ -92,19 +92,28 @@ def _count_non_finite(S, valid):
 
 
 @triton.jit
-def _anchor_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr, inv_r_ptr, start, M, stride_rn, D,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, NORMALIZE: tl.constexpr,
-                 DOT_F32: tl.constexpr, PRECISION: tl.constexpr, OWN_MODE: tl.constexpr):
-    """The forward's view of reference columns [start, start + BLOCK_M): similarities and pair masks."""
+def _pair_tile(a_ptr, rows, row_ok, stride_an, inv_a, ya, own, b_ptr, yb_ptr, inv_b_ptr, own_ptr, start, NB,
+               stride_bn, D, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+               NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, OWN_MODE: tl.constexpr,
+               OWN_OF_COLUMNS: tl.constexpr):
+    """Rows' view of columns [start, start + BLOCK_M): similarities, pair masks, the in-range mask, and the
+    columns with their inverse norms (for the backward's second product).
+
+    The own-copy index comes from the rows (`own`) or, when the columns are the anchors
+    (OWN_OF_COLUMNS, the dR pass), from `own_ptr` at the columns."""
     cols = start + tl.arange(0, BLOCK_M)
-    col_ok = cols < M
-    yr = tl.load(yr_ptr + cols, mask=col_ok, other=0)
-    inv_r = tl.load(inv_r_ptr + cols, mask=col_ok, other=1.0)
-    S = _similarity_tile(q_ptr, rows, row_ok, stride_qn, inv_q, r_ptr, cols, col_ok, stride_rn, inv_r, D,
+    col_ok = cols < NB
+    yb = tl.load(yb_ptr + cols, mask=col_ok, other=0)
+    inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=1.0)
+    S = _similarity_tile(a_ptr, rows, row_ok, stride_an, inv_a, b_ptr, cols, col_ok, stride_bn, inv_b, D,
                          BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32, PRECISION)
     valid = row_ok[:, None] & col_ok[None, :]
-    pos, neg = _pair_masks(yq, yr, rows, cols, own, valid, OWN_MODE)
-    return S, pos, neg, valid
+    if OWN_OF_COLUMNS:
+        own_c = tl.load(own_ptr + cols, mask=col_ok, other=-1)
+        pos, neg = _pair_masks(ya, yb, rows, cols, own_c, valid, OWN_MODE)
+    else:
+        pos, neg = _pair_masks(ya, yb, rows, cols, own, valid, OWN_MODE)
+    return S, pos, neg, valid, cols, col_ok, inv_b
 
 
 @triton.jit(do_not_specialize=["N", "M"])
@@ -128,9 +137,9 @@ def forward_kernel(q_ptr, r_ptr, inv_q_ptr, inv_r_ptr, yq_ptr, yr_ptr, own_ptr,
 
     if MINING:
         for start in range(0, M, BLOCK_M):
-            S, pos, neg, valid = _anchor_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr, inv_r_ptr,
-                                              start, M, stride_rn, D, BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32,
-                                              PRECISION, OWN_MODE)
+            S, pos, neg, valid, _, _, _ = _pair_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr,
+                                                     inv_r_ptr, own_ptr, start, M, stride_rn, D, BLOCK_N, BLOCK_M,
+                                                     BLOCK_D, NORMALIZE, DOT_F32, PRECISION, OWN_MODE, False)
             min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
             max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, S, -INF), axis=1))
             n_bad += _count_non_finite(S, valid)
@@ -140,9 +149,9 @@ def forward_kernel(q_ptr, r_ptr, inv_q_ptr, inv_r_ptr, yq_ptr, yr_ptr, own_ptr,
     max_neg_z = tl.zeros([BLOCK_N], dtype=tl.float32)
     sum_neg = tl.full([BLOCK_N], 1.0, tl.float32)
     for start in range(0, M, BLOCK_M):
-        S, pos, neg, valid = _anchor_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr, inv_r_ptr,
-                                          start, M, stride_rn, D, BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32,
-                                          PRECISION, OWN_MODE)
+        S, pos, neg, valid, _, _, _ = _pair_tile(q_ptr, rows, row_ok, stride_qn, inv_q, yq, own, r_ptr, yr_ptr,
+                                                 inv_r_ptr, own_ptr, start, M, stride_rn, D, BLOCK_N, BLOCK_M,
+                                                 BLOCK_D, NORMALIZE, DOT_F32, PRECISION, OWN_MODE, False)
         if not MINING:
             n_bad += _count_non_finite(S, valid)
         hard_pos, hard_neg = _hard_masks(S, pos, neg, min_pos[:, None], max_neg[:, None], eps, MINING)
@@ -194,6 +203,14 @@ def _accumulate_tile(acc, x_dot_dx, W, S, b_ptr, cols, col_ok, stride_bn, inv_b,
     return acc, x_dot_dx
 
 
+@triton.jit
+def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, idx, ok):
+    """What the forward saved for anchors `idx`, and their upstream gradient g."""
+    return (tl.load(g_ptr + idx, mask=ok, other=0.0), tl.load(min_pos_ptr + idx, mask=ok, other=INF),
+            tl.load(max_neg_ptr + idx, mask=ok, other=-INF), tl.load(lse_pos_ptr + idx, mask=ok, other=0.0),
+            tl.load(lse_neg_ptr + idx, mask=ok, other=0.0), tl.load(bad_ptr + idx, mask=ok, other=0))
+
+
 @triton.jit(do_not_specialize=["NA", "NB"])
 def backward_kernel(a_ptr, b_ptr, inv_a_ptr, norm_a_ptr, inv_b_ptr, ya_ptr, yb_ptr, own_ptr,
                     g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr,
@@ -219,40 +236,25 @@ def backward_kernel(a_ptr, b_ptr, inv_a_ptr, norm_a_ptr, inv_b_ptr, ya_ptr, yb_p
     inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
     if ANCHOR_ROWS:
         own = tl.load(own_ptr + rows, mask=row_ok, other=-1)
-        g_r = tl.load(g_ptr + rows, mask=row_ok, other=0.0)
-        min_pos_r = tl.load(min_pos_ptr + rows, mask=row_ok, other=INF)
-        max_neg_r = tl.load(max_neg_ptr + rows, mask=row_ok, other=-INF)
-        lse_pos_r = tl.load(lse_pos_ptr + rows, mask=row_ok, other=0.0)
-        lse_neg_r = tl.load(lse_neg_ptr + rows, mask=row_ok, other=0.0)
-        bad_r = tl.load(bad_ptr + rows, mask=row_ok, other=0)
+        g_r, min_pos_r, max_neg_r, lse_pos_r, lse_neg_r, bad_r = _anchor_stats(
+            g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, rows, row_ok)
+    else:  # the dR pass: rows are reference rows, the own-copy index comes with the anchor columns
+        own = tl.full([BLOCK_N], -1, tl.int64)
 
     acc = tl.zeros([BLOCK_N, BLOCK_DOUT], dtype=tl.float32)
     x_dot_dx = tl.zeros([BLOCK_N], dtype=tl.float32)
     for start in range(0, NB, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < NB
-        yb = tl.load(yb_ptr + cols, mask=col_ok, other=0)
-        inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=1.0)
-        S = _similarity_tile(a_ptr, rows, row_ok, stride_an, inv_a, b_ptr, cols, col_ok, stride_bn, inv_b, D,
-                             BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32, PRECISION)
-        valid = row_ok[:, None] & col_ok[None, :]
-        if ANCHOR_COLS:
-            own_c = tl.load(own_ptr + cols, mask=col_ok, other=-1)
-            pos, neg = _pair_masks(ya, yb, rows, cols, own_c, valid, OWN_MODE)
-        else:
-            pos, neg = _pair_masks(ya, yb, rows, cols, own, valid, OWN_MODE)
+        S, pos, neg, valid, cols, col_ok, inv_b = _pair_tile(
+            a_ptr, rows, row_ok, stride_an, inv_a, ya, own, b_ptr, yb_ptr, inv_b_ptr, own_ptr, start, NB, stride_bn, D,
+            BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32, PRECISION, OWN_MODE, ANCHOR_COLS)
         W = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if ANCHOR_ROWS:
             hard_pos, hard_neg = _hard_masks(S, pos, neg, min_pos_r[:, None], max_neg_r[:, None], eps, MINING)
             W += _anchor_weights(S, hard_pos, hard_neg, valid, g_r[:, None], lse_pos_r[:, None],
                                  lse_neg_r[:, None], bad_r[:, None], alpha, beta, base)
         if ANCHOR_COLS:
-            g_c = tl.load(g_ptr + cols, mask=col_ok, other=0.0)
-            min_pos_c = tl.load(min_pos_ptr + cols, mask=col_ok, other=INF)
-            max_neg_c = tl.load(max_neg_ptr + cols, mask=col_ok, other=-INF)
-            lse_pos_c = tl.load(lse_pos_ptr + cols, mask=col_ok, other=0.0)
-            lse_neg_c = tl.load(lse_neg_ptr + cols, mask=col_ok, other=0.0)
-            bad_c = tl.load(bad_ptr + cols, mask=col_ok, other=0)
+            g_c, min_pos_c, max_neg_c, lse_pos_c, lse_neg_c, bad_c = _anchor_stats(
+                g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, cols, col_ok)
             hard_pos, hard_neg = _hard_masks(S, pos, neg, min_pos_c[None, :], max_neg_c[None, :], eps, MINING)
             W += _anchor_weights(S, hard_pos, hard_neg, valid, g_c[None, :], lse_pos_c[None, :],
                                  lse_neg_c[None, :], bad_c[None, :], alpha, beta, base)
