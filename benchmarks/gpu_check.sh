@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# GPU check: the Triton tests on CUDA, then a short benchmark (triton and torch backends, pml, one
-# torch.mm(X, X.T)) whose tables land in benchmarks/results/<gpu>/gpu_check/. Whole run < 8 minutes.
+# GPU check, in the order that matters when device time is short (whole run < 8 minutes):
+#   1. the target point: N = 32768, D = 512, bfloat16, triton against pml and one torch.mm(X, X.T);
+#   2. the memory-bank point: N = 256 anchors against a memory of 100 000 rows, D = 128;
+#   3. the largest self-mode batch the triton backend completes (up to 2^20 at D = 512, bfloat16);
+#   4. the GPU tests (tests/test_triton.py).
+# Tables land in benchmarks/results/$RESULTS_NAME/{target,memory_bank,largest}/ (default h200).
 #
 #   bash benchmarks/gpu_check.sh             # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --dry-run   # on a CPU: same plumbing, tiny sweep, results in /tmp
@@ -13,9 +17,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET_S=${BUDGET_S:-450}            # the whole script; the lease allows 8 minutes
-PYTEST_TIMEOUT_S=${PYTEST_TIMEOUT_S:-150}
-RECORD_TIMEOUT_S=${RECORD_TIMEOUT_S:-45}
-REPORT_RESERVE_S=40                  # left after the sweep's deadline: plots, tables, process exits
+PYTEST_TIMEOUT_S=${PYTEST_TIMEOUT_S:-120}
+RECORD_TIMEOUT_S=${RECORD_TIMEOUT_S:-60}
+RESULTS_NAME=${RESULTS_NAME:-h200}
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 
@@ -42,7 +46,43 @@ for name in ("triton", "pytest", "pytorch_metric_learning", "tqdm", "matplotlib"
     print(f"   {name}: {'found' if importlib.util.find_spec(name) else 'MISSING'}")
 EOF
 
-# 1. the GPU tests
+# each step is a run.py sweep bounded by its own share of the budget: "benchmark STEP SECONDS ARGS..."
+results=benchmarks/results/$RESULTS_NAME
+[[ $DRY_RUN == 1 ]] && results=/tmp/ms_fused_gpu_check_dry_run
+bench_rc=0
+mkdir -p "$results"
+benchmark() {
+    local step=$1 seconds=$2
+    shift 2
+    local left=$(( BUDGET_S - $(elapsed) - PYTEST_TIMEOUT_S - 15 ))
+    (( seconds > left )) && seconds=$left
+    if (( seconds < 20 )); then
+        echo "== $step: no time left (${seconds} s)"
+        bench_rc=1
+        return
+    fi
+    echo "== $step (deadline ${seconds} s)"
+    timeout -k 10 $(( seconds + 30 )) $PY benchmarks/run.py "$@" --out "$results/$step" \
+        --timeout "$RECORD_TIMEOUT_S" --deadline "$seconds" --min-repeats 3 --max-repeats 10 --no-progress
+    local rc=$?
+    (( rc != 0 )) && bench_rc=$rc
+    echo "== $step exit code $rc after $(elapsed) s"
+}
+
+if [[ $DRY_RUN == 1 ]]; then
+    dev=(--device cpu --dtypes float32)
+    benchmark target 60 "${dev[@]}" --n 512 --d 64 --impls ms_fused:torch,pml,mm --target-s 0.05
+    benchmark memory_bank 60 "${dev[@]}" --n 128 --memory 4096 --d 32 --impls ms_fused:torch,pml,mm --no-check --target-s 0.05
+    benchmark largest 60 "${dev[@]}" --n 1024,2048 --d 64 --impls ms_fused:torch --modes forward_backward --no-check --target-s 0.05
+else
+    dev=(--device cuda --dtypes bfloat16 --target-s 0.2)
+    benchmark target 150 "${dev[@]}" --n 32768 --d 512 --impls ms_fused:triton,pml,mm
+    benchmark memory_bank 60 "${dev[@]}" --n 256 --memory 100000 --d 128 --impls ms_fused:triton,pml,mm --no-check
+    benchmark largest 90 "${dev[@]}" --n 65536,131072,262144,524288,1048576 --d 512 --impls ms_fused:triton,mm \
+        --modes forward_backward --no-check --no-plots
+fi
+
+# 4. the GPU tests, last: the figures above are what a short lease must not lose
 tests_rc=0
 if ! $PY -c 'import pytest' 2>/dev/null; then
     echo "== pytest is not installed: GPU tests NOT run"
@@ -53,34 +93,20 @@ elif [[ $DRY_RUN == 1 ]]; then
     tests_rc=${PIPESTATUS[0]}
 else
     echo "== pytest tests/test_triton.py (time-out ${PYTEST_TIMEOUT_S} s)"
-    timeout -k 10 "$PYTEST_TIMEOUT_S" $PY -m pytest tests/test_triton.py -q -p no:cacheprovider
-    tests_rc=$?
+    timeout -k 10 "$PYTEST_TIMEOUT_S" $PY -m pytest tests/test_triton.py -q -p no:cacheprovider -x 2>&1 \
+        | tee "$results/gpu_tests.log"
+    tests_rc=${PIPESTATUS[0]}
     [[ $tests_rc == 124 ]] && echo "== GPU tests TIMED OUT after ${PYTEST_TIMEOUT_S} s"
 fi
-echo "== tests exit code $tests_rc after $(elapsed) s"
+echo "== tests exit code $tests_rc; total $(elapsed) s"
 
-# 2. the benchmark, bounded by a global deadline: records that would start after it are recorded as skipped
-deadline=$(( BUDGET_S - $(elapsed) - REPORT_RESERVE_S ))
-if (( deadline < 30 )); then
-    echo "== no time left for the benchmark (${deadline} s)" >&2
-    exit 1
-fi
-if [[ $DRY_RUN == 1 ]]; then
-    sweep=(--device cpu --n 256,512 --d 32,64 --dtypes float32 --out /tmp/ms_fused_gpu_check_dry_run)
-else
-    sweep=(--device cuda --n 4096,8192,16384,32768,65536 --d 128,512 --dtypes float32,bfloat16 --tag gpu_check)
-fi
-echo "== benchmark, deadline ${deadline} s"
-timeout -k 10 $(( deadline + REPORT_RESERVE_S - 5 )) \
-    $PY benchmarks/run.py "${sweep[@]}" --impls ms_fused:triton,ms_fused:torch,pml,mm \
-    --modes forward,forward_backward --timeout "$RECORD_TIMEOUT_S" --deadline "$deadline" \
-    --target-s 0.1 --min-repeats 3 --max-repeats 10
-bench_rc=$?
-# the device runner brings back only what is under $OUT
+# the device runner brings back only what is under $OUT (at most 8 files: the markdown and JSON tables)
 if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
-    cp -r benchmarks/results "$OUT/" 2>/dev/null
-    [[ $DRY_RUN == 1 ]] && cp -r /tmp/ms_fused_gpu_check_dry_run "$OUT/" 2>/dev/null
+    for step in target memory_bank largest; do
+        cp "$results/$step/results.md" "$OUT/$step.md" 2>/dev/null
+        cp "$results/$step/results.json" "$OUT/$step.json" 2>/dev/null
+    done
+    cp "$results/gpu_tests.log" "$OUT/" 2>/dev/null
 fi
-echo "== benchmark exit code $bench_rc; total $(elapsed) s"
 (( tests_rc != 0 )) && exit 1
 exit $bench_rc

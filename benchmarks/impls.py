@@ -31,13 +31,13 @@ BASELINES = ("pml", "dense_torch", "loop", "mm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def _clustered(n: int, d: int, spread: float, seed: int, device="cpu"):
+def _clustered(n: int, d: int, spread: float, seed: int, device="cpu", samples_per_class: int = SAMPLES_PER_CLASS):
     # drawn on the target device: a GPU sweep would otherwise spend seconds per record in CPU randn
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
-    n_classes = math.ceil(n / SAMPLES_PER_CLASS)
+    n_classes = math.ceil(n / samples_per_class)
     order = torch.randperm(n, generator=gen, device=device)
-    labels = (torch.arange(n, device=device) // SAMPLES_PER_CLASS)[order]
+    labels = (torch.arange(n, device=device) // samples_per_class)[order]
     centres = torch.randn(n_classes, d, generator=gen, device=device)
     return centres[labels] + spread * torch.randn(n, d, generator=gen, device=device), labels
 
@@ -76,14 +76,33 @@ def cluster_spread(d: int) -> float:
     return (lo + hi) / 2
 
 
-def make_batch(n: int, d: int, dtype: torch.dtype, device, seed: int = 0):
+def make_batch(n: int, d: int, dtype: torch.dtype, device, seed: int = 0, samples_per_class: int = SAMPLES_PER_CLASS):
     """Embeddings (n, d) in `dtype` and int64 labels: n/K classes of K samples each, shuffled.
 
     Each row is its class centre plus Gaussian noise of std `cluster_spread(d)`: positives are more
     similar than negatives and the miner keeps ~10% of the negatives, as in the middle of training.
     """
-    x, labels = _clustered(n, d, cluster_spread(d), seed, device)
+    x, labels = _clustered(n, d, cluster_spread(d), seed, device, samples_per_class)
     return x.to(dtype), labels
+
+
+def make_memory_bank(n: int, m: int, d: int, dtype: torch.dtype, device, seed: int = 0,
+                     samples_per_class: int = SAMPLES_PER_CLASS):
+    """A cross-batch-memory step: a batch (n rows, K per class) and a memory of m rows around the same
+    class centres, whose first n rows are the batch itself (anchor i's own copy is memory row i).
+
+    Returns (batch, labels, memory, memory_labels, own) with own = arange(n)."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    spread = cluster_spread(d)
+    centres = torch.randn(math.ceil(m / samples_per_class), d, generator=gen, device=device)
+    memory_labels = (torch.arange(m, device=device) // samples_per_class)[torch.randperm(m, generator=gen, device=device)]
+    labels = (torch.arange(n, device=device) // samples_per_class)[torch.randperm(n, generator=gen, device=device)]
+    memory = centres[memory_labels] + spread * torch.randn(m, d, generator=gen, device=device)
+    batch = centres[labels] + spread * torch.randn(n, d, generator=gen, device=device)
+    memory[:n], memory_labels[:n] = batch, labels  # the batch was just enqueued
+    own = torch.arange(n, device=device)
+    return batch.to(dtype), labels, memory.to(dtype), memory_labels, own
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,8 +112,12 @@ def make_batch(n: int, d: int, dtype: torch.dtype, device, seed: int = 0):
 def ms_fused_loss(backend: str) -> Callable:
     import ms_fused
 
-    def loss(x, y):
-        return ms_fused.multi_similarity_loss(x, y, backend=backend, **HYPER_PARAMS)
+    def loss(x, y, bank=None):
+        if bank is None:
+            return ms_fused.multi_similarity_loss(x, y, backend=backend, **HYPER_PARAMS)
+        memory, memory_labels, own = bank
+        return ms_fused.multi_similarity_loss(x, y, memory, memory_labels, ref_self_index=own, backend=backend,
+                                              **HYPER_PARAMS)
 
     return loss
 
@@ -105,8 +128,12 @@ def pml_loss() -> Callable:
     loss_fn = losses.MultiSimilarityLoss(alpha=ALPHA, beta=BETA, base=BASE)
     miner = miners.MultiSimilarityMiner(epsilon=EPSILON)
 
-    def loss(x, y):
-        return loss_fn(x, y, miner(x, y))
+    def loss(x, y, bank=None):
+        if bank is None:
+            return loss_fn(x, y, miner(x, y))
+        # pml keeps each anchor's own copy in the memory as a positive (ms_fused removes it by index)
+        memory, memory_labels, _ = bank
+        return loss_fn(x, y, miner(x, y, memory, memory_labels), memory, memory_labels)
 
     return loss
 
@@ -159,8 +186,8 @@ def loop_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.stack(terms).sum() / n
 
 
-def mm_yardstick(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return torch.mm(x, x.T)
+def mm_yardstick(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
+    return torch.mm(x, (x if bank is None else bank[0]).T)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,8 +208,14 @@ def all_impls(device: torch.device) -> List[str]:
     return ms_fused_backends(device) + list(BASELINES)
 
 
-def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+# the baselines that also time a memory-bank step (run.py --memory)
+BANK_BASELINES = ("pml", "mm")
+
+
+def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, memory: Optional[int] = None) -> Optional[str]:
     """None when `impl` can run on (device, dtype), else why not (recorded, never raised)."""
+    if memory and impl in BASELINES and impl not in BANK_BASELINES:
+        return f"{impl} has no memory-bank form"
     if impl.startswith("ms_fused:"):
         from ms_fused.backends import unavailable_reason as backend_reason
 
@@ -195,7 +228,8 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype) -> O
 
 
 def build(impl: str) -> Callable:
-    """The callable (embeddings, labels) -> output that one timed step runs."""
+    """The callable (embeddings, labels, bank=None) -> output that one timed step runs; `bank` is
+    (memory, memory_labels, own) for a memory-bank step."""
     if impl.startswith("ms_fused:"):
         return ms_fused_loss(impl.split(":", 1)[1])
     return {"pml": pml_loss, "dense_torch": lambda: dense_torch_loss, "loop": lambda: loop_loss,
@@ -214,7 +248,10 @@ def is_yardstick(impl: str) -> bool:
 _BYTES_PER_PAIR = {"pml": 80, "dense_torch": 72, "loop": 40, "mm": 6}
 
 
-def estimated_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype) -> int:
+def estimated_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype, memory: Optional[int] = None) -> int:
+    if memory:  # a memory-bank step: N x M pairs, and the memory itself
+        per_pair = _BYTES_PER_PAIR.get(impl, 0)
+        return int(per_pair * n * memory) + 8 * n * d * 4 + 2 * memory * d * 4 + 64 * 2**20
     per_pair = _BYTES_PER_PAIR.get(impl)
     if per_pair is None:  # ms_fused: O(N D) tensors plus a bounded scratch
         return 8 * n * d * 4 + 64 * 2**20

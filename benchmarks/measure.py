@@ -48,38 +48,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(fn, x, y, mode: str, yardstick: bool):
+def _step(fn, x, y, bank, mode: str, yardstick: bool):
     """One call as a training step makes it: forward only, or forward then backward into x.grad."""
     if yardstick:
-        return fn(x, y)
-    out = fn(x, y)
+        return fn(x, y, bank)
+    out = fn(x, y, bank)
     if mode == "forward_backward":
         out.backward()
     return out
 
 
-def _timed_step(fn, x, y, mode, yardstick, device) -> float:
+def _timed_step(fn, x, y, bank, mode, yardstick, device) -> float:
     """Milliseconds of one step (CUDA events on the GPU, a synchronised wall clock on the CPU)."""
     if not yardstick:
         x.grad = None
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = _step(fn, x, y, mode, yardstick)
+        out = _step(fn, x, y, bank, mode, yardstick)
         end.record()
         end.synchronize()
         del out
         return start.elapsed_time(end)
     t0 = time.perf_counter()
-    out = _step(fn, x, y, mode, yardstick)
+    out = _step(fn, x, y, bank, mode, yardstick)
     ms = (time.perf_counter() - t0) * 1e3
     del out
     return ms
 
 
 def _inputs(spec: dict, n: int, device: torch.device, yardstick: bool):
-    x, y = impls.make_batch(n, spec["d"], impls.DTYPES[spec["dtype"]], device, seed=spec.get("seed", 0))
-    return x.requires_grad_(not yardstick), y
+    """(x, y, bank): a P x K batch, and with spec["memory"] a memory bank (memory, labels, own) without grad."""
+    dtype = impls.DTYPES[spec["dtype"]]
+    if spec.get("memory"):
+        x, y, memory, memory_labels, own = impls.make_memory_bank(n, spec["memory"], spec["d"], dtype, device,
+                                                                  seed=spec.get("seed", 0))
+        return x.requires_grad_(not yardstick), y, (memory, memory_labels, own)
+    x, y = impls.make_batch(n, spec["d"], dtype, device, seed=spec.get("seed", 0))
+    return x.requires_grad_(not yardstick), y, None
 
 
 def measure(spec: dict) -> dict:
@@ -91,16 +97,16 @@ def measure(spec: dict) -> dict:
     if device.type == "cpu" and spec.get("mem_cap_bytes"):
         _cap_cpu_memory(spec["mem_cap_bytes"])
 
-    xs, ys = _inputs(spec, min(n, SMALL_N), device, yardstick)
-    _timed_step(fn, xs, ys, mode, yardstick, device)
-    del xs, ys
-    x, y = _inputs(spec, n, device, yardstick)
+    xs, ys, bank_s = _inputs(spec, min(n, SMALL_N), device, yardstick)
+    _timed_step(fn, xs, ys, bank_s, mode, yardstick, device)
+    del xs, ys, bank_s
+    x, y, bank = _inputs(spec, n, device, yardstick)
     gc.collect()
 
     peak_mb = None
     if device.type == "cuda":
         # GPU: the caching allocator makes the steady state the honest peak, so measure the timed repeats
-        warmup_ms = [_timed_step(fn, x, y, mode, yardstick, device) for _ in range(spec.get("warmup", 2))]
+        warmup_ms = [_timed_step(fn, x, y, bank, mode, yardstick, device) for _ in range(spec.get("warmup", 2))]
         x.grad = None
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -109,15 +115,15 @@ def measure(spec: dict) -> dict:
         # CPU: the first call at this size takes all its memory from the OS, so its RSS growth is the peak
         reset_ok = reset_peak()
         base_kb = status_kb("VmRSS")
-        warmup_ms = [_timed_step(fn, x, y, mode, yardstick, device)]
+        warmup_ms = [_timed_step(fn, x, y, bank, mode, yardstick, device)]
         hwm_kb = status_kb("VmHWM")
         if reset_ok and base_kb is not None and hwm_kb is not None:
             peak_mb = max(0, hwm_kb - base_kb) / 1024
-        warmup_ms += [_timed_step(fn, x, y, mode, yardstick, device) for _ in range(spec.get("warmup", 1) - 1)]
+        warmup_ms += [_timed_step(fn, x, y, bank, mode, yardstick, device) for _ in range(spec.get("warmup", 1) - 1)]
 
     per_call = max(warmup_ms[-1], 1e-3)
     repeats = int(min(spec["max_repeats"], max(spec["min_repeats"], math.ceil(spec["target_s"] * 1e3 / per_call))))
-    times = [_timed_step(fn, x, y, mode, yardstick, device) for _ in range(repeats)]
+    times = [_timed_step(fn, x, y, bank, mode, yardstick, device) for _ in range(repeats)]
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
     return {"status": OK, "median_ms": statistics.median(times), "peak_mb": peak_mb, "repeats": repeats,

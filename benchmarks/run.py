@@ -35,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--d", help="comma-separated embedding sizes")
     p.add_argument("--dtypes", help="comma-separated: float32, bfloat16, float16, float64")
     p.add_argument("--modes", default=",".join(sweep.MODES), help="forward, forward_backward")
+    p.add_argument("--memory", type=int, help="time a memory-bank step: each batch of N anchors against a memory "
+                                               "of this many rows (own copies removed, memory without grad)")
     p.add_argument("--json", help="also write the JSON document here")
     p.add_argument("--out", help="results folder (default benchmarks/results/<device>[/<tag>])")
     p.add_argument("--tag", help="sub-folder of benchmarks/results/<device>/ (default: 'quick' for --quick)")
@@ -67,6 +69,7 @@ def settings_from(args, device: torch.device) -> dict:
         if value is not None:
             preset[name] = value
     preset["modes"] = _csv(args.modes)
+    preset["memory"] = args.memory
     preset["impls"] = _csv(args.impls) if args.impls else impls.all_impls(device)
     if args.mem_limit_gb is not None:
         preset["mem_limit_bytes"] = int(args.mem_limit_gb * 1e9)
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
     keys = sweep.plan(settings["impls"], settings["n"], settings["d"], settings["dtypes"], settings["modes"])
     guard = sweep.Guard(device=device, mem_limit_bytes=settings["mem_limit_bytes"], timeout_s=settings["timeout_s"],
                         calls_per_record=settings["warmup"] + settings["min_repeats"],
-                        loop_max_n=settings["loop_max_n"], deadline=deadline)
+                        loop_max_n=settings["loop_max_n"], deadline=deadline, memory=settings["memory"])
     agreement = [] if args.no_check else check_agreement(runner, device, settings["impls"], settings["timeout_s"],
                                                         args.threads)
 
@@ -181,7 +184,8 @@ def main(argv=None) -> int:
                 spec = dict(impl=key.impl, n=key.n, d=key.d, dtype=key.dtype, mode=key.mode, device=str(device),
                             warmup=settings["warmup"], target_s=settings["target_s"],
                             min_repeats=settings["min_repeats"], max_repeats=settings["max_repeats"],
-                            mem_cap_bytes=int(1.5 * settings["mem_limit_bytes"]), threads=args.threads)
+                            mem_cap_bytes=int(1.5 * settings["mem_limit_bytes"]), threads=args.threads,
+                            memory=settings["memory"])
                 allowed = guard.time_left()
                 result = runner.run(spec, allowed)
                 if result["status"] == TIMEOUT and allowed < settings["timeout_s"]:

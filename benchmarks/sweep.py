@@ -57,11 +57,12 @@ class Guard:
     calls_per_record: int
     loop_max_n: int
     deadline: Optional[float] = None  # time.monotonic() after which nothing more starts
+    memory: Optional[int] = None      # rows of the memory bank in a memory-bank sweep
     done: Dict[Tuple, List[Tuple[int, dict]]] = field(default_factory=dict)
 
     def skip_reason(self, key: Key) -> Optional[Tuple[str, str]]:
         """(status, note) for a record that must not run, else None."""
-        reason = impls.unavailable_reason(key.impl, self.device, impls.DTYPES[key.dtype])
+        reason = impls.unavailable_reason(key.impl, self.device, impls.DTYPES[key.dtype], self.memory)
         if reason is not None:
             return UNAVAILABLE, reason
         if self.deadline is not None and self.deadline - time.monotonic() < MIN_RECORD_S:
@@ -72,14 +73,15 @@ class Guard:
         for n, rec in history:
             if rec["status"] in (OOM, TIMEOUT, "killed") and n < key.n:
                 return SKIPPED, f"N = {n} already ended in {rec['status']}"
-        est = impls.estimated_peak_bytes(key.impl, key.n, key.d, impls.DTYPES[key.dtype])
+        est = impls.estimated_peak_bytes(key.impl, key.n, key.d, impls.DTYPES[key.dtype], self.memory)
         if est > self.mem_limit_bytes:
             return SKIPPED, f"est. peak {est / 1e9:.1f} GB > limit {self.mem_limit_bytes / 1e9:.1f} GB"
         ok = [(n, rec["median_ms"]) for n, rec in history if rec["status"] == OK and n < key.n]
         if ok:
             n0, ms0 = max(ok)
-            # all implementations here do O(N^2) work; the extrapolation ignores the (faster) small-N regime
-            est_s = ms0 / 1e3 * (key.n / n0) ** 2 * self.calls_per_record
+            # all implementations here do O(N^2) work (O(N M) against a memory bank); the extrapolation
+            # ignores the (faster) small-N regime
+            est_s = ms0 / 1e3 * (key.n / n0) ** (1 if self.memory else 2) * self.calls_per_record
             left = self.time_left()
             if est_s > left:
                 # "est." only when the record time-out is the limit; near the deadline it is the deadline's doing

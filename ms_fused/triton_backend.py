@@ -1,16 +1,23 @@
 """The `triton` backend: fused forward and backward kernels (triton_kernels.py), no N x M tensor.
 
-Forward: one row-norm launch per input, then one launch over anchor blocks that returns the per-anchor
-losses and saves O(N + M) statistics (norms, min_pos, max_neg, A, B, non-finite flags). Backward: one
-launch per gradient, each rebuilding its similarity tiles; dR is skipped when `ref_emb` needs no grad.
-Float32, float16 and bfloat16 inputs (float32 accumulation and exp); float64 is left to other backends.
+A call sorts anchors and reference rows by label (through permutations; the rows themselves are never
+copied), so that a block of anchors finds its positives in one narrow band of columns. The forward then
+costs one similarity sweep plus two sweeps of the band; the backward one recompute of each tile plus the
+gradient product. When there are too few anchor blocks to fill the GPU (a memory bank: M >> N), the
+columns are split across programs and the partial results combined in a fixed order, so results stay
+bitwise reproducible. Outputs and gradients are written back at the caller's row order.
+
+Float32, float16 and bfloat16 inputs (float32 accumulation and exponentials); float64 is left to the
+other backends.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -26,15 +33,15 @@ except Exception as exc:  # triton missing or broken: the backend reports why in
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-NORM_EPS = 1e-12  # torch.nn.functional.normalize's default (SPEC "Similarities")
-
-# OWN_MODE of the kernels: which (anchor, column) pair is the anchor's own copy (see _pair_masks)
-NO_OWN, OWN_SELF, OWN_OF_ROWS, OWN_OF_COLS = 0, 1, 2, 3
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
+LOG2E = 1.0 / math.log(2.0)
+SMS_WITHOUT_GPU = 132  # an H200's SM count: the split plan when no GPU answers
+WAVES = 2              # programs per SM the column split aims for
 
 
 def _interpreted() -> bool:
     """True when the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 before import)."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and type(kernels.forward_kernel).__name__ == "InterpretedFunction"
+    return os.environ.get("TRITON_INTERPRET") == "1" and type(kernels.sweep_kernel).__name__ == "InterpretedFunction"
 
 
 def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
@@ -55,86 +62,109 @@ def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[
     return f"the triton backend runs on CUDA devices, not {device.type}"
 
 
+# ---- tile configurations -------------------------------------------------------------------------------
+
 @dataclass(frozen=True)
-class Blocks:
-    """Tile sizes of one launch: rows per program, columns per tile, K step over D, output D-slice."""
+class TileConfig:
+    """One tile shape for every kernel of a loss call, forward and backward alike, so that each pair's S
+    is computed by the same tile shape and K order everywhere (the forward's mining is the backward's).
+
+    block_n anchors (rows) per program, block_m columns per tile, block_d the K step over D; the backward
+    holds a (block_n, min(D, max_dout)) float32 accumulator, so D <= max_dout needs no D-slices, and runs
+    with its own warps and pipeline depth (they spread the same products over more threads and change
+    neither the tile shape nor the K order)."""
 
     block_n: int
     block_m: int
     block_d: int
-    block_dout: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    num_warps: int
+    num_stages: int
+    bwd_warps: int
+    bwd_stages: int
+    max_dout: int = 512
     skip_zero_tiles: bool = True
+
+    def block_dout(self, d: int) -> int:
+        return _pow2(d, 16, self.max_dout)
 
 
 def _pow2(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(x)))
+    return max(lo, min(hi, 1 << max(0, int(x) - 1).bit_length()))
 
 
-def forward_blocks(d: int, dtype: torch.dtype) -> list:
-    """Candidate forward configurations, best guess first (the first is used when not autotuning).
-
-    All of them compile for sm_90 without register spills (checked with ptxas -v, triton 3.9)."""
-    if _interpreted():
-        return [Blocks(32, 32, _pow2(d, 16, 64))]
+def tile_configs(d: int, dtype: torch.dtype) -> list:
+    """Candidate configurations, first choice first: the interpreter runs the first one too, so that tests
+    on the CPU run what a GPU runs. Every first choice compiles for sm_90 without register spills
+    (benchmarks/kernel_stats.py reports them)."""
     if dtype == torch.float32:  # "ieee" float32 dots run on the CUDA cores: smaller tiles
-        return [Blocks(32, 64, _pow2(d, 16, 32), num_warps=4, num_stages=2),
-                Blocks(64, 32, _pow2(d, 16, 32), num_warps=8, num_stages=2)]
+        return [TileConfig(32, 64, 32, 4, 2, bwd_warps=8, bwd_stages=1, max_dout=256),
+                TileConfig(32, 32, 32, 4, 2, bwd_warps=8, bwd_stages=2, max_dout=128)]
     bd = _pow2(d, 16, 64)
-    return [Blocks(128, 64, bd, num_warps=8, num_stages=3),
-            Blocks(64, 128, bd, num_warps=8, num_stages=3),
-            Blocks(64, 64, bd, num_warps=8, num_stages=3),
-            Blocks(64, 64, bd, num_warps=4, num_stages=3)]
-
-
-def backward_blocks(d: int, dtype: torch.dtype) -> list:
-    """Candidate backward configurations; each D-slice of width block_dout re-computes S once, so wide
-    slices save work but hold a (block_n, block_dout) float32 accumulator in registers (for sm_90 the
-    512-wide one spills ~30-100 bytes and the one without tile skipping ~30; the others none)."""
-    if _interpreted():
-        return [Blocks(32, 32, _pow2(d, 16, 64), _pow2(d, 16, 64))]
-    if dtype == torch.float32:
-        return [Blocks(32, 32, _pow2(d, 16, 32), _pow2(d, 16, 128), num_warps=8, num_stages=2),
-                Blocks(64, 32, _pow2(d, 16, 32), _pow2(d, 16, 64), num_warps=8, num_stages=2),
-                Blocks(32, 32, 16, _pow2(d, 16, 64), num_warps=4, num_stages=2)]
-    bd = _pow2(d, 16, 64)
-    return [Blocks(64, 64, bd, _pow2(d, 16, 256), num_warps=8, num_stages=2),
-            Blocks(64, 64, bd, _pow2(d, 16, 256), num_warps=8, num_stages=2, skip_zero_tiles=False),
-            Blocks(64, 32, bd, _pow2(d, 16, 512), num_warps=8, num_stages=2),
-            Blocks(64, 64, bd, _pow2(d, 16, 128), num_warps=8, num_stages=3)]
+    # (64, 32): the widest tile whose backward holds a 512-wide accumulator without spilling
+    return [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2),
+            TileConfig(64, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
+            TileConfig(64, 32, bd, 4, 3, bwd_warps=8, bwd_stages=2, skip_zero_tiles=False),
+            TileConfig(128, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128)]
 
 
 def _autotune_enabled() -> bool:
-    """@triton.autotune needs a live GPU driver; MS_FUSED_TRITON_AUTOTUNE=0 keeps the first configuration."""
+    """Autotuning times candidates on a live GPU; MS_FUSED_TRITON_AUTOTUNE=0 keeps the first configuration."""
     return not _interpreted() and torch.cuda.is_available() and os.environ.get("MS_FUSED_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _meta(b: Blocks, with_dout: bool) -> dict:
-    meta = dict(BLOCK_N=b.block_n, BLOCK_M=b.block_m, BLOCK_D=b.block_d)
-    if with_dout:
-        meta.update(BLOCK_DOUT=b.block_dout, SKIP_ZERO_TILES=b.skip_zero_tiles)
-    return meta
+_TUNED: dict = {}
+_TUNE_LOCK = threading.Lock()
 
 
-_TUNED = {}
+def _log2_bucket(n: int) -> int:
+    return max(0, int(n) - 1).bit_length()
 
 
-def _launch(kernel, grid, args: tuple, consts: dict, candidates: list, with_dout: bool) -> None:
-    """Run `kernel` with the first candidate, or autotuned over all of them on a GPU (keyed by D and dtypes)."""
-    if not _interpreted():
-        consts = dict(consts, enable_fp_fusion=False)  # every kernel rounds S +- eps, beta(S - base) alike
-    if len(candidates) > 1 and _autotune_enabled():
-        key = (kernel.fn.__name__, tuple(candidates))
+def _choose_config(key: tuple, candidates: list, trial) -> TileConfig:
+    """The first candidate, or (on a GPU) the fastest forward among them, timed once per key: the
+    problem's switches, dtype, D and the log2 buckets of N and M."""
+    if len(candidates) == 1 or not _autotune_enabled():
+        return candidates[0]
+    with _TUNE_LOCK:
         if key not in _TUNED:
-            configs = [triton.Config(_meta(b, with_dout), num_warps=b.num_warps, num_stages=b.num_stages)
-                       for b in candidates]
-            # re-tuned per D and per kernel variant (the upper-case constexpr switches); dtypes are added by triton
-            _TUNED[key] = triton.autotune(configs=configs, key=["D", *sorted(k for k in consts if k.isupper())])(kernel)
-        _TUNED[key][grid](*args, **consts)
-        return
-    b = candidates[0]
-    kernel[grid](*args, **consts, **_meta(b, with_dout), num_warps=b.num_warps, num_stages=b.num_stages)
+            times = []
+            for cfg in candidates:
+                try:
+                    times.append(triton.testing.do_bench(lambda: trial(cfg), warmup=5, rep=20))
+                except Exception:  # a candidate that does not compile or fit on this GPU is not chosen
+                    times.append(float("inf"))
+            _TUNED[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+        return _TUNED[key]
+
+
+# ---- launches ------------------------------------------------------------------------------------------
+
+_LAUNCH_LOG: Optional[list] = None
+
+
+@contextlib.contextmanager
+def record_launches():
+    """Collects (kernel name, programs, TileConfig or None) of every launch inside the block."""
+    global _LAUNCH_LOG
+    previous, _LAUNCH_LOG = _LAUNCH_LOG, []
+    try:
+        yield _LAUNCH_LOG
+    finally:
+        _LAUNCH_LOG = previous
+
+
+def _launch(kernel, grid: tuple, cfg: Optional[TileConfig], backward: bool = False, **args) -> None:
+    """Launch by keyword; `cfg` gives the tile shape (and the forward's or backward's warps and stages)."""
+    if _LAUNCH_LOG is not None:
+        _LAUNCH_LOG.append((kernel.fn.__name__, math.prod(grid), cfg))
+    options = {}
+    if cfg is not None:
+        warps, stages = (cfg.bwd_warps, cfg.bwd_stages) if backward else (cfg.num_warps, cfg.num_stages)
+        options.update(num_warps=warps, num_stages=stages)
+        args.update(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+    if not _interpreted():
+        options["enable_fp_fusion"] = False  # S +- eps and beta2 (S - base) round alike in every kernel
+    kernel[grid](**args, **options)
 
 
 def _on_device(device: torch.device):
@@ -142,56 +172,222 @@ def _on_device(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _row_norms(x: torch.Tensor, normalize: bool):
-    """(norm, inv_norm) float32 (rows,), inv = 1 / max(norm, 1e-12); both ones without `normalize`."""
+def _dot_f32(dtype: torch.dtype) -> bool:
+    # float32 operands use exact ("ieee") products, never TF32; the interpreter mis-computes bfloat16 dots
+    return dtype == torch.float32 or (_interpreted() and dtype == torch.bfloat16)
+
+
+def _n_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return SMS_WITHOUT_GPU
+
+
+def column_splits(n_rows: int, n_cols: int, cfg: TileConfig, device: torch.device, other_programs: int = 1,
+                  splits: Optional[int] = None) -> tuple:
+    """(number of splits, columns per split): enough programs for WAVES waves on the GPU's SMs when the
+    row blocks alone are too few (a memory bank), else 1. `splits` forces a count (tests)."""
+    row_blocks = triton.cdiv(n_rows, cfg.block_n) * other_programs
+    col_tiles = triton.cdiv(n_cols, cfg.block_m)
+    if splits is None:
+        target = WAVES * _n_sms(device)
+        want = 1 if row_blocks >= target else triton.cdiv(target, row_blocks)
+        tiles_per_split = max(1, col_tiles // want)
+    else:
+        tiles_per_split = triton.cdiv(col_tiles, max(1, splits))
+    return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_m
+
+
+# ---- the label order -----------------------------------------------------------------------------------
+
+class SortedRows(NamedTuple):
+    """One side (anchors or reference rows) in label order; `band_lo/hi` index the other side."""
+
+    perm: torch.Tensor      # int32: sorted position -> input row
+    labels: torch.Tensor    # int32, ascending
+    norm: torch.Tensor      # float32, sorted
+    inv: torch.Tensor       # float32, sorted
+    band_lo: torch.Tensor   # int32: first column of the other side with this row's label
+    band_hi: torch.Tensor   # int32: one past the last
+
+
+def dense_labels(yq: torch.Tensor, yr: Optional[torch.Tensor]):
+    """int32 labels that keep equality of the int64 ones. In reference mode the anchors' classes are
+    numbered first, so that a block of sorted anchors meets a band holding its own classes only."""
+    y = yq if yr is None else torch.cat([yq, yr])
+    total = y.shape[0]
+    if total >= 2**30:
+        raise ValueError(f"the triton backend takes fewer than 2**30 rows in all, got {total}")
+    values, order = torch.sort(y)
+    first = torch.ones_like(values, dtype=torch.int32)
+    first[1:] = (values[1:] != values[:-1]).to(torch.int32)
+    dense = torch.empty_like(first).scatter_(0, order, torch.cumsum(first, 0, dtype=torch.int32) - 1)
+    if yr is None:
+        return dense, None
+    n = yq.shape[0]
+    in_anchors = torch.zeros(total, dtype=torch.bool, device=y.device)
+    in_anchors[dense[:n].long()] = True
+    key = torch.where(in_anchors[dense.long()], dense, dense + total)
+    return key[:n], key[n:]
+
+
+def _sort(labels: torch.Tensor, norm: torch.Tensor, inv: torch.Tensor):
+    sorted_labels, perm = torch.sort(labels, stable=True)
+    return perm.to(torch.int32), sorted_labels, norm[perm], inv[perm]
+
+
+def _with_band(side: tuple, other_labels: torch.Tensor) -> SortedRows:
+    perm, labels, norm, inv = side
+    lo = torch.searchsorted(other_labels, labels, side="left", out_int32=True)
+    hi = torch.searchsorted(other_labels, labels, side="right", out_int32=True)
+    return SortedRows(perm, labels, norm, inv, lo, hi)
+
+
+def _row_stats(x: torch.Tensor):
+    """(norm, inv_norm, bad) per input row: float32, float32, bool (row holds a NaN or Inf)."""
     rows = x.shape[0]
-    if not normalize:
-        ones = torch.ones(rows, dtype=torch.float32, device=x.device)
-        return ones, ones
     norm = torch.empty(rows, dtype=torch.float32, device=x.device)
     inv = torch.empty_like(norm)
-    block_n = 32 if _interpreted() else 64
-    grid = (triton.cdiv(rows, block_n),)
-    kernels.row_norms_kernel[grid](x, norm, inv, rows, x.shape[1], x.stride(0), NORM_EPS,
-                                   BLOCK_N=block_n, BLOCK_D=_pow2(x.shape[1], 16, 128))
-    return norm, inv
+    bad = torch.empty(rows, dtype=torch.int8, device=x.device)
+    block_n = 32
+    _launch(kernels.row_stats_kernel, (triton.cdiv(rows, block_n),), None, x_ptr=x, norm_ptr=norm, inv_ptr=inv,
+            bad_ptr=bad, n_rows=rows, D=x.shape[1], stride_n=x.stride(0), norm_eps=NORM_EPS,
+            BLOCK_N=block_n, BLOCK_D=_pow2(x.shape[1], 16, 128))
+    return norm, inv, bad.bool()
 
 
-def _dot_flags(dtype: torch.dtype) -> dict:
-    # float32 operands use exact ("ieee") products, never TF32; the interpreter mis-computes bfloat16 dots
-    dot_f32 = dtype == torch.float32 or (_interpreted() and dtype == torch.bfloat16)
-    return dict(DOT_F32=dot_f32, PRECISION="ieee")
+# ---- one call ------------------------------------------------------------------------------------------
+
+OWN_NONE, OWN_SELF, OWN_OF_ROWS, OWN_OF_COLS = (kernels.OWN_NONE.value, kernels.OWN_SELF.value,
+                                                kernels.OWN_OF_ROWS.value, kernels.OWN_OF_COLS.value) \
+    if kernels is not None else (0, 1, 2, 3)
 
 
-def _forward(q, r, yq, yr, own, inv_q, inv_r, hp: HyperParams, own_mode: int, blocks: Optional[list]):
+@dataclass
+class Plan:
+    """Everything a loss call derives from its inputs besides the rows themselves: the label order, the
+    tile configuration, the column splits, and (after the forward) the per-anchor statistics."""
+
+    hp: HyperParams
+    cfg: TileConfig
+    anchors: SortedRows
+    refs: Optional[SortedRows]         # None in self mode
+    own: Optional[torch.Tensor]        # int32 per sorted anchor: its own sorted reference row, or -1
+    bad: torch.Tensor                  # int8 per sorted anchor: its row of S touches a NaN/Inf
+    splits: Optional[int] = None       # forced column splits (tests); None plans them
+    stats: Optional[torch.Tensor] = None  # (4, N) float32 sorted: min_pos, max_neg, A2, B2
+
+    @property
+    def self_mode(self) -> bool:
+        return self.refs is None
+
+    @property
+    def own_mode(self) -> int:
+        if self.self_mode:
+            return OWN_SELF
+        return OWN_NONE if self.own is None else OWN_OF_ROWS
+
+
+def make_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int]) -> Plan:
+    norm_q, inv_q, bad_q = _row_stats(q)
+    lab_q, lab_r = dense_labels(yq, yr)
+    if r is None:
+        side = _sort(lab_q, norm_q, inv_q)
+        anchors = _with_band(side, side[1])
+        refs, own_sorted = None, None
+        bad = bad_q.any().expand(q.shape[0])
+    else:
+        norm_r, inv_r, bad_r = _row_stats(r)
+        side_q, side_r = _sort(lab_q, norm_q, inv_q), _sort(lab_r, norm_r, inv_r)
+        anchors, refs = _with_band(side_q, side_r[1]), _with_band(side_r, side_q[1])
+        bad = bad_q[anchors.perm.long()] | bad_r.any()
+        own_sorted = None
+        if own is not None:
+            rank_r = torch.empty_like(refs.perm).scatter_(
+                0, refs.perm.long(), torch.arange(r.shape[0], dtype=torch.int32, device=r.device))
+            own_in = own[anchors.perm.long()]
+            own_sorted = torch.where(own_in >= 0, rank_r[own_in.clamp(min=0)], -1).to(torch.int32)
+    if not hp.normalize:
+        ones = torch.ones_like(anchors.norm)
+        anchors = anchors._replace(norm=ones, inv=ones)
+        if refs is not None:
+            ones = torch.ones_like(refs.norm)
+            refs = refs._replace(norm=ones, inv=ones)
+    cfg = cfg or tile_configs(q.shape[1], q.dtype)[0]
+    return Plan(hp, cfg, anchors, refs, own_sorted, bad.to(torch.int8).contiguous(), splits)
+
+
+def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Per-anchor losses (float32, input order); leaves the saved statistics in plan.stats."""
+    hp, cfg, a = plan.hp, plan.cfg, plan.anchors
+    b = a if plan.self_mode else plan.refs
     n, d = q.shape
     m = r.shape[0]
     dev = q.device
+    own = plan.own if plan.own is not None else a.perm  # unread unless OWN_OF_ROWS
+    n_splits, cols_per_split = column_splits(n, m, cfg, dev, splits=plan.splits)
     loss = torch.empty(n, dtype=torch.float32, device=dev)
-    stats = torch.empty(4, n, dtype=torch.float32, device=dev)  # min_pos, max_neg, A, B
-    bad = torch.empty(n, dtype=torch.int32, device=dev)
-    args = (q, r, inv_q, inv_r, yq, yr, own, loss, stats[0], stats[1], stats[2], stats[3], bad,
-            n, m, d, q.stride(0), r.stride(0),
-            hp.alpha, hp.beta, hp.base, hp.epsilon)
-    consts = dict(OWN_MODE=own_mode, MINING=hp.mining, NORMALIZE=hp.normalize, **_dot_flags(q.dtype))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _launch(kernels.forward_kernel, grid, args, consts, blocks or forward_blocks(d, q.dtype), with_dout=False)
-    return loss, stats, bad
+    stats = torch.full((4, n), float("inf"), dtype=torch.float32, device=dev)
+    parts = torch.empty(3, n_splits * n, dtype=torch.float32, device=dev)
+    rows = dict(a_ptr=q, a_perm_ptr=a.perm, inv_a_ptr=a.inv, ya_ptr=a.labels, band_lo_ptr=a.band_lo,
+                band_hi_ptr=a.band_hi, b_ptr=r, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels,
+                NA=n, NB=m, D=d, stride_a=q.stride(0), stride_b=r.stride(0),
+                NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
+    row_blocks = triton.cdiv(n, cfg.block_n)
+    if hp.mining:
+        _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, own_ptr=own, min_pos_ptr=stats[0],
+                OWN_MODE=plan.own_mode)
+    _launch(kernels.sweep_kernel, (row_blocks, n_splits), cfg, **rows, min_pos_ptr=stats[0],
+            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2],
+            cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining)
+    _launch(kernels.finish_kernel, (row_blocks,), cfg, **rows, own_ptr=own, bad_ptr=plan.bad,
+            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2],
+            loss_ptr=loss, max_neg_ptr=stats[1], lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], n_splits=n_splits,
+            alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
+            OWN_MODE=plan.own_mode, MINING=hp.mining)
+    plan.stats = stats
+    return loss
 
 
-def _backward(a, b, inv_a, norm_a, inv_b, ya, yb, own, g_unit, g_scale, stats, bad, hp: HyperParams,
-              anchor_rows: bool, anchor_cols: bool, own_mode: int, blocks: Optional[list]):
-    """Gradient of the rows of `a` (in a's dtype), pairing them with every row of `b`."""
-    na, d = a.shape
-    da = torch.empty((na, d), dtype=a.dtype, device=a.device)
-    args = (a, b, inv_a, norm_a, inv_b, ya, yb, own, g_unit, g_scale, stats[0], stats[1], stats[2], stats[3], bad,
-            da, na, b.shape[0], d, a.stride(0), b.stride(0), da.stride(0),
-            hp.alpha, hp.beta, hp.base, hp.epsilon, NORM_EPS)
-    consts = dict(ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, OWN_MODE=own_mode, MINING=hp.mining,
-                  NORMALIZE=hp.normalize, **_dot_flags(a.dtype))
-    grid = lambda meta: (triton.cdiv(na, meta["BLOCK_N"]), triton.cdiv(d, meta["BLOCK_DOUT"]))  # noqa: E731
-    _launch(kernels.backward_kernel, grid, args, consts, blocks or backward_blocks(d, a.dtype), with_dout=True)
-    return da
+def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedRows, b: SortedRows,
+              g_sorted: torch.Tensor, g_scale: torch.Tensor, *, anchor_rows: bool, anchor_cols: bool,
+              own_mode: int) -> torch.Tensor:
+    """Gradient of the rows of `a_rows` (in its dtype, input order), pairing them with every row of b."""
+    hp, cfg = plan.hp, plan.cfg
+    na, d = a_rows.shape
+    nb = b_rows.shape[0]
+    dev = a_rows.device
+    out = torch.empty((na, d), dtype=a_rows.dtype, device=dev)
+    block_dout = cfg.block_dout(d)
+    d_slices = triton.cdiv(d, block_dout)
+    row_blocks = triton.cdiv(na, cfg.block_n)
+    n_splits, cols_per_split = column_splits(na, nb, cfg, dev, other_programs=d_slices, splits=plan.splits)
+    split = n_splits > 1
+    part = torch.empty((n_splits * na, d) if split else (1, 1), dtype=torch.float32, device=dev)
+    x_dot_dx = torch.empty(n_splits * na if split else 1, dtype=torch.float32, device=dev)
+    own = plan.own if plan.own is not None else a.perm  # unread unless an OWN_OF_* mode
+    stats = plan.stats
+    _launch(kernels.backward_kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
+            a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
+            own_rows_ptr=own, band_lo_ptr=a.band_lo, band_hi_ptr=a.band_hi,
+            b_ptr=b_rows, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels, own_cols_ptr=own,
+            g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[0], max_neg_ptr=stats[1],
+            lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], bad_ptr=plan.bad,
+            out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
+            NA=na, NB=nb, D=d, stride_a=a_rows.stride(0), stride_b=b_rows.stride(0), stride_out=out.stride(0),
+            cols_per_split=cols_per_split, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base,
+            eps=hp.epsilon, norm_eps=NORM_EPS,
+            ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, OWN_MODE=own_mode, MINING=hp.mining,
+            NORMALIZE=hp.normalize, DOT_F32=_dot_f32(a_rows.dtype), SCALE_WEIGHTS=a_rows.dtype != torch.float16,
+            SPLIT=split, SKIP_ZERO_TILES=cfg.skip_zero_tiles, BLOCK_DOUT=block_dout)
+    if split:  # no recompute here: narrow D-slices cost nothing and keep the accumulator small
+        combine_n, combine_dout = 32, min(block_dout, 128)
+        _launch(kernels.combine_grad_kernel, (triton.cdiv(na, combine_n), triton.cdiv(d, combine_dout)), None,
+                a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, g_scale_ptr=g_scale,
+                part_ptr=part, x_dot_dx_part_ptr=x_dot_dx, out_ptr=out, NA=na, D=d, stride_a=a_rows.stride(0),
+                stride_out=out.stride(0), n_splits=n_splits, norm_eps=NORM_EPS, NORMALIZE=hp.normalize,
+                BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
+    return out
 
 
 def _unit_upstream(g: torch.Tensor):
@@ -208,60 +404,66 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
 
 
+def _tuned_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int]) -> Plan:
+    plan = make_plan(q, r, yq, yr, own, hp, cfg, splits)
+    if cfg is None:
+        m = q.shape[0] if r is None else r.shape[0]
+        key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.own_mode, hp.mining,
+               hp.normalize)
+        r_ = q if r is None else r
+        plan.cfg = _choose_config(key, tile_configs(q.shape[1], q.dtype),
+                                  lambda c: _forward(Plan(hp, c, plan.anchors, plan.refs, plan.own, plan.bad,
+                                                          splits), q, r_))
+    return plan
+
+
 class FusedMultiSimilarity(torch.autograd.Function):
     """(q, r or None in self mode) -> per-anchor losses (float32); see the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, r, yq, yr, own, hp: HyperParams, fwd_blocks, bwd_blocks):
+    def forward(ctx, q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int]):
         q = _unit_stride_rows(q.detach())
-        self_mode = r is None
-        r_ = q if self_mode else _unit_stride_rows(r.detach())
-        yr_ = yq if self_mode else yr
-        own_mode = OWN_SELF if self_mode else (OWN_OF_ROWS if own is not None else NO_OWN)
-        own_ = own if own is not None else torch.full_like(yq, -1)
+        r_ = None if r is None else _unit_stride_rows(r.detach())
         with _on_device(q.device):
-            norm_q, inv_q = _row_norms(q, hp.normalize)
-            norm_r, inv_r = (norm_q, inv_q) if self_mode else _row_norms(r_, hp.normalize)
-            loss, stats, bad = _forward(q, r_, yq, yr_, own_, inv_q, inv_r, hp, own_mode, fwd_blocks)
-        ctx.save_for_backward(q, None if self_mode else r_, yq, yr_, own_, norm_q, inv_q, norm_r, inv_r, stats, bad)
-        ctx.hp, ctx.has_own, ctx.bwd_blocks = hp, own is not None, bwd_blocks
+            plan = _tuned_plan(q, r_, yq, yr, own, hp, cfg, splits)
+            loss = _forward(plan, q, q if r_ is None else r_)
+        ctx.save_for_backward(q, r_)
+        ctx.plan = plan
         return loss
 
     @staticmethod
     def backward(ctx, g):
+        q, r = ctx.saved_tensors
+        plan = ctx.plan
         with _on_device(g.device):
-            return FusedMultiSimilarity._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
-        q, r, yq, yr, own, norm_q, inv_q, norm_r, inv_r, stats, bad = ctx.saved_tensors
-        hp, blocks = ctx.hp, ctx.bwd_blocks
-        g_unit, g_scale = _unit_upstream(g)
-        dq = dr = None
-        if r is None:
-            if ctx.needs_input_grad[0]:  # self mode: dX_i = sum_j (G_ij + G_ji) X_hat_j in one launch
-                dq = _backward(q, q, inv_q, norm_q, inv_q, yq, yq, own, g_unit, g_scale, stats, bad, hp,
-                               True, True, OWN_SELF, blocks)
-            return dq, None, None, None, None, None, None, None
-        if ctx.needs_input_grad[0]:
-            dq = _backward(q, r, inv_q, norm_q, inv_r, yq, yr, own, g_unit, g_scale, stats, bad, hp,
-                           True, False, OWN_OF_ROWS if ctx.has_own else NO_OWN, blocks)
-        if ctx.needs_input_grad[1]:  # skipped when the reference set is a frozen memory bank
-            dr = _backward(r, q, inv_r, norm_r, inv_q, yr, yq, own, g_unit, g_scale, stats, bad, hp,
-                           False, True, OWN_OF_COLS if ctx.has_own else NO_OWN, blocks)
+            g_unit, g_scale = _unit_upstream(g)
+            g_sorted = g_unit[plan.anchors.perm.long()]
+            dq = dr = None
+            if plan.self_mode:
+                if ctx.needs_input_grad[0]:  # dX_i = sum_j (G_ij + G_ji) X_hat_j in one launch
+                    dq = _backward(plan, q, q, plan.anchors, plan.anchors, g_sorted, g_scale,
+                                   anchor_rows=True, anchor_cols=True, own_mode=OWN_SELF)
+                return dq, None, None, None, None, None, None, None
+            if ctx.needs_input_grad[0]:
+                dq = _backward(plan, q, r, plan.anchors, plan.refs, g_sorted, g_scale,
+                               anchor_rows=True, anchor_cols=False, own_mode=plan.own_mode)
+            if ctx.needs_input_grad[1]:  # skipped when the reference set is a frozen memory bank
+                dr = _backward(plan, r, q, plan.refs, plan.anchors, g_sorted, g_scale, anchor_rows=False,
+                               anchor_cols=True, own_mode=OWN_NONE if plan.own is None else OWN_OF_COLS)
         return dq, dr, None, None, None, None, None, None
 
 
-def per_anchor_loss(problem: Problem, fwd_blocks: Optional[list] = None, bwd_blocks: Optional[list] = None):
-    """(N,) float32 per-anchor losses attached to autograd; `*_blocks` override the tile choice (tests)."""
+def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, splits: Optional[int] = None):
+    """(N,) float32 per-anchor losses attached to autograd. `config` fixes the tile configuration and
+    `splits` the number of column splits (tests); by default both are planned."""
     reason = unavailable_reason(problem.q.device, problem.q.dtype)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot serve {problem.q.dtype} tensors on {problem.q.device}: {reason}")
     yq = problem.labels.contiguous()
     yr = None if problem.self_mode else problem.ref_labels.contiguous()
     own = None if problem.self_mode or problem.self_index is None else problem.self_index.contiguous()
-    return FusedMultiSimilarity.apply(problem.q, problem.ref, yq, yr, own, problem.hp, fwd_blocks, bwd_blocks)
+    return FusedMultiSimilarity.apply(problem.q, problem.ref, yq, yr, own, problem.hp, config, splits)
 
 
-__all__ = ["unavailable_reason", "per_anchor_loss", "FusedMultiSimilarity", "Blocks", "forward_blocks",
-           "backward_blocks"]
+__all__ = ["unavailable_reason", "per_anchor_loss", "FusedMultiSimilarity", "TileConfig", "tile_configs",
+           "column_splits", "record_launches", "dense_labels", "make_plan"]
