@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from typing import Optional
 
@@ -118,6 +119,9 @@ def _meta(b: Blocks, with_dout: bool) -> dict:
 
 
 _TUNED = {}
+# guards _TUNED and every autotuned launch: Triton's Autotuner keeps per-call state on itself (its arguments,
+# the timing of a first call), so two threads must not run one at the same time
+_TUNED_LOCK = threading.Lock()
 
 
 def _launch(kernel, grid, args: tuple, consts: dict, candidates: list, with_dout: bool) -> None:
@@ -126,12 +130,14 @@ def _launch(kernel, grid, args: tuple, consts: dict, candidates: list, with_dout
         consts = dict(consts, enable_fp_fusion=False)  # every kernel rounds S +- eps, beta(S - base) alike
     if len(candidates) > 1 and _autotune_enabled():
         key = (kernel.fn.__name__, tuple(candidates))
-        if key not in _TUNED:
-            configs = [triton.Config(_meta(b, with_dout), num_warps=b.num_warps, num_stages=b.num_stages)
-                       for b in candidates]
-            # re-tuned per D and per kernel variant (the upper-case constexpr switches); dtypes are added by triton
-            _TUNED[key] = triton.autotune(configs=configs, key=["D", *sorted(k for k in consts if k.isupper())])(kernel)
-        _TUNED[key][grid](*args, **consts)
+        with _TUNED_LOCK:
+            if key not in _TUNED:
+                configs = [triton.Config(_meta(b, with_dout), num_warps=b.num_warps, num_stages=b.num_stages)
+                           for b in candidates]
+                # re-tuned per D and per kernel variant (the upper-case constexpr switches); dtypes are added by triton
+                _TUNED[key] = triton.autotune(configs=configs,
+                                              key=["D", *sorted(k for k in consts if k.isupper())])(kernel)
+            _TUNED[key][grid](*args, **consts)
         return
     b = candidates[0]
     kernel[grid](*args, **consts, **_meta(b, with_dout), num_warps=b.num_warps, num_stages=b.num_stages)

@@ -276,8 +276,7 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         raise RuntimeError("Error building extension 'ms_fused_C'\nc++: command not found")
 
     monkeypatch.setattr(cpp_backend, "_jit_build", failing_jit_build)
-    monkeypatch.setattr(cpp_backend, "_load_tried", False)
-    monkeypatch.setattr(cpp_backend, "_load_error", None)
+    monkeypatch.setattr(cpp_backend._load, "results", {})  # forget the load (restored after the test)
     with pytest.warns(RuntimeWarning, match=r"building it now failed .*command not found.*"
                                             r"pip install --no-build-isolation -e \."):
         reason = cpp_backend.unavailable_reason(CPU)
