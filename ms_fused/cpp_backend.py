@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from ._autograd import fused_backward
 from ._inputs import Problem
 from ._once import once
 from .torch_backend import normalized_inputs
@@ -109,6 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.hyper = (alpha, beta, base, epsilon, mining)
 
 
+@fused_backward("cpp")
 def _backward(ctx, grad_loss, grad_stats):
     q_hat, r_hat, labels, ref_labels, self_index, stats = ctx.saved_tensors
     need_q = ctx.needs_input_grad[0]

@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ._autograd import fused_backward
 from ._inputs import HyperParams, Problem
 
 try:
@@ -234,6 +235,7 @@ class FusedMultiSimilarity(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @fused_backward("triton")
     def backward(ctx, g):
         with _on_device(g.device):
             return FusedMultiSimilarity._backward(ctx, g)
