@@ -81,6 +81,12 @@ def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None
     return _load()
 
 
+def cpu_capability() -> Optional[str]:
+    """The instruction-set variant the C++ row passes run: "avx512", "avx2" or "default" (the widest the CPU
+    supports, or a narrower one named by ATEN_CPU_CAPABILITY); None when the extension is unavailable."""
+    return None if _load() is not None else torch.ops.ms_fused.cpu_capability()
+
+
 def per_anchor_loss(problem: Problem) -> torch.Tensor:
     q, r, yr = normalized_inputs(problem)
     hp = problem.hp
