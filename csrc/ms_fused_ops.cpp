@@ -18,4 +18,6 @@ TORCH_LIBRARY(ms_fused, m) {
       "ms_backward(Tensor grad, Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, "
       "Tensor? self_index, Tensor stats, float alpha, float beta, float base, float epsilon, bool mining, "
       "bool need_q, bool need_r) -> (Tensor dq, Tensor dr)");
+  // the instruction-set variant of the row passes: "avx512", "avx2" or "default" (see csrc/cpu/row_kernels.h)
+  m.def("cpu_capability() -> str");
 }

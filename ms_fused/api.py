@@ -1,11 +1,10 @@
 """The functional entry point: validate, pick a backend, reduce."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from . import backends
+from ._autograd import autocast_off
 from ._inputs import _flag, check_backend_name, check_finite_inputs, check_hyperparams, check_inputs, check_reduction
 
 
@@ -15,14 +14,6 @@ def reduce_losses(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     total = losses.sum()
     # "mean" divides by all N anchors, anchors without pairs included (as both reference codes do)
     return total / losses.shape[0] if reduction == "mean" else total
-
-
-def autocast_off(device: torch.device):
-    """Autocast switched off for `device`: the loss computes in float32 (float64 for float64) even inside an
-    autocast region, whose matmuls would otherwise run in float16/bfloat16 (SPEC "Similarities")."""
-    if torch.amp.is_autocast_available(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def multi_similarity_loss(

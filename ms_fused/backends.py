@@ -6,6 +6,8 @@ from typing import Optional, Union
 
 import torch
 
+from ._once import once
+
 _MODULES = {
     "triton": "ms_fused.triton_backend",
     "cpp": "ms_fused.cpp_backend",
@@ -17,22 +19,18 @@ _ORDER = {"cuda": ("triton", "torch", "reference"), "cpu": ("cpp", "torch", "ref
 _GENERIC_ORDER = ("torch", "reference")
 
 
-_LOADED: dict = {}  # backend name -> its module, or the reason it could not be imported (str)
-
-
+@once
 def _module(name: str):
     """The backend's module, or the reason it cannot be imported (str); imported once."""
-    if name not in _LOADED:
-        try:
-            _LOADED[name] = importlib.import_module(_MODULES[name])
-        except Exception as exc:  # a missing optional dependency or an unbuilt extension
-            _LOADED[name] = f"backend {name!r} could not be loaded: {type(exc).__name__}: {exc}"
-    return _LOADED[name]
+    try:
+        return importlib.import_module(_MODULES[name])
+    except Exception as exc:  # a missing optional dependency or an unbuilt extension
+        return f"backend {name!r} could not be loaded: {type(exc).__name__}: {exc}"
 
 
 # The answer depends only on constants (name, device, dtype), and finding it may import a module or load the
 # C++ extension, which torch.compile cannot trace: it runs this function while tracing and keeps the result
-# as a constant (no graph break). The modules it imported are then found in _LOADED.
+# as a constant (no graph break). The modules it imported are then found in _module's results.
 @torch.compiler.assume_constant_result
 def unavailable_reason(name: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """None when backend `name` can serve tensors of `dtype` on `device`, else why not."""

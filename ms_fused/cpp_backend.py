@@ -16,14 +16,14 @@ from typing import Optional
 
 import torch
 
+from ._autograd import fused_backward
 from ._inputs import Problem
+from ._once import once
 from .torch_backend import normalized_inputs
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
 _CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
-_load_error: Optional[str] = None  # why the ops are unavailable; None once loaded (or not tried yet)
-_load_tried = False
 _registered = False
 
 
@@ -48,14 +48,15 @@ def _last_line(exc: Exception) -> str:
     return lines[-1] if lines else ""
 
 
+@once
 def _load() -> Optional[str]:
-    """Make the ops available once per process; None when they are, else the reason (warned about once)."""
-    global _load_error, _load_tried
-    if _load_tried:
-        return _load_error
-    _load_tried = True
+    """Make the ops available once per process; None when they are, else the reason (warned about once).
+
+    Other threads wait until the extension is imported and its fake kernels and autograd formula are
+    registered: an op called before that would run without its backward."""
+    reason = None
     if os.environ.get("MS_FUSED_NO_CPP") == "1":
-        _load_error = "the C++ extension is switched off by MS_FUSED_NO_CPP=1"
+        reason = "the C++ extension is switched off by MS_FUSED_NO_CPP=1"
     else:
         try:
             from . import _C  # noqa: F401  (loading it registers the ops)
@@ -63,14 +64,14 @@ def _load() -> Optional[str]:
             try:
                 _jit_build()
             except Exception as jit_exc:  # no compiler, no sources, a failed compile: fall back, never crash
-                _load_error = (f"the C++ extension is not built ({exc}) and building it now failed "
-                               f"({type(jit_exc).__name__}: {_last_line(jit_exc)})")
-    if _load_error is None:
+                reason = (f"the C++ extension is not built ({exc}) and building it now failed "
+                          f"({type(jit_exc).__name__}: {_last_line(jit_exc)})")
+    if reason is None:
         _register_fake_and_autograd()
     else:
-        warnings.warn(f"ms_fused: {_load_error}; CPU tensors use the slower `torch` backend instead; {BUILD_HINT}.",
-                      RuntimeWarning, stacklevel=2)
-    return _load_error
+        warnings.warn(f"ms_fused: {reason}; CPU tensors use the slower `torch` backend instead; {BUILD_HINT}.",
+                      RuntimeWarning, stacklevel=3)
+    return reason
 
 
 def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
@@ -78,6 +79,12 @@ def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None
     if device.type != "cpu":
         return f"the cpp backend runs on the CPU only, not on {device.type}"
     return _load()
+
+
+def cpu_capability() -> Optional[str]:
+    """The instruction-set variant the C++ row passes run: "avx512", "avx2" or "default" (the widest the CPU
+    supports, or a narrower one named by ATEN_CPU_CAPABILITY); None when the extension is unavailable."""
+    return None if _load() is not None else torch.ops.ms_fused.cpu_capability()
 
 
 def per_anchor_loss(problem: Problem) -> torch.Tensor:
@@ -109,6 +116,7 @@ def _setup_context(ctx, inputs, output):
     ctx.hyper = (alpha, beta, base, epsilon, mining)
 
 
+@fused_backward("cpp")
 def _backward(ctx, grad_loss, grad_stats):
     q_hat, r_hat, labels, ref_labels, self_index, stats = ctx.saved_tensors
     need_q = ctx.needs_input_grad[0]

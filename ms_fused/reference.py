@@ -1,4 +1,5 @@
-"""The `reference` backend: dense, line-by-line SPEC.md, plain autograd. The oracle of every test.
+"""The `reference` backend: dense, line-by-line SPEC.md, differentiated by autograd. The oracle of every test,
+and the backend whose gradient is itself differentiable (double backward).
 
 It materialises several N x M matrices on purpose: clarity over speed.
 """
@@ -9,7 +10,30 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._autograd import autocast_off
 from ._inputs import HyperParams, Problem, compute_dtype
+
+
+class FullPrecisionMatmul(torch.autograd.Function):
+    """a @ b whose gradients, of every order, are computed with autocast off as well.
+
+    A plain `@` is differentiated under whatever autocast state `backward()` is called in, so a backward
+    inside an autocast region would compute the gradient's products in float16/bfloat16.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        with autocast_off(a.device):
+            return a @ b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        with autocast_off(g.device):  # the products below are recorded too when create_graph=True
+            da = FullPrecisionMatmul.apply(g, b.mT) if ctx.needs_input_grad[0] else None
+            db = FullPrecisionMatmul.apply(a.mT, g) if ctx.needs_input_grad[1] else None
+        return da, db
 
 
 def log1p_sum_exp(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -51,7 +75,7 @@ def per_anchor_loss(problem: Problem) -> torch.Tensor:
         r_hat = q_hat if problem.self_mode else F.normalize(r, dim=1)
     else:
         q_hat, r_hat = q, r
-    S = q_hat @ r_hat.T
+    S = FullPrecisionMatmul.apply(q_hat, r_hat.T)
 
     pos, neg = pair_masks(problem.labels, yr, problem.self_index)
     hard_pos, hard_neg = mined_masks(S.detach(), pos, neg, hp)

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._autograd import fused_backward
 from ._inputs import HyperParams, Problem, compute_dtype
 
 DEFAULT_CHUNK_BYTES = int(os.environ.get("MS_FUSED_TORCH_CHUNK_MB", "32")) * 2**20
@@ -98,6 +99,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @fused_backward("torch")
     def backward(ctx, g):
         q, r, yq, yr, self_index, stats, bad = ctx.saved_tensors
         hp, chunk = ctx.hp, ctx.chunk

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._autograd import fused_backward
 from ._inputs import HyperParams, Problem
 
 try:
@@ -113,7 +114,7 @@ def _autotune_enabled() -> bool:
 
 
 _TUNED: dict = {}
-_TUNE_LOCK = threading.Lock()
+_TUNE_LOCK = threading.Lock()  # one timing run per key, even when several threads make the first call
 
 
 def _log2_bucket(n: int) -> int:
@@ -432,6 +433,7 @@ class FusedMultiSimilarity(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @fused_backward("triton")
     def backward(ctx, g):
         q, r = ctx.saved_tensors
         plan = ctx.plan

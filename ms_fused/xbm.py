@@ -6,11 +6,33 @@ never requires grad, so backends skip the reference-side gradient (dR) entirely.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from ._inputs import FLOAT_DTYPES, _embedding, _labels
 from .module import MultiSimilarityLoss
+
+
+class _Saved:
+    """A tensor that the loss's graph saved for its backward, and its version when it was saved."""
+
+    __slots__ = ("tensor", "version", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor, self.version = tensor, tensor._version
+
+
+def _unpack(saved: _Saved) -> torch.Tensor:
+    # saved-tensor hooks switch off autograd's own check, so it is done here
+    if saved.tensor._version != saved.version:
+        raise RuntimeError(
+            f"one of the tensors that CrossBatchMemory's loss saved for its backward (shape "
+            f"{tuple(saved.tensor.shape)}) was modified by an in-place operation after the forward "
+            f"(version {saved.tensor._version}, saved at {saved.version}); do not modify the loss's inputs in place "
+            f"before its backward")
+    return saved.tensor
 
 
 class CrossBatchMemory(nn.Module):
@@ -26,6 +48,11 @@ class CrossBatchMemory(nn.Module):
     The memory follows the embeddings' device (moved on the first call from another device), is saved
     and restored by `state_dict()` / `load_state_dict()`, and costs memory_size x embedding_dim elements
     of `dtype` plus one int64 label per row.
+
+    Several steps may run before one backward (`(xbm(b1, y1) + xbm(b2, y2)).backward()`): each step's
+    gradient uses the memory as it was at that step's forward. A step whose graph still holds memory rows
+    for its backward gets its own copy of them before the next step overwrites the memory; a backward
+    after every step never copies.
     """
 
     def __init__(self, memory_size: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32,
@@ -42,6 +69,7 @@ class CrossBatchMemory(nn.Module):
         # next slot to write, and how many slots hold data; 0-d int64 so that state_dict carries them
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.int64, device=device))
+        self._saved_rows = weakref.WeakSet()  # memory views saved by graphs not yet backpropagated
 
     @property
     def memory_size(self) -> int:
@@ -56,6 +84,7 @@ class CrossBatchMemory(nn.Module):
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Write the rows into the ring buffer; returns each row's slot (int64 (N,)), -1 for rows overwritten
         by later rows of the same batch."""
+        self._copy_saved_rows()
         n, size = embeddings.shape[0], self.memory_size
         start = int(self.ptr)
         slots = (start + torch.arange(n, device=embeddings.device)) % size
@@ -66,6 +95,31 @@ class CrossBatchMemory(nn.Module):
         self.ptr.fill_((start + n) % size)
         self.filled.fill_(min(size, int(self.filled) + n))
         return slots
+
+    def _save(self, tensor: torch.Tensor) -> _Saved:
+        """Pack hook of the tensors the loss saves for its backward: remembers those that view the memory."""
+        saved = _Saved(tensor)
+        if tensor.device == self.memory.device and any(
+                tensor.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+                for buf in (self.memory, self.memory_labels)):
+            self._saved_rows.add(saved)
+        return saved
+
+    def _copy_saved_rows(self) -> None:
+        """Before the memory changes: graphs that still need its rows get their own copy of them."""
+        for saved in list(self._saved_rows):
+            saved.tensor = saved.tensor.clone()
+            saved.version = saved.tensor._version
+        self._saved_rows.clear()
+
+    def __getstate__(self):  # a WeakSet cannot be pickled; a copy has no graphs waiting for it anyway
+        state = super().__getstate__()
+        state.pop("_saved_rows", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._saved_rows = weakref.WeakSet()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         x = _embedding("embeddings", embeddings)
@@ -82,7 +136,8 @@ class CrossBatchMemory(nn.Module):
         slots = self.enqueue(x, y)
         filled = int(self.filled)
         anchors = x.to(self.memory.dtype)
-        return self.loss(anchors, y, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots)
+        with torch.autograd.graph.saved_tensors_hooks(self._save, _unpack):
+            return self.loss(anchors, y, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots)
 
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, embedding_dim={self.memory.shape[1]}, dtype={self.memory.dtype}"

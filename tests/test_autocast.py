@@ -9,9 +9,11 @@ from torch import nn
 
 from backends_under_test import CPU_BACKENDS
 from helpers import clustered_batch, rel_err, threshold_gap
-from ms_fused import MultiSimilarityLoss, multi_similarity_loss
+from ms_fused import MultiSimilarityLoss, available_backends, multi_similarity_loss
 
 LOW = [torch.bfloat16, torch.float16]
+# the interpreted triton backend as well where the case is small
+WITH_TRITON = CPU_BACKENDS + (["triton"] if "triton" in available_backends("cpu") else [])
 # CUDA cases run only where a GPU is present (autocast there is float16/bfloat16 on the triton backend)
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CASES = [("cpu", backend) for backend in CPU_BACKENDS] + [
@@ -50,20 +52,48 @@ def reference_on(emb, y):
 
 @pytest.mark.parametrize("device, backend", CASES)
 @pytest.mark.parametrize("low_dtype", LOW)
-def test_autocast_network_embeddings(device, backend, low_dtype):
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_autocast_network_embeddings(device, backend, low_dtype, backward_inside):
     x, y, net = network_batch(low_dtype, device)
     with torch.autocast(device, dtype=low_dtype):
         emb = net(x)
         emb.retain_grad()
         loss = multi_similarity_loss(emb, y, backend=backend)
+        if backward_inside:  # not what PyTorch recommends, but legitimate: the loss's backward must not care
+            loss.backward()
     assert emb.dtype == low_dtype
     assert loss.dtype == torch.float32
-    loss.backward()
+    if not backward_inside:
+        loss.backward()
     assert emb.grad.dtype == low_dtype
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
     ref_loss, ref_grad = reference_on(emb, y)
     assert rel_err(loss, ref_loss) <= LOSS_TOL
     assert rel_err(emb.grad, ref_grad) <= GRAD_TOL[low_dtype]
+
+
+@pytest.mark.parametrize("backend", WITH_TRITON)
+@pytest.mark.parametrize("mode", ["self", "reference"])
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_backward_runs_in_the_forward_precision(backend, mode, backward_inside):
+    """float32 rows: forward and backward in float32 wherever backward() is called (inside the region it
+    would otherwise run its products in bfloat16, ~1e-3 off, or fail on an out= dtype)."""
+    if mode == "self":
+        x, y = clustered_batch(40, 12, 5, seed=6, dtype=torch.float32)
+        r = yr = None
+    else:
+        x, y, r, yr = clustered_batch(30, 12, 5, seed=7, dtype=torch.float32, m=35)
+    leaves = [t.clone().requires_grad_(True) for t in (x, r) if t is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = multi_similarity_loss(leaves[0], y, leaves[1] if r is not None else None, yr, backend=backend)
+        grads = torch.autograd.grad(loss, leaves) if backward_inside else None
+    if not backward_inside:
+        grads = torch.autograd.grad(loss, leaves)
+    exact = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref = multi_similarity_loss(exact[0], y, exact[1] if r is not None else None, yr, backend="reference")
+    for g, g_ref in zip(grads, torch.autograd.grad(ref, exact)):
+        assert g.dtype == torch.float32
+        assert rel_err(g, g_ref) <= 1e-5
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

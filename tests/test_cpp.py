@@ -276,8 +276,7 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
         raise RuntimeError("Error building extension 'ms_fused_C'\nc++: command not found")
 
     monkeypatch.setattr(cpp_backend, "_jit_build", failing_jit_build)
-    monkeypatch.setattr(cpp_backend, "_load_tried", False)
-    monkeypatch.setattr(cpp_backend, "_load_error", None)
+    monkeypatch.setattr(cpp_backend._load, "results", {})  # forget the load (restored after the test)
     with pytest.warns(RuntimeWarning, match=r"building it now failed .*command not found.*"
                                             r"pip install --no-build-isolation -e \."):
         reason = cpp_backend.unavailable_reason(CPU)
@@ -312,3 +311,53 @@ def test_switched_off_extension_falls_back_to_torch():
     assert n_warnings == "1"
     assert float(diff) == 0.0
     assert error.startswith("ValueError backend='cpp' cannot serve") and "MS_FUSED_NO_CPP=1" in error
+
+
+# ---- every instruction-set variant of the row passes ---------------------------------------------------
+
+VARIANTS = ("default", "avx2", "avx512")  # narrowest first, spelled as ATEN_CPU_CAPABILITY spells them
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+# a few of the parity tests above, in a process whose row passes run the variant named by ATEN_CPU_CAPABILITY
+PARITY_ON_VARIANT = textwrap.dedent("""
+    import test_cpp as t
+    from ms_fused import cpp_backend
+    print(cpp_backend.cpu_capability())
+    t.test_self_mode_float64(0, 37, 5, 4)
+    t.test_self_mode_float32(False, 150, 10)
+    t.test_reference_mode_float64(0, 30, 45)
+    t.test_ref_self_index(0)
+    t.test_hyper_parameters_and_no_overflow(True, dict(alpha=1000.0, beta=1000.0, base=0.9, epsilon=0.0))
+    t.test_non_finite_rows_give_nan(float("nan"), True)
+    print("ok")
+""")
+
+
+def test_default_variant_is_the_widest_the_cpu_runs():
+    if "ATEN_CPU_CAPABILITY" in os.environ:
+        pytest.skip("ATEN_CPU_CAPABILITY is set")
+    from ms_fused import cpp_backend
+
+    # torch makes the same choice for its own kernels (AVX512 / AVX2 / DEFAULT)
+    assert cpp_backend.cpu_capability() == torch.backends.cpu.get_cpu_capability().lower()
+
+
+@pytest.fixture(scope="module")
+def variant_runs():
+    """One process per variant this CPU can run (every one up to the widest), all started at once:
+    variant -> (stdout, stderr, return code)."""
+    from ms_fused import cpp_backend
+
+    runnable = VARIANTS[: VARIANTS.index(cpp_backend.cpu_capability()) + 1]
+    procs = {v: subprocess.Popen([sys.executable, "-c", PARITY_ON_VARIANT], cwd=TESTS_DIR, text=True,
+                                 env=dict(os.environ, ATEN_CPU_CAPABILITY=v), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE) for v in runnable}
+    return {v: (*p.communicate(timeout=300), p.returncode) for v, p in procs.items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parity_on_every_instruction_set_variant(variant, variant_runs):
+    if variant not in variant_runs:
+        pytest.skip(f"this CPU cannot run the {variant} variant")
+    stdout, stderr, returncode = variant_runs[variant]
+    assert returncode == 0, stderr
+    assert stdout.split() == [variant, "ok"]

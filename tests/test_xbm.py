@@ -160,3 +160,65 @@ def test_bad_loss_options_raise():
         CrossBatchMemory(8, 4, alpha=-1.0)
     with pytest.raises(TypeError):
         CrossBatchMemory(8, 4, ref_emb=torch.zeros(1, 4))
+
+
+def reference_grads(steps, weights, scale=1.0, **kw):
+    """Gradient of Σ_k w_k · loss_k, each step against the memory as it was at that step (list simulation)."""
+    grads = []
+    for (x, y, mem, mem_labels, slots), w in zip(steps, weights):
+        leaf = (x.double() * scale).requires_grad_(True)
+        loss = multi_similarity_loss(leaf, y, mem.double() * scale, mem_labels, ref_self_index=slots,
+                                     backend="reference", **kw)
+        grads.append(torch.autograd.grad(w * loss, leaf)[0])
+    return grads
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS + ["reference"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_several_steps_before_one_backward(backend, normalize):
+    """Gradient accumulation written as one sum: the later steps overwrite memory rows (the fourth wraps
+    around) that the earlier steps' backward needs; each step must still see the memory of its forward."""
+    steps = stream(6, torch.float64)[:4]
+    scale = 1.0 if normalize else 0.25  # unnormalised rows: keep |S| moderate
+    weights = [1.0, 0.5, 2.0, 1.5]
+    xbm = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64, backend=backend, normalize=normalize)
+    leaves = [(x * scale).requires_grad_(True) for x, *_ in steps]
+    total = sum(w * xbm(leaf, y) for leaf, (_, y, *_), w in zip(leaves, steps, weights))
+    total.backward()
+    for leaf, ref_grad in zip(leaves, reference_grads(steps, weights, scale, normalize=normalize)):
+        assert rel_err(leaf.grad, ref_grad) <= TOL[torch.float64]
+    mem, mem_labels = steps[-1][2:4]
+    assert torch.equal(xbm.memory[: int(xbm.filled)], mem * scale)
+    assert torch.equal(xbm.memory_labels[: int(xbm.filled)], mem_labels)
+
+
+@pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
+def test_retained_graph_keeps_its_memory(backend):
+    steps = stream(7, torch.float64)[:2]
+    xbm = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64, backend=backend)
+    first = steps[0][0].clone().requires_grad_(True)
+    loss = xbm(first, steps[0][1])
+    loss.backward(retain_graph=True)
+    xbm(*steps[1][:2])  # overwrites nothing yet, but writes the memory the retained graph saved
+    xbm(*stream(8, torch.float64)[4][:2])  # 45 rows: every slot is overwritten
+    loss.backward()
+    (ref_grad,) = reference_grads(steps[:1], [2.0])  # two backwards accumulate twice the first step's gradient
+    assert rel_err(first.grad, ref_grad) <= TOL[torch.float64]
+
+
+def test_backward_after_each_step_copies_nothing():
+    xbm = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64, backend="torch", normalize=False)
+    for x, y, *_ in stream(9, torch.float64)[:3]:
+        xbm(x.clone().requires_grad_(True), y).backward()
+        assert len(xbm._saved_rows) == 0  # the graph let go of the memory rows it saved
+
+
+def test_in_place_change_of_a_saved_input_is_still_caught():
+    (x, y, *_), = stream(10, torch.float64)[:1]
+    leaf = x.clone().requires_grad_(True)
+    anchors = leaf * 1.0
+    loss = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64, backend="torch")(anchors, y)
+    with torch.no_grad():
+        anchors.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an in-?place operation"):
+        loss.backward()

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "row_kernels.h"
@@ -271,11 +272,15 @@ std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const
   return {dq, dr};
 }
 
+std::string cpu_capability_name() { return cpu_capability(); }
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ms_fused, CPU, m) {
   m.impl("ms_forward", &ms_forward_cpu);
   m.impl("ms_backward", &ms_backward_cpu);
 }
+
+TORCH_LIBRARY_IMPL(ms_fused, CompositeExplicitAutograd, m) { m.impl("cpu_capability", &cpu_capability_name); }
 
 }  // namespace ms_fused::cpu

@@ -1,17 +1,17 @@
 // The per-row passes (see row_kernels.h). Every loop is a `#pragma omp simd` loop of selects, so the
-// compiler vectorises it; the entry points are cloned per ISA level where GCC supports it.
+// compiler vectorises it; the entry points are compiled once per ISA level where GCC supports it, and the
+// variant to run is chosen once, at the first call (see row_kernels.h).
 #include "row_kernels.h"
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <utility>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// one copy per x86-64 level (AVX-512, AVX2+FMA, baseline SSE2), chosen once when the library loads
-#define MS_FUSED_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MS_FUSED_ISA_CLONES
+#define MS_FUSED_X86_VARIANTS 1
 #endif
 
 #define MS_FUSED_INLINE inline __attribute__((always_inline))
@@ -185,42 +185,104 @@ MS_FUSED_INLINE void symmetric_weight_row_impl(T* s, const int32_t* y, int64_t n
   }
 }
 
+// One copy of the entry points per variant, compiled for its instruction set (the always-inline passes
+// above are vectorised for it where they are inlined).
+#define MS_FUSED_VARIANT(name, target)                                                                       \
+  namespace name {                                                                                           \
+  template <typename T>                                                                                      \
+  target RowStats<T> forward_row(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,       \
+                                 const Hyper<T>& hp) {                                                       \
+    return forward_row_impl(s, yr, m, yq, own_col, hp);                                                      \
+  }                                                                                                          \
+  template <typename T>                                                                                      \
+  target void weight_row(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,                    \
+                         const PairWeights<T>& w, const Hyper<T>& hp) {                                      \
+    weight_row_impl(s, yr, m, yq, own_col, w, hp);                                                           \
+  }                                                                                                          \
+  template <typename T>                                                                                      \
+  target void symmetric_weight_row(T* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<T>& row,  \
+                                   const ColumnWeights<T>& cols, const Hyper<T>& hp) {                       \
+    symmetric_weight_row_impl(s, y, n, i, row, cols, hp);                                                    \
+  }                                                                                                          \
+  }
+
+MS_FUSED_VARIANT(baseline, )
+#ifdef MS_FUSED_X86_VARIANTS
+MS_FUSED_VARIANT(avx2, __attribute__((target("arch=x86-64-v3"))))
+MS_FUSED_VARIANT(avx512, __attribute__((target("arch=x86-64-v4"))))
+#else
+namespace avx2 = baseline;
+namespace avx512 = baseline;
+#endif
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};  // as ATEN_CPU_CAPABILITY spells them
+
+Isa best_supported() {
+#ifdef MS_FUSED_X86_VARIANTS
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
+#endif
+  return Isa::kDefault;
+}
+
+// The best variant the CPU runs, or a narrower one named by ATEN_CPU_CAPABILITY (PyTorch's variable, read
+// once as PyTorch does; a wider one than the CPU runs, or a name without a variant here, is ignored).
+Isa choose_isa() {
+  const Isa best = best_supported();
+  if (const char* wanted = std::getenv("ATEN_CPU_CAPABILITY")) {
+    for (int k = 0; k <= static_cast<int>(best); ++k) {
+      if (std::strcmp(wanted, kIsaNames[k]) == 0) return static_cast<Isa>(k);
+    }
+  }
+  return best;
+}
+
+Isa active_isa() {
+  static const Isa isa = choose_isa();
+  return isa;
+}
+
+#define MS_FUSED_DISPATCH(fn, ...)                          \
+  switch (active_isa()) {                                   \
+    case Isa::kAvx512: return avx512::fn(__VA_ARGS__);      \
+    case Isa::kAvx2: return avx2::fn(__VA_ARGS__);          \
+    default: return baseline::fn(__VA_ARGS__);              \
+  }
+
 }  // namespace
 
-MS_FUSED_ISA_CLONES
+const char* cpu_capability() { return kIsaNames[static_cast<int>(active_isa())]; }
+
 RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
                             const Hyper<float>& hp) {
-  return forward_row_impl(s, yr, m, yq, own_col, hp);
+  MS_FUSED_DISPATCH(forward_row, s, yr, m, yq, own_col, hp)
 }
 
-MS_FUSED_ISA_CLONES
 RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
                              const Hyper<double>& hp) {
-  return forward_row_impl(s, yr, m, yq, own_col, hp);
+  MS_FUSED_DISPATCH(forward_row, s, yr, m, yq, own_col, hp)
 }
 
-MS_FUSED_ISA_CLONES
 void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col, const PairWeights<float>& w,
                 const Hyper<float>& hp) {
-  weight_row_impl(s, yr, m, yq, own_col, w, hp);
+  MS_FUSED_DISPATCH(weight_row, s, yr, m, yq, own_col, w, hp)
 }
 
-MS_FUSED_ISA_CLONES
 void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
                 const PairWeights<double>& w, const Hyper<double>& hp) {
-  weight_row_impl(s, yr, m, yq, own_col, w, hp);
+  MS_FUSED_DISPATCH(weight_row, s, yr, m, yq, own_col, w, hp)
 }
 
-MS_FUSED_ISA_CLONES
 void symmetric_weight_row(float* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<float>& row,
                           const ColumnWeights<float>& cols, const Hyper<float>& hp) {
-  symmetric_weight_row_impl(s, y, n, i, row, cols, hp);
+  MS_FUSED_DISPATCH(symmetric_weight_row, s, y, n, i, row, cols, hp)
 }
 
-MS_FUSED_ISA_CLONES
 void symmetric_weight_row(double* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<double>& row,
                           const ColumnWeights<double>& cols, const Hyper<double>& hp) {
-  symmetric_weight_row_impl(s, y, n, i, row, cols, hp);
+  MS_FUSED_DISPATCH(symmetric_weight_row, s, y, n, i, row, cols, hp)
 }
 
 }  // namespace ms_fused::cpu

@@ -1,14 +1,18 @@
 // Per-row passes of the fused Multi-Similarity kernel (SPEC.md "Mining", "Loss", "Gradient").
 //
-// Plain C++ over raw pointers, no torch headers: this file's .cpp is compiled once per x86 ISA level
-// (target_clones) and the loader picks the widest the CPU supports, so the passes run on AVX-512 or
-// AVX2 where available while the extension itself stays portable.
+// Plain C++ over raw pointers, no torch headers: this file's .cpp compiles the passes once per x86 ISA
+// level (AVX-512, AVX2+FMA, baseline) and runs the widest the CPU supports, so the passes use AVX-512 or
+// AVX2 where available while the extension itself stays portable. ATEN_CPU_CAPABILITY=default|avx2|avx512
+// (PyTorch's variable) forces a narrower one, e.g. to test every variant on one machine.
 #pragma once
 
 #include <cstdint>
 #include <limits>
 
 namespace ms_fused::cpu {
+
+// The variant the passes run: "avx512", "avx2" or "default" (chosen on first use, then fixed).
+const char* cpu_capability();
 
 template <typename T>
 struct Hyper {  // the hyper-parameters, in the compute dtype
