@@ -1,4 +1,4 @@
-"""ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (see SPEC.md)."""
+"""ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (docs/semantics.md is the contract)."""
 from .api import multi_similarity_loss
 from .backends import available_backends
 from .module import MultiSimilarityLoss

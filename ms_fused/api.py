@@ -33,7 +33,7 @@ def multi_similarity_loss(
     ref_self_index=None,
     check_finite=False,
 ) -> torch.Tensor:
-    """Multi-Similarity loss (Wang et al., CVPR 2019) with its hard-pair miner; see SPEC.md.
+    """Multi-Similarity loss (Wang et al., CVPR 2019) with its hard-pair miner; see docs/semantics.md.
 
     Returns a float32 scalar (float64 for float64 inputs), or the (N,) per-anchor losses when
     reduction="none". Raises ValueError/TypeError on bad input before any computation.

@@ -1,4 +1,4 @@
-"""The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (SPEC "Gradient").
+"""The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (docs/semantics.md "Gradient").
 
 Scratch memory is O(chunk x M): `chunk` rows of anchors are processed at a time, chunk chosen from a
 byte budget. Forward keeps only per-row statistics (min_pos, max_neg, A, B, non-finite flag); backward
@@ -39,7 +39,7 @@ def _pair_masks(yq_c, yr, self_c):
 
 
 def _hard_masks(S, pos, same, min_pos, max_neg, hp: HyperParams):
-    """SPEC "Mining", thresholds tested as written: S - eps < max_neg, S + eps > min_pos."""
+    """docs/semantics.md "Mining", thresholds tested as written: S - eps < max_neg, S + eps > min_pos."""
     if not hp.mining:
         return pos, ~same
     hard_pos = torch.lt(S - hp.epsilon, max_neg[:, None]).logical_and_(pos)
@@ -64,7 +64,7 @@ def _row_shifts(min_pos, max_neg, hp: HyperParams):
 
 
 def _shifted_exp(S, keep, scale, base, shift):
-    """exp(scale * (S_ij - base) - shift_i) where keep, else 0 (evaluated as the SPEC writes it)."""
+    """exp(scale * (S_ij - base) - shift_i) where keep, else 0 (evaluated as docs/semantics.md writes it)."""
     z = (S - base).mul_(scale).sub_(shift[:, None])
     return z.masked_fill_(~keep, float("-inf")).exp_()
 
@@ -115,7 +115,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
             min_pos, max_neg, A, B = stats[s:e].unbind(dim=1)
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
-            # SPEC "Gradient": G_ip = -g exp(-a(S-lam) - A), G_in = +g exp(b(S-lam) - B), 0 elsewhere
+            # docs/semantics.md "Gradient": G_ip = -g exp(-a(S-lam) - A), G_in = +g exp(b(S-lam) - B), 0 elsewhere
             G = _shifted_exp(S, hard_neg, b, lam, B)
             G.sub_(_shifted_exp(S, hard_pos, -a, lam, A))
             G.mul_(g[s:e, None])

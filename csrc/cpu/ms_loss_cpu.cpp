@@ -157,7 +157,7 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
         st[n + i] = rs.max_neg;
         st[2 * n + i] = rs.A;
         st[3 * n + i] = rs.B;
-        loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // SPEC "Loss"; NaN for a non-finite row
+        loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // docs/semantics.md "Loss"; NaN for a non-finite row
       }
     });
   });
