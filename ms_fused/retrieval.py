@@ -136,11 +136,12 @@ def recall_at_k(embeddings, labels, ks=(1, 2, 4, 8), ref_emb=None, ref_labels=No
     ks = _check_ks(ks)
     k = min(max(ks), search.available)
     n = search.q.shape[0]
-    first_hit = torch.full((n,), k, dtype=torch.int64, device=search.q.device)  # rank of the first match (0-based)
+    miss = max(ks)
+    first_hit = torch.full((n,), miss, dtype=torch.int64, device=search.q.device)  # 0-based rank of the first match
     if k > 0:
         for chunk, _, indices in search.chunks(torch.arange(n, device=search.q.device), k, chunk_bytes):
             match = yr[indices] == yq[chunk, None]
-            first_hit[chunk] = torch.where(match.any(dim=1), match.to(torch.uint8).argmax(dim=1), k)
+            first_hit[chunk] = torch.where(match.any(dim=1), match.to(torch.uint8).argmax(dim=1), miss)
     return {kk: int((first_hit < kk).sum()) / n for kk in ks}
 
 
