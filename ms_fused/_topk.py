@@ -12,7 +12,8 @@ import torch
 
 from .torch_backend import DEFAULT_CHUNK_BYTES, chunk_rows
 
-REF_BLOCK = 4096  # references per tile; the queries per tile follow from the byte budget
+REF_BLOCK = 16384  # references per tile; the queries per tile follow from the byte budget
+GROUP = 32  # columns per group of the pre-selection in `_top_values`
 
 
 def tile_rows(k: int, m: int, dtype: torch.dtype, chunk_bytes: Optional[int] = None) -> int:
@@ -41,11 +42,27 @@ def _lowest_tied(S, values, indices):
     return torch.where(slot >= 0, lowest.gather(1, slot.clamp(min=0)), indices)
 
 
+def _top_values(S, k: int):
+    """(values, columns) of k largest entries per row, the values exact as a multiset, ties in any order.
+
+    Where the row splits into many groups of GROUP columns, only the k groups with the largest maxima are
+    searched: every entry above the k-th value lies in a group whose maximum beats the k-th value, and
+    each further chosen group holds at least one entry equal to it.
+    """
+    rows, cols = S.shape
+    if cols % GROUP or cols < 2 * k * GROUP:
+        return S.topk(k, dim=1)
+    groups = S.view(rows, cols // GROUP, GROUP).amax(dim=2).topk(k, dim=1).indices
+    columns = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=S.device)).flatten(1)
+    values, at = S.gather(1, columns).topk(k, dim=1)
+    return values, columns.gather(1, at)
+
+
 def _tile_topk(S, k: int):
     """(values, indices) of the k best columns of each row of S in (-value, index) order."""
     if k >= S.shape[1]:
         return S.sort(dim=1, descending=True, stable=True)
-    values, indices = S.topk(k + 1, dim=1)
+    values, indices = _top_values(S, k + 1)
     straddles = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1)
     values, indices = values[:, :k], indices[:, :k]
     if straddles.numel():

@@ -17,14 +17,16 @@ from ms_fused.retrieval import map_at_r, nearest_neighbors, recall_at_k
 sklearn_neighbors = pytest.importorskip("sklearn.neighbors")
 
 KS = (1, 2, 4, 8)
-# (references per tile, byte budget): the default tiling, then tiles that cut every query and reference set
-TILINGS = [(_topk.REF_BLOCK, None), (5, 1), (40, 20000)]
+# (references per tile, columns per pre-selection group, byte budget): the default tiling, then tiles that
+# cut every query and reference set, without and with the grouped pre-selection of `_topk._top_values`
+TILINGS = [(_topk.REF_BLOCK, _topk.GROUP, None), (5, _topk.GROUP, 1), (40, 2, 20000)]
 
 
-@pytest.fixture(params=TILINGS, ids=lambda t: f"block{t[0]}-bytes{t[1]}")
+@pytest.fixture(params=TILINGS, ids=lambda t: f"block{t[0]}-group{t[1]}-bytes{t[2]}")
 def tiling(request, monkeypatch):
-    block, chunk_bytes = request.param
+    block, group, chunk_bytes = request.param
     monkeypatch.setattr(_topk, "REF_BLOCK", block)
+    monkeypatch.setattr(_topk, "GROUP", group)
     return chunk_bytes
 
 

@@ -101,6 +101,17 @@ def test_ties_go_to_the_lower_index_across_tiles(monkeypatch):
     assert idx.tolist() == [[4, 5, 6, 7, 8, 9, 10]]
 
 
+def test_ties_go_to_the_lower_index_through_the_grouped_preselection(monkeypatch):
+    monkeypatch.setattr(_topk, "REF_BLOCK", 40)
+    monkeypatch.setattr(_topk, "GROUP", 2)
+    values = torch.zeros(40)
+    values[0::2] = 0.5  # every group of two columns ties at 0.5 ...
+    values[10] = 0.9  # ... but one
+    r = torch.stack((values, torch.zeros(40)), dim=1)
+    sims, idx = nearest_neighbors(torch.tensor([[1.0, 0.0]]), 2, ref_emb=r, normalize=False)
+    assert idx.tolist() == [[10, 0]] and sims[0, 1] == 0.5
+
+
 def test_reference_mode_removes_nothing():
     x, y = data()
     _, idx = nearest_neighbors(x, 1, ref_emb=x)
