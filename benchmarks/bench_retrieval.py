@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 
-from environment import cpu_name
+from environment import commit, cpu_name
 from report import write_block
 from rss import reset_peak, status_kb
 
@@ -177,7 +177,7 @@ def markdown(doc) -> str:
         "# Exact Recall@K on the CPU: ms_fused.retrieval, scikit-learn brute force, dense torch.mm + topk", "",
         f"`{doc['command']}` — {doc['date']}, {doc['cpu']}, torch {first['torch']}, {first['threads']} threads, "
         f"D = {first['d']}, float32, {PER_CLASS} rows per class, self mode (each row queries all others), "
-        f"load average before the run {doc['load_before']}.", "",
+        f"load average before the run {doc['load_before']}, commit {doc['commit']}.", "",
         "Time: median of the calls (the first, plus repeats while under the time target); peak: the growth of "
         "the resident set during the first call above the inputs (fresh process per record).", "",
         *sweep_table(doc["records"], impls), "", *big_lines(doc.get("big")), ""])
@@ -239,7 +239,7 @@ def main(argv=None):
     from environment import load_average
 
     command = "python benchmarks/bench_retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    doc = dict(command=command.strip(), cpu=cpu_name(), load_before=load_average(),
+    doc = dict(command=command.strip(), cpu=cpu_name(), commit=commit(), load_before=load_average(),
                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), records=[])
     for n in map(int, args.n.split(",")):
         for impl in args.impls.split(","):
