@@ -17,9 +17,10 @@ GROUP = 32  # columns per group of the pre-selection in `_top_values`
 
 
 def tile_rows(k: int, m: int, dtype: torch.dtype, chunk_bytes: Optional[int] = None) -> int:
-    """Queries per tile: one tile of S plus the candidate lists (values, indices, sort scratch ~ 3k columns)."""
+    """Queries per tile within the byte budget, counting per tile entry S, and for a tie repair an int64 key
+    (two floats' worth) and a bool mask; the candidate lists (values, indices, sort scratch) as 3k entries."""
     budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-    return chunk_rows(min(m, REF_BLOCK) + 3 * k, dtype, budget)
+    return chunk_rows(min(m, REF_BLOCK) + 3 * k, dtype, budget, float_temps=3, bool_temps=1)
 
 
 def _by_value_then_index(values, indices):
