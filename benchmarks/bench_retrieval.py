@@ -10,9 +10,10 @@ queries all the others (its own row excluded). Records, each in a fresh subproce
 - `sklearn`: NearestNeighbors(n_neighbors=8, algorithm="brute", metric="cosine").fit(x).kneighbors(), then Recall@K;
 - `dense`: F.normalize, one N x N torch.mm, the diagonal set to -inf, topk(8), then Recall@K; skipped where
   the N x N float32 matrix alone exceeds --dense-limit-gb.
-Time: the first call after a warm-up at N = 256, then more calls while the total stays under --target-s
-(at most 3); the median is reported. Peak memory: the growth of the resident set (VmHWM, reset through
-/proc/self/clear_refs) during the first call, above the resident set holding the inputs.
+Each record runs with --threads torch / BLAS threads (default 1). Time: the first call after a warm-up at
+N = 256, then more calls while the total stays under --target-s (at most 3); the median is reported.
+Peak memory: the growth of the resident set (VmHWM, reset through /proc/self/clear_refs) during the first
+call, above the resident set holding the inputs.
 Recall@K of sklearn and dense is compared with ms_fused's at the same N (largest difference over K).
 Writes OUT.md, OUT.json and OUT.png; --readme FILE writes the summary between its retrieval markers.
 """
@@ -84,10 +85,11 @@ def build(impl: str):
     raise ValueError(impl)
 
 
-def measure(impl: str, n: int, d: int, seed: int, target_s: float) -> dict:
-    """Runs in the fresh subprocess."""
+def measure(impl: str, n: int, d: int, seed: int, target_s: float, threads: int) -> dict:
+    """Runs in the fresh subprocess (whose BLAS thread counts the parent set in its environment)."""
     import torch
 
+    torch.set_num_threads(threads)
     fn = build(impl)
     fn(*make_data(256, d, seed + 1))  # loads code and thread pools outside the measurement
     x, y = make_data(n, d, seed)
@@ -113,8 +115,11 @@ def run_record(impl: str, n: int, args) -> dict:
                     note=f"N x N float32 matrix {n * n * 4 / GIB:.1f} GiB > --dense-limit-gb {args.dense_limit_gb}")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--n", str(n), "--d", str(args.d),
            "--seed", str(args.seed), "--target-s", str(args.target_s)]
+    threads = str(args.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        done = subprocess.run(cmd + ["--threads", threads], capture_output=True, text=True, timeout=args.timeout,
+                              env=env)
     except subprocess.TimeoutExpired:
         return dict(impl=impl, n=n, d=args.d, status="timeout", note=f"no result within {args.timeout} s")
     if done.returncode != 0:
@@ -228,13 +233,15 @@ def main(argv=None):
     parser.add_argument("--target-s", type=float, default=20.0, help="repeat a record while its total stays under")
     parser.add_argument("--dense-limit-gb", type=float, default=4.0, help="largest dense N×N matrix (GiB)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per record")
+    parser.add_argument("--threads", type=int, default=1, help="torch and BLAS threads of every record "
+                        "(1: comparable on a shared machine, where more threads than free cores stall each other)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="writes OUT.md, OUT.json and OUT.png")
     parser.add_argument("--readme", default=None, help="write the summary into this file between its markers")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(measure(args.worker, int(args.n), args.d, args.seed, args.target_s)))
+        print(json.dumps(measure(args.worker, int(args.n), args.d, args.seed, args.target_s, args.threads)))
         return
     from environment import load_average
 
