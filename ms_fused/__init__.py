@@ -2,7 +2,8 @@
 from .api import multi_similarity_loss
 from .backends import available_backends
 from .module import MultiSimilarityLoss
+from . import retrieval
 from .xbm import CrossBatchMemory
 
-__all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory"]
+__all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory", "retrieval"]
 __version__ = "0.1.0"

@@ -21,8 +21,10 @@ DEFAULT_CHUNK_BYTES = int(os.environ.get("MS_FUSED_TORCH_CHUNK_MB", "32")) * 2**
 _FLOAT_TEMPS, _BOOL_TEMPS = 4, 6
 
 
-def chunk_rows(m: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    per_row = m * (_FLOAT_TEMPS * torch.finfo(dtype).bits // 8 + _BOOL_TEMPS)
+def chunk_rows(m: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES,
+               float_temps: int = _FLOAT_TEMPS, bool_temps: int = _BOOL_TEMPS) -> int:
+    """Rows of m columns that fit the budget, `float_temps` float and `bool_temps` bool temporaries per entry."""
+    per_row = m * (float_temps * torch.finfo(dtype).bits // 8 + bool_temps)
     return max(1, budget_bytes // per_row)
 
 
