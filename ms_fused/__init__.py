@@ -1,8 +1,10 @@
 """ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (see SPEC.md)."""
 from .api import multi_similarity_loss
 from .backends import available_backends
+from .cached import cached_backward
 from .module import MultiSimilarityLoss
 from .xbm import CrossBatchMemory
 
-__all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory"]
+__all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory",
+           "cached_backward"]
 __version__ = "0.1.0"
