@@ -8,6 +8,7 @@ for everything but the N x D embeddings; the loss itself never stores N x N.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 import weakref
 from typing import Callable, List, Optional
@@ -124,7 +125,7 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
 
     Exactness: each chunk's CPU and CUDA random states are recorded before its first forward and replayed
     for its second, so dropout draws the same masks and the second pass reproduces the first's
-    embeddings bit for bit; the generators end where one pass over the chunks left them. Without
+    embeddings bit for bit; the generators end where the first pass and the loss left them. Without
     randomness or batch-coupled layers the gradient equals one full-batch `loss.backward()` up to rounding.
     BatchNorm in train mode normalises each chunk with the chunk's own statistics, not the batch's (a
     warning says so, once per model); its running statistics are updated once per chunk, by the second pass.
@@ -138,8 +139,9 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
     Raises ValueError (TypeError for wrong types), naming the argument, before any forward: chunk_size < 1,
     inputs with different batch sizes, labels that are not one per row, loss options with a custom loss_fn.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = int(chunk_size)
     n = _batch_size(inputs)
     _labels("labels", labels, n, "inputs")
     if loss_fn is None:

@@ -80,29 +80,39 @@ def test_tuple_and_dict_inputs(as_dict):
     assert_grads_close(model, reference, 1e-10)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
 def loss_drawing_a_random_number(embeddings, labels):
-    return MultiSimilarityLoss()(embeddings, labels) + 0 * torch.rand((), dtype=embeddings.dtype)
+    noise = torch.rand((), dtype=embeddings.dtype, device=embeddings.device)
+    return MultiSimilarityLoss()(embeddings, labels) + 0 * noise
 
 
-def test_second_pass_replays_dropout_bitwise_and_generators_end_as_after_one_pass():
+def generator_state(device):
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_pass_replays_dropout_bitwise_and_generators_end_as_after_one_pass(device):
     x, y = batch(23)
-    model = mlp(dropout=0.5)
+    x, y = x.to(device), y.to(device)
+    model = mlp(dropout=0.5).to(device)
     outputs = record_outputs(model)
     torch.manual_seed(7)
     cached_backward(model, x, y, chunk_size=5, loss_fn=loss_drawing_a_random_number)
-    after_cached = torch.get_rng_state()
+    after_cached = generator_state(device)
     chunks = len(outputs) // 2
     assert chunks == 5
     for first, second in zip(outputs[:chunks], outputs[chunks:]):
         assert torch.equal(first, second)
 
     # the same masks drawn by one chunk-by-chunk forward with a graph: the same gradient and generator state
-    reference = mlp(dropout=0.5)
+    reference = mlp(dropout=0.5).to(device)
     torch.manual_seed(7)
     embeddings = torch.cat([reference(x[i:i + 5]) for i in range(0, 23, 5)])
     assert torch.equal(embeddings.detach(), torch.cat(outputs[:chunks]))
     loss_drawing_a_random_number(embeddings, y).backward()
-    assert torch.equal(torch.get_rng_state(), after_cached)
+    assert torch.equal(generator_state(device), after_cached)
     assert_grads_close(model, reference, 1e-10)
 
 
