@@ -7,8 +7,9 @@ A full step is `multi_similarity_loss(net(x), y).backward()`; a cached step is
 
 Every record runs in a fresh Python process whose memory growth after loading torch and the network is
 capped at --guard-gib (RLIMIT_DATA: past it an allocation fails instead of summoning the OOM killer). The
-child times one step after a warm-up step on a small slice and reads its resident set: the step's peak
-growth above what it held before the step (network, inputs, code), and the process's peak.
+child times one step after a warm-up step on one chunk's rows (whose freed memory it hands back to the OS
+first) and reads its resident set: the step's peak growth above what it held before the step (network,
+inputs, code), and the process's peak.
 
 After the --batches grid, each method doubles the batch from its largest completed one, until a batch
 fails, until the peak predicted from the completed batches (the line through the two largest) passes
@@ -16,10 +17,12 @@ the guard (not run; --no-prediction runs it under the cap instead), or until --m
 
     python benchmarks/bench_cached.py                 # 1024, 4096, 16384 + search; 16 GiB guard; results/cpu/cached.*
     python benchmarks/bench_cached.py --batches 256,512 --guard-gib 2 --max-batch 2048 --out /tmp/cached
+    python benchmarks/bench_cached.py --batches 4096 --chunk-sweep 64,256,1024,4096   # results/cpu/cached_chunks.*
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -48,6 +51,15 @@ def embedding_cnn(dim: int):
 # in the child
 
 
+def release_free_heap() -> None:
+    """Give the memory the warm-up freed back to the OS (glibc), so that the measured step faults in its whole
+    working set instead of reusing the warm-up's pages."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def measure(method: str, batch: int, chunk: int, dim: int, guard_bytes: int, threads: int) -> dict:
     import torch
 
@@ -74,6 +86,7 @@ def measure(method: str, batch: int, chunk: int, dim: int, guard_bytes: int, thr
     step(x[:warm], y[:warm])
     net.zero_grad(set_to_none=True)
     gc.collect()
+    release_free_heap()
     peak_reset = reset_peak()
     before_kb = status_kb("VmRSS")
     start = time.perf_counter()
@@ -100,9 +113,9 @@ def worker(spec: dict) -> dict:
 # in the parent
 
 
-def run_record(method: str, batch: int, args) -> dict:
-    spec = dict(method=method, batch=batch, chunk=args.chunk, dim=args.dim, guard_bytes=int(args.guard_gib * GIB),
-                threads=args.threads)
+def run_record(method: str, batch: int, args, chunk: Optional[int] = None) -> dict:
+    spec = dict(method=method, batch=batch, chunk=chunk or args.chunk, dim=args.dim,
+                guard_bytes=int(args.guard_gib * GIB), threads=args.threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     started = time.monotonic()
     try:
@@ -116,7 +129,7 @@ def run_record(method: str, batch: int, args) -> dict:
         # a SIGKILL we did not send: on Linux almost always the kernel's OOM killer
         status = OOM if done.returncode == -9 else KILLED
         record = dict(status=status, note=f"child exited with {done.returncode}: {done.stderr.strip()[-300:]}")
-    record["wall_s"] = round(time.monotonic() - started, 2)
+    record.update(wall_s=round(time.monotonic() - started, 2), chunk=spec["chunk"] if method == "cached" else None)
     return record
 
 
@@ -181,15 +194,20 @@ def main(argv=None):
     parser.add_argument("--guard-gib", type=float, default=16.0,
                         help="most memory a record's process may add after loading torch (default 16: safe on 24 GiB)")
     parser.add_argument("--max-batch", type=int, default=131072, help="the search stops doubling past this batch")
+    parser.add_argument("--chunk-sweep", default=None, metavar="CHUNKS",
+                        help="instead of the search: at each --batches batch, the full step and the cached step with "
+                             "each of these comma-separated chunk sizes")
     parser.add_argument("--no-prediction", action="store_true",
                         help="run every doubling under the cap, even when the predicted peak passes the guard")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per record")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default=DEFAULT_OUT, help="writes OUT.json, OUT.md and OUT.png")
+    parser.add_argument("--out", default=None, help="writes OUT.json, OUT.md and OUT.png (default "
+                        "benchmarks/results/cpu/cached, or cached_chunks with --chunk-sweep)")
     parser.add_argument("--readme", help="also write the summary into this file between its cached markers")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.out = args.out or DEFAULT_OUT + ("_chunks" if args.chunk_sweep else "")
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
@@ -205,7 +223,13 @@ def main(argv=None):
                              guard_bytes=int(args.guard_gib * GIB), max_batch=args.max_batch,
                              prediction=not args.no_prediction),
                records=[], largest={})
-    for method in args.methods.split(","):
+    if args.chunk_sweep:
+        doc["settings"]["chunk_sweep"] = [int(c) for c in args.chunk_sweep.split(",")]
+        for batch in doc["settings"]["batches"]:
+            for method, chunk in [("full", None)] + [("cached", c) for c in doc["settings"]["chunk_sweep"]]:
+                doc["records"].append(dict(run_record(method, batch, args, chunk), method=method, batch=batch))
+                print(json.dumps(doc["records"][-1]), flush=True)
+    for method in [] if args.chunk_sweep else args.methods.split(","):
         records, largest, first_not = search(method, doc["settings"]["batches"],
                                              lambda m, b: run_record(m, b, args), args.guard_gib * GIB,
                                              args.max_batch, not args.no_prediction)
