@@ -66,10 +66,15 @@ def _call(model, chunk):
 
 
 class _RngState:
-    """The CPU generator's state, and every CUDA device's once CUDA is initialised; `restore()` puts them back."""
+    """The CPU generator's state, and every CUDA device's once CUDA is initialised; `capture()` records them
+    into storage allocated up front, `restore()` puts them back."""
 
     def __init__(self):
-        self.cpu = torch.get_rng_state()
+        self.cpu = torch.empty_like(torch.get_rng_state())
+        self.cuda = None
+
+    def capture(self) -> None:
+        self.cpu.copy_(torch.get_rng_state())
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
 
     def restore(self) -> None:
@@ -96,6 +101,13 @@ def _check_embeddings(out, rows: int) -> torch.Tensor:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model must return a tensor with one row per input row ({rows}), got {got}")
     return out
+
+
+def _check_like(out: torch.Tensor, first: torch.Tensor) -> None:
+    if out.shape[1:] != first.shape[1:] or out.dtype != first.dtype or out.device != first.device:
+        raise ValueError(f"model must return embeddings of one shape, dtype and device for every chunk, got "
+                         f"{tuple(out.shape[1:])} {out.dtype} {out.device} after {tuple(first.shape[1:])} "
+                         f"{first.dtype} {first.device}")
 
 
 def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size: int,
@@ -153,17 +165,24 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
     _warn_batch_norm_once(model, batch_norms)
     running_stats = [[b.clone() for b in m.buffers(recurse=False)] for m in batch_norms]
 
-    states, parts = [], []
+    states = [_RngState() for _ in bounds]
+    embeddings = None
     with torch.no_grad():
-        for start, stop in bounds:
-            states.append(_RngState())
-            parts.append(_check_embeddings(_call(model, _chunk(inputs, start, stop)), stop - start))
+        for (start, stop), state in zip(bounds, states):
+            state.capture()
+            out = _check_embeddings(_call(model, _chunk(inputs, start, stop)), stop - start)
+            if embeddings is None:
+                embeddings = out.new_empty((n,) + tuple(out.shape[1:]))
+            _check_like(out, embeddings)
+            embeddings[start:stop] = out
+            # nothing of a chunk outlives it: small long-lived blocks between its freed activations would
+            # fragment the heap, and the process would grow with the number of chunks
+            del out
         for m, saved in zip(batch_norms, running_stats):
             for buffer, value in zip(m.buffers(recurse=False), saved):
                 buffer.copy_(value)
 
-    embeddings = torch.cat(parts).requires_grad_(True)
-    del parts
+    embeddings.requires_grad_(True)
     loss = loss_fn(embeddings, labels)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
         raise ValueError(f"loss_fn must return a scalar tensor, got {getattr(loss, 'shape', type(loss).__name__)}")
@@ -172,12 +191,12 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
     del embeddings
 
     after = _RngState()
+    after.capture()
     no_sync = getattr(model, "no_sync", None)
     for i, (start, stop) in enumerate(bounds):
         states[i].restore()
         last = i == len(bounds) - 1
         with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            out = _check_embeddings(_call(model, _chunk(inputs, start, stop)), stop - start)
-            out.backward(grad[start:stop])
+            _check_embeddings(_call(model, _chunk(inputs, start, stop)), stop - start).backward(grad[start:stop])
     after.restore()
     return loss.detach()
