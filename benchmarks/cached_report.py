@@ -88,7 +88,8 @@ def markdown(doc) -> str:
         "max-pool, dropout 0.25, linear 9216→dim) on 28×28 float32 inputs, default MS loss, 4 images per class. "
         "Full step: `multi_similarity_loss(net(x), y).backward()`; cached step: "
         f"`cached_backward(net, x, y, chunk_size=...)`. {settings_text(doc)}.", "",
-        "Each record is one step in a fresh process, after a warm-up step on a slice of one chunk. *Step peak*: the "
+        "Each record is one step in a fresh process, after a warm-up step on one chunk's rows whose freed memory "
+        "goes back to the OS before the step. *Step peak*: the "
         "largest rise of the resident set during the step above what the process held before it (network, "
         "inputs, code); *process peak*: the process's resident-set high-water mark (torch itself included).", "",
         head + rows,
