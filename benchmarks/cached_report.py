@@ -76,7 +76,7 @@ def markdown(doc) -> str:
         rows += (f"| {b} | {cell(f, 'step_peak_bytes')} | {cell(f, 'process_peak_bytes')} | {cell(f, 'seconds')} "
                  f"| {cell(c, 'step_peak_bytes')} | {cell(c, 'process_peak_bytes')} | {cell(c, 'seconds')} "
                  f"| {ratio(f, c, 'step_peak_bytes')} | {time_ratio} |\n")
-    notes = [f"- {r['method']} at {r['batch']}: {r['status']}, {r.get('note', '')}"
+    notes = [f"{r['method']} at {r['batch']}: {r['status']}, {r.get('note', '')}"
              for r in doc["records"] if r["status"] != OK]
     k = largest_ratio(doc)
     env = doc["environment"]
@@ -97,7 +97,7 @@ def markdown(doc) -> str:
         f"- full step: {largest_text(doc, 'full')}",
         f"- cached step: {largest_text(doc, 'cached')}",
         f"- cached ÷ full: {k:.0f}×" if k else "- cached ÷ full: —", "",
-        *(["¹ " + notes[0][2:]] + notes[1:] if notes else []), "",
+        *(["¹ " + "; ".join(notes), ""] if notes else []),
     ])
 
 
@@ -119,7 +119,7 @@ def chunk_table(doc) -> List[str]:
 
 def markdown_chunks(doc) -> str:
     env = doc["environment"]
-    notes = [f"- {r['method']} at {r['batch']}: {r['status']}, {r.get('note', '')}"
+    notes = [f"{r['method']} at {r['batch']}: {r['status']}, {r.get('note', '')}"
              for r in doc["records"] if r["status"] != OK]
     return "\n".join([
         "# Cached step by chunk size on the CPU", "",
@@ -127,7 +127,7 @@ def markdown_chunks(doc) -> str:
         f"load average before the run {env['load_before']}.", "",
         "The network, step and measurements of `cached.md`, at a fixed batch: the full step once, then the cached "
         "step with each chunk size.", "",
-        *chunk_table(doc), "", *(["¹ " + notes[0][2:]] + notes[1:] if notes else []), "",
+        *chunk_table(doc), "", *(["¹ " + "; ".join(notes), ""] if notes else []),
     ])
 
 
