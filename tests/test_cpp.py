@@ -135,7 +135,7 @@ def test_backward_is_deterministic():
 def test_other_devices_are_refused_naming_the_backend():
     # every other bad input: test_inputs.py, on every backend
     meta = dict(embeddings=torch.randn(6, 4, device="meta"), labels=torch.zeros(6, dtype=torch.long, device="meta"))
-    with pytest.raises(ValueError, match=r"backend='cpp' cannot serve .* on meta: the cpp backend runs on the CPU only"):
+    with pytest.raises(ValueError, match=r"backend='cpp' cannot serve .* on meta: the cpp backend runs on the CPU"):
         multi_similarity_loss(**meta, backend="cpp")
 
 
