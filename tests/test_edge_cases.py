@@ -153,5 +153,10 @@ def test_reductions_and_output_dtype(backend, reduction):
     # "mean" divides by all N anchors, those without pairs included
     expected = {"none": per, "sum": per.sum(), "mean": per.sum() / 25}[reduction]
     assert torch.allclose(loss, expected, rtol=1e-14 if per.dtype == torch.float64 else 1e-6)
-    for half in (torch.float16, torch.bfloat16, torch.float32):
-        assert loss_and_grads(backend, x, y, dtype=half, reduction=reduction)[0].dtype == torch.float32
+
+
+def test_lower_precision_inputs_give_a_float32_loss(backend):
+    x, y = clustered_batch(25, 6, 4, 12)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        loss, (grad,) = loss_and_grads(backend, x, y, dtype=dtype, reduction="mean")
+        assert loss.dtype == torch.float32 and grad.dtype == dtype
