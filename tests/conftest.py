@@ -1,8 +1,18 @@
 import os
 
+import pytest
 import torch
 
 # Triton kernels only run on the CPU through its interpreter, which must be switched on before any
 # @triton.jit decorator runs (i.e. before ms_fused.triton_backend is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from backends_under_test import ALL_BACKENDS, backend_params  # noqa: E402  (after TRITON_INTERPRET)
+
+
+@pytest.fixture(params=backend_params(ALL_BACKENDS))
+def backend(request):
+    """Every backend, interpreted triton included (skipped with the reason where a backend cannot run).
+    Tests that take it keep their sizes small (N, M ≲ 130): the interpreter runs each program in Python."""
+    return request.param

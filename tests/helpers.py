@@ -1,7 +1,8 @@
-"""Shared test data: clustered batches kept away from mining thresholds, and the error measure."""
+"""Shared test data (clustered batches kept away from mining thresholds), the error measure, the tolerance
+table and the one comparison of a backend with the float64 `reference`."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +56,21 @@ def threshold_gap(q, yq, r=None, yr=None, self_index=None, epsilon: float = 0.1,
     return float(torch.minimum(gap_neg.min(), gap_pos.min()))
 
 
+def same_centres(n: int, m: int, d: int, n_classes: int, gen: torch.Generator, spread: float = 0.9):
+    """Anchors and reference rows around one set of class centres (as a memory bank of past batches is)."""
+    centres = torch.randn(n_classes, d, generator=gen, dtype=torch.float64)
+    y, yr = torch.randint(0, n_classes, (n,), generator=gen), torch.randint(0, n_classes, (m,), generator=gen)
+    x = centres[y] + spread * torch.randn(n, d, generator=gen, dtype=torch.float64)
+    r = centres[yr] + spread * torch.randn(m, d, generator=gen, dtype=torch.float64)
+    return x, y, r, yr
+
+
 def clustered_batch(n: int, d: int, n_classes: int, seed: int, dtype=torch.float64, m: Optional[int] = None,
-                    epsilon: float = 0.1, margin: float = 1e-5, normalize: bool = True):
+                    epsilon: float = 0.1, margin: float = 1e-5, normalize: bool = True,
+                    shared_centres: bool = False):
     """A clustered batch (self mode, or reference mode with m reference rows) whose pairs all sit at least
-    `margin` away from a mining threshold.
+    `margin` away from a mining threshold. The reference rows get their own class centres unless
+    `shared_centres`.
 
     Why: a pair within rounding distance of `S ± ε = extreme` is mined by one implementation and not by
     another (different GEMM summation orders), which changes the loss by a whole pair's term. Such draws
@@ -66,12 +78,137 @@ def clustered_batch(n: int, d: int, n_classes: int, seed: int, dtype=torch.float
     """
     gen = torch.Generator().manual_seed(seed)
     for _ in range(500):
-        x, y = clustered(n, d, n_classes, gen)
         if m is None:
+            x, y = clustered(n, d, n_classes, gen)
             if threshold_gap(x, y, epsilon=epsilon, normalize=normalize) > margin:
                 return x.to(dtype), y
         else:
-            r, yr = clustered(m, d, n_classes, gen)
+            if shared_centres:
+                x, y, r, yr = same_centres(n, m, d, n_classes, gen)
+            else:
+                (x, y), (r, yr) = clustered(n, d, n_classes, gen), clustered(m, d, n_classes, gen)
             if threshold_gap(x, y, r, yr, epsilon=epsilon, normalize=normalize) > margin:
                 return x.to(dtype), y, r.to(dtype), yr
     raise RuntimeError("could not draw a batch away from the mining thresholds; lower the margin")
+
+
+def memory_bank_batch(n: int, m_extra: int, d: int, n_classes: int, seed: int, margin: float = 1e-5):
+    """Reference mode where R = [Q; other rows] and anchor i's own copy is row i of R, except for every
+    fifth anchor, given -1 (its copy then is a real positive); redrawn away from mining thresholds.
+    Returns (x, y, r, yr, ref_self_index)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(200):
+        x, y, extra, y_extra = same_centres(n, m_extra, d, n_classes, gen)
+        r, yr = torch.cat([x, extra]), torch.cat([y, y_extra])
+        own = torch.arange(n)
+        own[::5] = -1
+        if threshold_gap(x, y, r, yr, self_index=own) > margin:
+            return x, y, r, yr, own
+    raise RuntimeError("could not draw a batch away from the mining thresholds; lower the margin")
+
+
+# ---- one comparison against the float64 `reference` for every backend -----------------------------------
+
+class Tol(NamedTuple):
+    loss: float
+    grad: float
+
+
+# Relative error ‖out − ref‖ / ‖ref‖ allowed against the float64 `reference` on the same rounded inputs,
+# by input dtype. Every comparison with the reference uses these numbers, except where a test passes its
+# own `tol` and says why.
+TOLERANCE = {
+    # the same float64 operations in another summation order
+    torch.float64: Tol(loss=1e-10, grad=1e-10),
+    # float32 accumulation over D (S) and over the M terms of each log-sum-exp
+    torch.float32: Tol(loss=1e-5, grad=1e-5),
+    # float32 compute on the same rounded inputs; the gradient is stored in float16 (unit roundoff 2^-11)
+    # and triton's gradient GEMM takes float16 weights
+    torch.float16: Tol(loss=1e-5, grad=2e-3),
+    # the gradient is stored in bfloat16 (unit roundoff 2^-9 ≈ 2e-3) and triton's gradient GEMM takes
+    # bfloat16 weights; ~3.5e-3 seen
+    torch.bfloat16: Tol(loss=1e-5, grad=1e-2),
+}
+
+
+def device_of(backend) -> torch.device:
+    """Where a backend's test tensors live: the GPU for triton where there is one, else the CPU."""
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def widest_dtype(backend) -> torch.dtype:
+    """float64 where `backend` takes it, else float32 (triton)."""
+    from ms_fused import backends
+
+    if isinstance(backend, str) and backend != "auto" and \
+            backends.unavailable_reason(backend, device_of(backend), torch.float64) is not None:
+        return torch.float32
+    return torch.float64
+
+
+def loss_and_grads(backend, x, y, r=None, yr=None, dtype=None, weights=None, grad_ref=True, **kw):
+    """Losses of `backend` on x (and r) rounded to `dtype` (default: their own), and the gradients of
+    Σ_i w_i ℓ_i with respect to x and, unless grad_ref=False, r.
+
+    `backend` is a backend name, or a callable taking multi_similarity_loss's (embeddings, labels,
+    ref_emb, ref_labels, **kw). reduction defaults to "none"; the default weights 0.5 … 1.5 test every
+    anchor's upstream gradient, not only 1/N. Returns detached CPU tensors: (loss, (dx,)) in self mode,
+    (loss, (dx, dr)) in reference mode, dr None when grad_ref=False.
+    """
+    from ms_fused import multi_similarity_loss
+
+    device = device_of(backend) if isinstance(backend, str) else x.device
+    kw.setdefault("reduction", "none")
+    if kw.get("ref_self_index") is not None:
+        kw["ref_self_index"] = kw["ref_self_index"].to(device)
+    dtype = x.dtype if dtype is None else dtype
+    # no copy where dtype and device already match: a strided input must reach the backend as it is
+    xs = x.detach().to(dtype).to(device).requires_grad_(True)
+    rs = None if r is None else r.detach().to(dtype).to(device).requires_grad_(grad_ref)
+    y = y.to(device)
+    yr = None if yr is None else yr.to(device)
+    if isinstance(backend, str):
+        loss = multi_similarity_loss(xs, y, rs, yr, backend=backend, **kw)
+    else:
+        loss = backend(xs, y, rs, yr, **kw)
+    if weights is None:
+        weights = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    leaves = [xs] if rs is None or not grad_ref else [xs, rs]
+    grads = torch.autograd.grad((loss * weights.to(loss)).sum(), leaves)
+    grads = [g.cpu() for g in grads] + ([None] if rs is not None and not grad_ref else [])
+    return loss.detach().cpu(), tuple(grads)
+
+
+def assert_close(out, ref, dtype: torch.dtype, grad_floor: float = 0.0, tol: Optional[Tol] = None):
+    """Two (loss, grads) results agree within TOLERANCE[dtype] (`dtype`: the inputs' dtype), or within `tol`
+    where a test's conditioning needs other bounds (the test says why).
+
+    `grad_floor` bounds the gradients' denominator from below where the true gradient is zero up to
+    rounding (D = 1: a normalised row is ±1 whatever x is)."""
+    tol = TOLERANCE[dtype] if tol is None else tol
+    (loss, grads), (ref_loss, ref_grads) = out, ref
+    err = rel_err(loss, ref_loss)
+    assert err <= tol.loss, f"loss: relative error {err:.3g} > {tol.loss:g} ({dtype})"
+    assert len(grads) == len(ref_grads)
+    for i, (g, g_ref) in enumerate(zip(grads, ref_grads)):
+        if g is None or g_ref is None:
+            assert g is None and g_ref is None, f"gradient {i}"
+            continue
+        err = rel_err(g, g_ref, grad_floor)
+        assert err <= tol.grad, f"gradient {i}: relative error {err:.3g} > {tol.grad:g} ({dtype})"
+
+
+def assert_matches_reference(backend, x, y, r=None, yr=None, dtype=None, grad_floor=0.0, tol=None, **kw):
+    """`backend` on x, r rounded to `dtype` (default: widest_dtype(backend)) against the float64 `reference`
+    on the same rounded values, within TOLERANCE[dtype]; also checks the output dtypes (float32 loss,
+    float64 for float64 inputs; gradients in the input dtype). Returns the backend's (loss, grads)."""
+    dtype = widest_dtype(backend) if dtype is None else dtype
+    x, r = x.to(dtype), None if r is None else r.to(dtype)
+    out = loss_and_grads(backend, x, y, r, yr, **kw)
+    ref = loss_and_grads("reference", x, y, r, yr, dtype=torch.float64, **kw)
+    assert out[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert all(g is None or g.dtype == dtype for g in out[1])
+    assert_close(out, ref, dtype, grad_floor, tol)
+    return out

@@ -3,7 +3,7 @@
 One spawn of 3 CPU processes (file:// rendezvous, no ports) serves every case: world size 3 runs on the
 default group, world size 2 on the group of ranks 0 and 1. Each rank draws the same global batch, takes
 its slice, and records its loss and gradient next to the float64 `reference` result on the concatenated
-batch (same rounded numbers). Tolerances (relative error): float64 1e-10, float32 1e-5.
+batch (same rounded numbers). Tolerances: helpers.TOLERANCE.
 """
 import itertools
 import os
@@ -16,10 +16,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from backends_under_test import FAST_CPU_BACKENDS
-from helpers import clustered_batch, rel_err
+from helpers import TOLERANCE, clustered_batch, loss_and_grads, rel_err
 from ms_fused import multi_similarity_loss
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 WORLD, DIM, CLASSES = 3, 13, 5
 # local batch sizes per rank: unequal, a rank with a single sample, a rank with none
 SPLITS = [(5, 9), (1, 12), (1, 6, 11), (7, 0, 4)]
@@ -32,13 +31,6 @@ CASES = [(split, dtype, reduction, mining, backend)
 
 def global_batch(split, seed=0):
     return clustered_batch(sum(split), DIM, CLASSES, seed + 17 * len(split) + sum(split))
-
-
-def weighted_loss_and_grad(fn, x):
-    """The loss (already weighted by the caller) and the gradient of its sum."""
-    x = x.detach().clone().requires_grad_(True)
-    loss = fn(x)
-    return loss.detach(), torch.autograd.grad(loss.sum(), x)[0]
 
 
 def run_cases(rank, groups):
@@ -56,13 +48,11 @@ def run_cases(rank, groups):
         weights = torch.linspace(0.5, 1.5, sum(split), dtype=torch.float64)
         kw = dict(reduction=reduction, mining=mining)
         w = weights if reduction == "none" else torch.ones((), dtype=torch.float64)
-        ref_loss, ref_grad = weighted_loss_and_grad(
-            lambda q: w * multi_similarity_loss(q, y, backend="reference", **kw), x.double())
+        ref_loss, (ref_grad,) = loss_and_grads("reference", x, y, dtype=torch.float64, weights=w, **kw)
         w_local = w[start:start + n] if reduction == "none" else w
-        loss, grad = weighted_loss_and_grad(
-            lambda q: w_local.to(torch.float64 if dtype == torch.float64 else torch.float32)
-            * msd.multi_similarity_loss(q, y[start:start + n], group=groups[len(split)], backend=backend, **kw),
-            x[start:start + n])
+        loss, (grad,) = loss_and_grads(
+            lambda q, yq, *_, **kw: msd.multi_similarity_loss(q, yq, group=groups[len(split)], backend=backend, **kw),
+            x[start:start + n], y[start:start + n], weights=w_local, **kw)
         expected = ref_loss[start:start + n] if reduction == "none" else ref_loss
         out[case] = dict(loss=loss, loss_err=rel_err(loss, expected), grad_err=rel_err(grad, ref_grad[start:start + n]),
                          dtypes=(loss.dtype, grad.dtype))
@@ -135,8 +125,8 @@ def test_matches_single_process(results, case):
     split_id, dtype, reduction, *_ = case
     for rank in range(len(SPLITS[split_id])):
         got = results[rank]["cases"][case]
-        assert got["loss_err"] <= TOL[dtype], (rank, got)
-        assert got["grad_err"] <= TOL[dtype], (rank, got)
+        assert got["loss_err"] <= TOLERANCE[dtype].loss, (rank, got)
+        assert got["grad_err"] <= TOLERANCE[dtype].grad, (rank, got)
         out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         assert got["dtypes"] == (out_dtype, dtype)
 
@@ -150,7 +140,7 @@ def test_every_rank_gets_the_same_loss(results, case):
 def test_ddp_with_loss_times_world_size_matches_single_process(results):
     for rank in range(2):
         for name, err in results[rank]["ddp"].items():
-            assert err <= TOL[torch.float64], (rank, name, err)
+            assert err <= TOLERANCE[torch.float64].grad, (rank, name, err)
 
 
 def test_bad_input_on_one_rank_raises_on_every_rank(results):

@@ -2,16 +2,15 @@
 
 Each step's expected loss is `multi_similarity_loss(batch, labels, memory, memory_labels,
 ref_self_index=slots, backend="reference")` in float64 on the same (rounded) numbers, with memory, labels
-and slots taken from the list simulation. Tolerances (relative error): float64 1e-10, float32 1e-5.
+and slots taken from the list simulation. Tolerances: helpers.TOLERANCE.
 """
 import pytest
 import torch
 
 from backends_under_test import FAST_CPU_BACKENDS
-from helpers import clustered, rel_err, threshold_gap
+from helpers import TOLERANCE, clustered, loss_and_grads, rel_err, threshold_gap
 from ms_fused import CrossBatchMemory, multi_similarity_loss
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 MEMORY, DIM, CLASSES = 37, 11, 6
 # 9+16+7 = 32 rows fill most of the memory, 20 wraps around, 45 > 37 overwrites its own first rows
 BATCHES = [9, 16, 7, 20, 45, 12]
@@ -55,14 +54,6 @@ def stream(seed, dtype, margin=1e-5):
     raise RuntimeError("no stream away from the mining thresholds")
 
 
-def loss_and_grad(fn, x, reduction):
-    x = x.detach().clone().requires_grad_(True)
-    loss = fn(x)
-    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
-    (grad,) = torch.autograd.grad((loss * weights).sum(), x)
-    return loss.detach(), grad
-
-
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 # without mining an anchor's own copy in the memory would always count, so its removal is tested there
@@ -71,15 +62,15 @@ def test_matches_reference_over_steps(backend, dtype, reduction, mining):
     for seed in range(2):
         xbm = CrossBatchMemory(MEMORY, DIM, dtype=dtype, backend=backend, reduction=reduction, mining=mining)
         for step, (x, y, mem, mem_labels, slots) in enumerate(stream(seed, dtype)):
-            loss, grad = loss_and_grad(lambda q: xbm(q, y), x, reduction)
-            ref_loss, ref_grad = loss_and_grad(
-                lambda q: multi_similarity_loss(q, y, mem.double(), mem_labels, ref_self_index=slots,
-                                                reduction=reduction, mining=mining, backend="reference"), x.double(), reduction)
+            loss, (grad,) = loss_and_grads(lambda q, y, *_, **__: xbm(q, y), x, y)
+            ref_loss, (ref_grad, _) = loss_and_grads("reference", x, y, mem, mem_labels, dtype=torch.float64,
+                                                     grad_ref=False, ref_self_index=slots, reduction=reduction,
+                                                     mining=mining)
             filled = int(xbm.filled)
             assert torch.equal(xbm.memory[:filled], mem) and torch.equal(xbm.memory_labels[:filled], mem_labels)
             assert loss.dtype == dtype and grad.dtype == dtype
-            assert rel_err(loss, ref_loss) <= TOL[dtype], (seed, step, rel_err(loss, ref_loss))
-            assert rel_err(grad, ref_grad) <= TOL[dtype], (seed, step, rel_err(grad, ref_grad))
+            assert rel_err(loss, ref_loss) <= TOLERANCE[dtype].loss, (seed, step, rel_err(loss, ref_loss))
+            assert rel_err(grad, ref_grad) <= TOLERANCE[dtype].grad, (seed, step, rel_err(grad, ref_grad))
         assert int(xbm.filled) == MEMORY and int(xbm.ptr) == sum(BATCHES) % MEMORY
 
 
@@ -186,7 +177,7 @@ def test_several_steps_before_one_backward(backend, normalize):
     total = sum(w * xbm(leaf, y) for leaf, (_, y, *_), w in zip(leaves, steps, weights))
     total.backward()
     for leaf, ref_grad in zip(leaves, reference_grads(steps, weights, scale, normalize=normalize)):
-        assert rel_err(leaf.grad, ref_grad) <= TOL[torch.float64]
+        assert rel_err(leaf.grad, ref_grad) <= TOLERANCE[torch.float64].grad
     mem, mem_labels = steps[-1][2:4]
     assert torch.equal(xbm.memory[: int(xbm.filled)], mem * scale)
     assert torch.equal(xbm.memory_labels[: int(xbm.filled)], mem_labels)
@@ -203,7 +194,7 @@ def test_retained_graph_keeps_its_memory(backend):
     xbm(*stream(8, torch.float64)[4][:2])  # 45 rows: every slot is overwritten
     loss.backward()
     (ref_grad,) = reference_grads(steps[:1], [2.0])  # two backwards accumulate twice the first step's gradient
-    assert rel_err(first.grad, ref_grad) <= TOL[torch.float64]
+    assert rel_err(first.grad, ref_grad) <= TOLERANCE[torch.float64].grad
 
 
 def test_backward_after_each_step_copies_nothing():
