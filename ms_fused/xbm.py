@@ -143,11 +143,14 @@ class CrossBatchMemory(nn.Module):
             raise ValueError("embeddings contains NaN or Inf (check_finite=True)")
         if self.memory.device != x.device:
             self.to(x.device)
-        slots = self.enqueue(x, y)
+        return self.score(x, y, self.enqueue(x, y))
+
+    def score(self, embeddings: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The loss of these anchors against the memory as it is now, each anchor's own copy at `slots`."""
         filled = int(self.filled)
-        anchors = x.to(self.memory.dtype)
+        anchors = embeddings.to(self.memory.dtype)
         with torch.autograd.graph.saved_tensors_hooks(self._save, _unpack):
-            return self.loss(anchors, y, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots,
+            return self.loss(anchors, labels, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots,
                              ref_normalized=self.loss.kwargs["normalize"])
 
     def extra_repr(self) -> str:
