@@ -78,12 +78,7 @@ def embedding_net(seed: int, dtype, channels: int = 16, dim: int = 32) -> nn.Mod
 
 def recall_at_k(emb: torch.Tensor, labels: torch.Tensor, ks=KS) -> dict:
     """Fraction of queries with a same-class image among their k nearest others (cosine, leave-one-out)."""
-    emb = nn.functional.normalize(emb.double(), dim=1)
-    sim = emb @ emb.T
-    sim.fill_diagonal_(float("-inf"))
-    nearest = sim.topk(max(ks), dim=1).indices
-    hit = labels[nearest] == labels[:, None]
-    return {k: float(hit[:, :k].any(dim=1).double().mean()) for k in ks}
+    return ms_fused.retrieval.recall_at_k(emb.double(), labels, ks)
 
 
 def train(net, loss_of, x, y, batches, lr: float, shadow_loss=None):

@@ -10,7 +10,7 @@ import torch
 
 def autocast_off(device: torch.device):
     """Autocast switched off for `device`: the loss computes in float32 (float64 for float64) even inside an
-    autocast region, whose matmuls would otherwise run in float16/bfloat16 (SPEC "Similarities")."""
+    autocast region, whose matmuls would otherwise run in float16/bfloat16 (docs/semantics.md "Similarities")."""
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()

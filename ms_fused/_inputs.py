@@ -1,4 +1,4 @@
-"""Argument checking for every backend: one place, run before any kernel (SPEC "Bad input")."""
+"""Argument checking for every backend: one place, run before any kernel (docs/semantics.md "Bad input")."""
 from __future__ import annotations
 
 import math
@@ -46,7 +46,7 @@ class Problem:
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; every narrower float type is computed in float32 (SPEC "Similarities")."""
+    """float64 stays float64; every narrower float type is computed in float32 (docs/semantics.md "Similarities")."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -1,5 +1,16 @@
-"""The `reference` backend: dense, line-by-line SPEC.md, differentiated by autograd. The oracle of every test,
+"""The `reference` backend: dense, line by line docs/semantics.md, differentiated by autograd. The oracle of every test,
 and the backend whose gradient is itself differentiable (double backward).
+
+With S_ij = <q_hat_i, r_hat_j>, the pair sets P_i (same label, own copy removed by index) and N_i (other
+label), and, when mining, the hard sets
+    N^_i = {n in N_i : S_in + eps > min_{p in P_i} S_ip},   P^_i = {p in P_i : S_ip - eps < max_{n in N_i} S_in},
+the loss of anchor i is
+    l_i = (1/alpha) log(1 + sum_{p in P^_i} exp(-alpha (S_ip - base))) + (1/beta) log(1 + sum_{n in N^_i} exp(beta (S_in - base)))
+and, with g_i = dL/dl_i, its gradient is dL/dS = G with (masks held constant)
+    G_ip = -g_i exp(-alpha (S_ip - base) - A_i),  A_i = log(1 + sum_{p in P^_i} exp(-alpha (S_ip - base)))
+    G_in = +g_i exp(beta (S_in - base) - B_i),    B_i = log(1 + sum_{n in N^_i} exp(beta (S_in - base)))
+so that dL/dq_hat = G r_hat and dL/dr_hat = G^T q_hat ((G + G^T) x_hat in self mode). Here autograd derives
+G from the lines below; the fused backends compute it from these equations.
 
 It materialises several N x M matrices on purpose: clarity over speed.
 """
@@ -54,7 +65,7 @@ def pair_masks(yq: torch.Tensor, yr: torch.Tensor, self_index: Optional[torch.Te
 
 
 def mined_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, hp: HyperParams):
-    """SPEC "Mining": hard negatives beat the weakest positive by eps, hard positives the strongest negative."""
+    """docs/semantics.md "Mining": hard negatives beat the weakest positive by eps, hard positives the strongest negative."""
     if not hp.mining:
         return pos, neg
     min_pos = S.masked_fill(~pos, float("inf")).amin(dim=1, keepdim=True)
@@ -84,7 +95,7 @@ def per_anchor_loss(problem: Problem, count_pairs: bool = False):
     neg_term = log1p_sum_exp(hp.beta * (S - hp.base), hard_neg) / hp.beta
     loss = pos_term + neg_term
 
-    # SPEC "Bad input": an anchor whose similarity row touches NaN/Inf gets NaN (value and gradient),
+    # docs/semantics.md "Non-finite inputs": an anchor whose similarity row touches NaN/Inf gets NaN (value and gradient),
     # so a non-finite embedding can never be mined away into a finite loss.
     bad = ~torch.isfinite(S.detach()).all(dim=1)
     nan_if_bad = torch.zeros_like(loss).masked_fill(bad, float("nan"))

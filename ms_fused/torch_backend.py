@@ -1,4 +1,4 @@
-"""The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (SPEC "Gradient").
+"""The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (docs/semantics.md "Gradient").
 
 Scratch memory is O(chunk x M): `chunk` rows of anchors are processed at a time, chunk chosen from a
 byte budget. Forward keeps only per-row statistics (min_pos, max_neg, A, B, non-finite flag); backward
@@ -24,8 +24,10 @@ CAST_ROWS = 4096
 _FLOAT_TEMPS, _BOOL_TEMPS = 4, 6
 
 
-def chunk_rows(m: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    per_row = m * (_FLOAT_TEMPS * torch.finfo(dtype).bits // 8 + _BOOL_TEMPS)
+def chunk_rows(m: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES,
+               float_temps: int = _FLOAT_TEMPS, bool_temps: int = _BOOL_TEMPS) -> int:
+    """Rows of m columns that fit the budget, `float_temps` float and `bool_temps` bool temporaries per entry."""
+    per_row = m * (float_temps * torch.finfo(dtype).bits // 8 + bool_temps)
     return max(1, budget_bytes // per_row)
 
 
@@ -42,7 +44,7 @@ def _pair_masks(yq_c, yr, self_c):
 
 
 def _hard_masks(S, pos, same, min_pos, max_neg, hp: HyperParams):
-    """SPEC "Mining", thresholds tested as written: S - eps < max_neg, S + eps > min_pos."""
+    """docs/semantics.md "Mining", thresholds tested as written: S - eps < max_neg, S + eps > min_pos."""
     if not hp.mining:
         return pos, ~same
     hard_pos = torch.lt(S - hp.epsilon, max_neg[:, None]).logical_and_(pos)
@@ -67,7 +69,7 @@ def _row_shifts(min_pos, max_neg, hp: HyperParams):
 
 
 def _shifted_exp(S, keep, scale, base, shift):
-    """exp(scale * (S_ij - base) - shift_i) where keep, else 0 (evaluated as the SPEC writes it)."""
+    """exp(scale * (S_ij - base) - shift_i) where keep, else 0 (evaluated as docs/semantics.md writes it)."""
     z = (S - base).mul_(scale).sub_(shift[:, None])
     return z.masked_fill_(~keep, float("-inf")).exp_()
 
@@ -145,7 +147,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
             min_pos, max_neg, A, B = stats[s:e].unbind(dim=1)
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
-            # SPEC "Gradient": G_ip = -g exp(-a(S-lam) - A), G_in = +g exp(b(S-lam) - B), 0 elsewhere
+            # docs/semantics.md "Gradient": G_ip = -g exp(-a(S-lam) - A), G_in = +g exp(b(S-lam) - B), 0 elsewhere
             G = _shifted_exp(S, hard_neg, b, lam, B)
             G.sub_(_shifted_exp(S, hard_pos, -a, lam, A))
             G.mul_(g[s:e, None])

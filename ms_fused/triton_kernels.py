@@ -83,6 +83,20 @@ def _rows(perm_ptr, inv_ptr, y_ptr, idx, ok, stride):
 
 
 @triton.jit
+def _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, stride_b, start, end, D,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                 NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr):
+    """Sorted columns [start, start + BLOCK_M) below `end`: their indices, in-range mask, element offsets,
+    inverse norms and labels, and the rows' S tile against them."""
+    cols = start + tl.arange(0, BLOCK_M)
+    col_ok = cols < end
+    b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
+    S = _similarities(a_ptr, a_off, row_ok, inv_a, b_ptr, b_off, col_ok, inv_b, D,
+                      BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32)
+    return cols, col_ok, b_off, inv_b, yb, S
+
+
+@triton.jit
 def _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N: tl.constexpr):
     """Columns [lo, hi) that hold every positive of rows row0 .. row0 + BLOCK_N - 1 (labels are sorted)."""
     last = tl.minimum(row0 + BLOCK_N, NA) - 1
@@ -110,6 +124,15 @@ def _pair_masks(ya, yb, rows, cols, own_rows, own_cols, valid, in_band, OWN_MODE
     return pos, neg
 
 
+@triton.jit
+def _add_exp2(shift, total, z, keep):
+    """Online log-sum-exp in base 2: with total = sum 2^(z_seen - shift), add the kept entries of z per row,
+    raising the shift to the running maximum (it never falls below its start, 0)."""
+    new_shift = tl.maximum(shift, tl.max(tl.where(keep, z, -INF), axis=1))
+    total = total * tl.exp2(shift - new_shift) + tl.sum(tl.exp2(tl.where(keep, z - new_shift[:, None], -INF)), axis=1)
+    return new_shift, total
+
+
 @triton.jit(do_not_specialize=["NA", "NB"])
 def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, band_hi_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
@@ -125,11 +148,9 @@ def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, 
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     min_pos = tl.full([BLOCK_N], INF, tl.float32)
     for start in range(lo, hi, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < hi
-        b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
-        S = _similarities(a_ptr, a_off, row_ok, inv_a, b_ptr, b_off, col_ok, inv_b, D,
-                          BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
+                                                         yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
+                                                         BLOCK_D, NORMALIZE, DOT_F32)
         pos, _ = _pair_masks(ya, yb, rows, cols, own, own, row_ok[:, None] & col_ok[None, :], True, OWN_MODE)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
     tl.store(min_pos_ptr + rows, min_pos, mask=row_ok)
@@ -161,11 +182,9 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, NB)
     for start in range(c0, c1, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < c1
-        b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
-        S = _similarities(a_ptr, a_off, row_ok, inv_a, b_ptr, b_off, col_ok, inv_b, D,
-                          BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
+                                                         yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
+                                                         BLOCK_D, NORMALIZE, DOT_F32)
         _, neg = _pair_masks(ya, yb, rows, cols, rows, cols, row_ok[:, None] & col_ok[None, :],
                              (start < hi) & (start + BLOCK_M > lo), OWN_NONE)
         if MINING:
@@ -176,9 +195,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
         if COUNT_PAIRS:
             n_hard += tl.sum(hard.to(tl.int32), axis=1)
         z = (S - base) * beta2
-        new_shift = tl.maximum(shift, tl.max(tl.where(hard, z, -INF), axis=1))
-        total = total * tl.exp2(shift - new_shift) + tl.sum(tl.exp2(tl.where(hard, z - new_shift[:, None], -INF)), axis=1)
-        shift = new_shift
+        shift, total = _add_exp2(shift, total, z, hard)
     part = split * NA + rows
     tl.store(max_neg_part_ptr + part, max_neg, mask=row_ok)
     tl.store(shift_part_ptr + part, shift, mask=row_ok)
@@ -228,11 +245,9 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
     shift = tl.zeros([BLOCK_N], dtype=tl.float32)
     total = tl.full([BLOCK_N], 1.0, tl.float32)
     for start in range(lo, hi, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < hi
-        b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
-        S = _similarities(a_ptr, a_off, row_ok, inv_a, b_ptr, b_off, col_ok, inv_b, D,
-                          BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
+                                                         yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
+                                                         BLOCK_D, NORMALIZE, DOT_F32)
         pos, _ = _pair_masks(ya, yb, rows, cols, own, own, row_ok[:, None] & col_ok[None, :], True, OWN_MODE)
         if MINING:
             hard = pos & (S - eps < max_neg[:, None])
@@ -241,9 +256,7 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
         if COUNT_PAIRS:
             n_pos += tl.sum(hard.to(tl.int32), axis=1)
         z = (S - base) * (-alpha2)
-        new_shift = tl.maximum(shift, tl.max(tl.where(hard, z, -INF), axis=1))
-        total = total * tl.exp2(shift - new_shift) + tl.sum(tl.exp2(tl.where(hard, z - new_shift[:, None], -INF)), axis=1)
-        shift = new_shift
+        shift, total = _add_exp2(shift, total, z, hard)
     lse_pos = shift + tl.log2(total)
 
     bad = tl.load(bad_ptr + rows, mask=row_ok, other=0)
@@ -358,11 +371,9 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, own_rows_p
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, NB)
     for start in range(c0, c1, BLOCK_M):
-        cols = start + tl.arange(0, BLOCK_M)
-        col_ok = cols < c1
-        b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
-        S = _similarities(a_ptr, a_off, row_ok, inv_a, b_ptr, b_off, col_ok, inv_b, D,
-                          BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
+                                                         yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
+                                                         BLOCK_D, NORMALIZE, DOT_F32)
         valid = row_ok[:, None] & col_ok[None, :]
         if OWN_MODE == OWN_OF_COLS:
             own_cols = tl.load(own_cols_ptr + cols, mask=col_ok, other=-1)

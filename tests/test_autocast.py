@@ -1,4 +1,4 @@
-"""Under torch.autocast the loss still computes in float32 and returns float32 (SPEC "Similarities", "Output dtype").
+"""Under torch.autocast the loss still computes in float32 and returns float32 (docs/semantics.md "Similarities", "Loss").
 
 Inside an autocast region the loss's own matmuls would run in bfloat16/float16, which moves the loss by ~1e-3
 relative; the tolerances below are far tighter than that, so they fail if autocast leaks into the loss.

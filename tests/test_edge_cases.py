@@ -1,4 +1,4 @@
-"""SPEC "Edge cases that must work" and the NaN rule, for every CPU backend, against `reference`.
+"""docs/semantics.md "Edge cases" and "Non-finite inputs", for every CPU backend, against `reference`.
 
 float64 throughout; tolerance 1e-10 relative (summation order is the only difference).
 """

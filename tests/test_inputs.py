@@ -1,4 +1,4 @@
-"""SPEC "Bad input": every bad argument raises before any kernel runs, with a message naming it."""
+"""docs/semantics.md "Bad input": every bad argument raises before any kernel runs, with a message naming it."""
 import math
 
 import pytest

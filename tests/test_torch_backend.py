@@ -1,4 +1,4 @@
-"""The `torch` backend against the dense `reference` backend (SPEC: values and gradients).
+"""The `torch` backend against the dense `reference` backend (docs/semantics.md: values and gradients).
 
 Tolerances (relative error ‖out − ref‖ / ‖ref‖):
 - float64 vs float64 reference: 1e-10 (only summation order differs);

@@ -190,7 +190,7 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
         st[3 * n + i] = rs.B;
         pairs[i] = rs.n_pos;
         pairs[n + i] = rs.n_neg;
-        loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // SPEC "Loss"; NaN for a non-finite row
+        loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // docs/semantics.md "Loss"; NaN for a non-finite row
       }
     });
   });

@@ -80,7 +80,7 @@ MS_FUSED_INLINE T vec_exp(T x) {
   return x < C::lo ? T(0) : (x != x ? x : y);
 }
 
-// log(1 + sum) where the sum's terms were scaled by exp(-shift), shift >= 0 (SPEC "Loss": the "1" is exp(0))
+// log(1 + sum) where the sum's terms were scaled by exp(-shift), shift >= 0 (docs/semantics.md "Loss": the "1" is exp(0))
 template <typename T>
 T log1p_shifted(T shift, T sum) {
   return shift > 0 ? shift + std::log(std::exp(-shift) + sum) : std::log1p(sum);
@@ -106,7 +106,7 @@ MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int6
   if (!(nonfinite == 0)) return {min_pos, max_neg, nan, nan};
 
   const T eps = hp.epsilon;
-  const T pos_limit = hp.mining ? max_neg : inf;  // SPEC "Mining": hard positive iff s - eps < max_neg
+  const T pos_limit = hp.mining ? max_neg : inf;  // docs/semantics.md "Mining": hard positive iff s - eps < max_neg
   const T neg_limit = hp.mining ? min_pos : -inf;  //               hard negative iff s + eps > min_pos
   // hardness is monotone in s, so a mined set is non-empty iff its extreme is mined, and the extreme
   // gives the log-sum-exp shift m = max(0, max z)

@@ -1,4 +1,4 @@
-// Per-row passes of the fused Multi-Similarity kernel (SPEC.md "Mining", "Loss", "Gradient").
+// Per-row passes of the fused Multi-Similarity kernel (docs/semantics.md "Mining", "Loss", "Gradient").
 //
 // Plain C++ over raw pointers, no torch headers: this file's .cpp compiles the passes once per x86 ISA
 // level (AVX-512, AVX2+FMA, baseline) and runs the widest the CPU supports, so the passes use AVX-512 or
@@ -26,7 +26,7 @@ struct RowStats {  // what the forward saves per anchor; A = B = NaN marks a row
   int64_t n_pos = 0, n_neg = 0;  // mined positives and negatives (0 for a non-finite row)
 };
 
-// How S_ij becomes G_ij for one anchor i (SPEC "Gradient"):
+// How S_ij becomes G_ij for one anchor i (docs/semantics.md "Gradient"):
 //   hard positive (same label, not i's own column, s - eps < pos_limit): G = pos_coef * exp(-alpha*s + pos_shift)
 //   hard negative (other label, s + eps > neg_limit):                     G = neg_coef * exp( beta*s + neg_shift)
 //   anything else: 0.

@@ -1,0 +1,102 @@
+"""Exact top-k by similarity, tiled over queries and references: only one tile of S exists at a time.
+
+Order: larger similarity first; equal similarities by lower reference index. `torch.topk` leaves the order
+of equal values open, so each tile's selection is repaired where a tie straddles its k-th place, and the
+running top-k is merged with each new tile by a stable sort (the running list holds lower indices).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .torch_backend import DEFAULT_CHUNK_BYTES, chunk_rows
+
+REF_BLOCK = 16384  # references per tile; the queries per tile follow from the byte budget
+GROUP = 32  # columns per group of the pre-selection in `_top_values`
+
+
+def tile_rows(k: int, m: int, dtype: torch.dtype, chunk_bytes: Optional[int] = None) -> int:
+    """Queries per tile within the byte budget, counting per tile entry S, and for a tie repair an int64 key
+    (two floats' worth) and a bool mask; the candidate lists (values, indices, sort scratch) as 3k entries."""
+    budget = DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    return chunk_rows(min(m, REF_BLOCK) + 3 * k, dtype, budget, float_temps=3, bool_temps=1)
+
+
+def _by_value_then_index(values, indices):
+    """Reorder each row by (-value, index)."""
+    indices, perm = indices.sort(dim=1)
+    values = values.gather(1, perm)
+    values, perm = values.sort(dim=1, descending=True, stable=True)
+    return values, indices.gather(1, perm)
+
+
+def _lowest_tied(S, values, indices):
+    """For rows where more columns equal the k-th value than the top-k holds: take the lowest such columns."""
+    k = values.shape[1]
+    kth = values[:, -1:]
+    need = (values == kth).sum(dim=1)  # slots holding the k-th value: the last `need` ones
+    tied = S == kth
+    key = torch.where(tied, torch.arange(S.shape[1], 0, -1, device=S.device), 0)  # lower column, larger key
+    lowest = key.topk(int(need.max()), dim=1).indices  # distinct keys: exact, lowest columns first
+    slot = torch.arange(k, device=S.device) - (k - need)[:, None]
+    return torch.where(slot >= 0, lowest.gather(1, slot.clamp(min=0)), indices)
+
+
+def _top_values(S, k: int):
+    """(values, columns) of k largest entries per row, the values exact as a multiset, ties in any order.
+
+    Where the row splits into many groups of GROUP columns, only the k groups with the largest maxima are
+    searched: every entry above the k-th value lies in a group whose maximum beats the k-th value, and
+    each further chosen group holds at least one entry equal to it.
+    """
+    rows, cols = S.shape
+    if cols % GROUP or cols < 2 * k * GROUP:
+        return S.topk(k, dim=1)
+    groups = S.view(rows, cols // GROUP, GROUP).amax(dim=2).topk(k, dim=1).indices
+    columns = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=S.device)).flatten(1)
+    values, at = S.gather(1, columns).topk(k, dim=1)
+    return values, columns.gather(1, at)
+
+
+def _tile_topk(S, k: int):
+    """(values, indices) of the k best columns of each row of S in (-value, index) order."""
+    if k >= S.shape[1]:
+        return S.sort(dim=1, descending=True, stable=True)
+    values, indices = _top_values(S, k + 1)
+    straddles = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1)
+    values, indices = values[:, :k], indices[:, :k]
+    if straddles.numel():
+        indices = indices.clone()
+        indices[straddles] = _lowest_tied(S[straddles], values[straddles], indices[straddles])
+    return _by_value_then_index(values, indices)
+
+
+def _merge(values, indices, new_values, new_indices, k: int):
+    """Top k of two lists in (-value, index) order whose second list holds only higher indices."""
+    values = torch.cat((values, new_values), dim=1)
+    indices = torch.cat((indices, new_indices), dim=1)
+    values, perm = values.sort(dim=1, descending=True, stable=True)
+    return values[:, :k], indices.gather(1, perm[:, :k])
+
+
+def topk(q, r, k: int, exclude=None):
+    """The k largest S_ij = <q_i, r_j> of each query row, as (values, indices) of shape (rows, k).
+
+    `exclude`: an int64 (rows,) tensor, column exclude[i] left out of row i (-1 for none). Needs
+    k <= columns left. Memory: one (rows x REF_BLOCK) tile of S and O(rows x k) candidates.
+    """
+    values = indices = None
+    for c0 in range(0, r.shape[0], REF_BLOCK):
+        c1 = min(r.shape[0], c0 + REF_BLOCK)
+        S = q @ r[c0:c1].T
+        if exclude is not None:
+            rows = ((exclude >= c0) & (exclude < c1)).nonzero().squeeze(1)
+            S[rows, exclude[rows] - c0] = float("-inf")
+        tile_values, tile_indices = _tile_topk(S, k)
+        tile_indices += c0
+        if values is None:
+            values, indices = tile_values, tile_indices
+        else:
+            values, indices = _merge(values, indices, tile_values, tile_indices, k)
+    return values, indices
