@@ -179,8 +179,8 @@ class CrossBatchMemory(_LocalMemory):
     def __init__(self, memory_size: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32, device=None,
                  group: Optional[dist.ProcessGroup] = None, **loss_kwargs):
         options = MultiSimilarityLoss(**loss_kwargs).kwargs
-        self_kwargs = dict(loss_kwargs, reduction="none")  # per-anchor losses, reduced over ranks here
-        super().__init__(memory_size, embedding_dim, dtype=dtype, device=device, **self_kwargs)
+        local_kwargs = dict(loss_kwargs, reduction="none")  # per-anchor losses, reduced over ranks here
+        super().__init__(memory_size, embedding_dim, dtype=dtype, device=device, **local_kwargs)
         self.reduction = options["reduction"]
         self.group = group
         self._loss_kwargs = dict(loss_kwargs)
