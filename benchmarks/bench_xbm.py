@@ -99,7 +99,7 @@ def measure(backend: str, batch: int, memory_rows: int, dim: int, classes: int, 
                 memory_bytes=xbm.memory.numel() * xbm.memory.element_size(),
                 memory_state_bytes=xbm.memory.numel() * xbm.memory.element_size() + xbm.memory_labels.numel() * 8,
                 copy_bytes=memory_rows * dim * 4, dense_bytes=batch * memory_rows * 4,
-                torch=torch.__version__, threads=torch.get_num_threads())
+                load_average=os.getloadavg()[0], torch=torch.__version__, threads=torch.get_num_threads())
 
 
 def run_point(backend, batch, memory_rows, dtype, step, args) -> dict:
@@ -132,8 +132,18 @@ def markdown(points, command) -> str:
             f"the largest rise of the resident set within one step above where that step started (fresh process "
             f"per row, code loaded by a tiny step first; the memory itself is in the baseline). What remains after "
             f"is the batch-sized work and each backend's block of similarities (cpp: row blocks of at most 32 MiB "
-            f"per thread; torch: anchor chunks of MS_FUSED_TORCH_CHUNK_MB = 32 MiB of temporaries).\n\n"
+            f"per thread; torch: anchor chunks of MS_FUSED_TORCH_CHUNK_MB = 32 MiB of temporaries; with a bfloat16 "
+            f"memory both convert it block by block once per block of anchors, which trades time for the copy).\n\n"
+            f"Times depend on what else the machine runs: {load_text(points)}. The peak growth does not.\n\n"
             + head + rows)
+
+
+def load_text(points) -> str:
+    loads = [p["load_average"] for p in points if "load_average" in p]
+    if not loads:
+        return ("this run recorded no load average (the machine was shared with other work throughout it, so "
+                "its times are not comparable between rows)")
+    return f"1-minute load average {min(loads):.1f} to {max(loads):.1f} at the points' ends, on {points[0]['threads']} threads"
 
 
 def summary(points, command) -> list:
