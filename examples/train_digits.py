@@ -17,6 +17,7 @@ The network (two convolutions, global average pooling, a linear layer) is small 
 
     python examples/train_digits.py --quick     # one seed, ~10 s
     python examples/train_digits.py             # three seeds: examples/results/train_digits.md
+    python examples/train_digits.py --quick --cached 16   # the ms_fused run takes cached_backward steps, 16 images per chunk
 """
 from __future__ import annotations
 
@@ -81,18 +82,35 @@ def recall_at_k(emb: torch.Tensor, labels: torch.Tensor, ks=KS) -> dict:
     return ms_fused.retrieval.recall_at_k(emb.double(), labels, ks)
 
 
-def train(net, loss_of, x, y, batches, lr: float, shadow_loss=None):
-    """Adam on `loss_of(embeddings, labels)` over the given batches; returns the per-step loss curve and, when
-    `shadow_loss` is given, per step: its value on the very same embeddings and the relative difference
-    ‖g − g_shadow‖ / ‖g_shadow‖ between the two losses' gradients with respect to those embeddings."""
+def backward_step(net, loss_of, x, y, chunk=None):
+    """Forward and backward of one batch; returns the embeddings (with their gradient in `.grad`) and the loss.
+    With `chunk`, `ms_fused.cached_backward` runs the network `chunk` images at a time."""
+    if chunk is None:
+        emb = net(x)
+        emb.retain_grad()
+        loss = loss_of(emb, y)
+        loss.backward()
+        return emb, loss
+    seen = []
+
+    def loss_fn(emb, labels):
+        seen.append(emb)  # the whole batch's embeddings, a leaf whose .grad the cached step fills
+        return loss_of(emb, labels)
+
+    loss = ms_fused.cached_backward(net, x, y, chunk_size=chunk, loss_fn=loss_fn)
+    return seen[0], loss
+
+
+def train(net, loss_of, x, y, batches, lr: float, shadow_loss=None, chunk=None):
+    """Adam on `loss_of(embeddings, labels)` over the given batches (cached in chunks of `chunk` images when
+    given); returns the per-step loss curve and, when `shadow_loss` is given, per step: its value on the very
+    same embeddings and the relative difference ‖g − g_shadow‖ / ‖g_shadow‖ between the two losses' gradients
+    with respect to those embeddings."""
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     curve, shadow, grad_diffs = [], [], []
     for idx in batches:
-        emb = net(x[idx])
-        emb.retain_grad()
-        loss = loss_of(emb, y[idx])
         opt.zero_grad()
-        loss.backward()
+        emb, loss = backward_step(net, loss_of, x[idx], y[idx], chunk)
         opt.step()
         curve.append(float(loss.detach()))
         if shadow_loss is not None:
@@ -129,7 +147,7 @@ def run_seed(seed: int, args, data, hp: dict) -> dict:
         baseline = recall_at_k(net(test_x), test_y)
     pml_loss = pml_loss_fn(**hp)
     curve, pml_on_same, grad_diffs = train(net, ms_fused.MultiSimilarityLoss(**hp), train_x, train_y, batches,
-                                           args.lr, pml_loss)
+                                           args.lr, pml_loss, chunk=args.cached)
     pml_curve, _, _ = train(pml_net, pml_loss, train_x, train_y, batches, args.lr)
     with torch.no_grad():
         recall, pml_recall = recall_at_k(net(test_x), test_y), recall_at_k(pml_net(test_x), test_y)
@@ -158,13 +176,19 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float64")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny tensors: 1 is fastest)")
+    parser.add_argument("--cached", type=int, default=None, metavar="CHUNK",
+                        help="train the ms_fused run with ms_fused.cached_backward, CHUNK images per forward")
     parser.add_argument("--results", default=None, help="markdown file to write ('' for none; default "
-                        "examples/results/train_digits.md, or train_digits_quick.md with --quick)")
+                        "examples/results/train_digits.md, or train_digits_quick.md with --quick; "
+                        "train_digits_cached*.md with --cached)")
     args = parser.parse_args(argv)
     args.seeds = args.seeds or (1 if args.quick else 3)
     args.steps = args.steps or (100 if args.quick else 200)
+    if args.cached is not None and args.cached < 1:
+        parser.error(f"--cached must be a positive chunk size, got {args.cached}")
     if args.results is None:
-        args.results = os.path.join(RESULTS_DIR, "train_digits_quick.md" if args.quick else "train_digits.md")
+        name = "train_digits" + ("_cached" if args.cached else "") + ("_quick" if args.quick else "")
+        args.results = os.path.join(RESULTS_DIR, name + ".md")
     torch.set_num_threads(args.threads)
     hp = dict(alpha=2.0, beta=50.0, base=0.5, epsilon=0.1)  # pml's defaults, ms_fused's defaults
 
@@ -184,7 +208,8 @@ def main(argv=None):
               f"pixel_recall@1={pixel[1]:.4f}", f"max_curve_diff={curve_diff:.3e}", f"max_step_diff={step_diff:.3e}",
               f"max_step_grad_diff={grad_diff:.3e}",
               f"# {seeds_text(args.seeds)}; {args.steps} steps of {args.p}x{args.k} batches, Adam lr={args.lr}, "
-              f"{args.dtype}, ms_fused backend '{backend}'; "
+              f"{args.dtype}, ms_fused backend '{backend}'"
+              f"{f', cached_backward chunk_size={args.cached}' if args.cached else ''}; "
               f"steps where pml returned its <=1-pair zero: {pml_zero}; {time.perf_counter() - start:.1f} s"]
     print("\n".join(lines))
     if args.results:
