@@ -1,4 +1,9 @@
-"""Install with `pip install --no-build-isolation -e .` on top of an installed torch."""
+"""Build script. What each way of installing gives (README "Install"):
+
+- `pip install .` (pip's build isolation): torch is not importable while building, so the pure-Python package
+  is built, with the C++ sources inside it (ms_fused/_csrc); the `cpp` backend compiles them on first use.
+- `pip install --no-build-isolation [-e] .` on top of an installed torch: the C++ extension is compiled now.
+"""
 import importlib.util
 import os
 
@@ -26,7 +31,13 @@ def cpp_extensions():
     sources = [os.path.relpath(s) for s in flags.sources(os.path.abspath("csrc"))]
     if not sources or os.environ.get("MS_FUSED_NO_CPP") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # pip's isolated build environment has no torch
+        print("NOTE: ms_fused: torch is not importable while building (pip's build isolation), so the C++ "
+              "extension is not built now; its sources ship in the package and the `cpp` backend compiles them "
+              "on first use (needs a C++ compiler). `pip install --no-build-isolation .` builds it now.")
+        return [], {}
 
     class OptionalBuildExtension(BuildExtension):
         """A failed extension build is a warning, not a failed install."""
@@ -55,7 +66,10 @@ setup(
     name="ms_fused",
     version="0.1.0",
     description="Exact, memory-lean Multi-Similarity loss with fused Triton and C++ kernels",
-    packages=find_packages(include=["ms_fused", "ms_fused.*"]),
+    # the C++ sources travel inside the package (ms_fused/_csrc) for the JIT build of an installed copy
+    packages=find_packages(include=["ms_fused", "ms_fused.*"]) + ["ms_fused._csrc"],
+    package_dir={"ms_fused._csrc": "csrc"},
+    package_data={"ms_fused._csrc": ["*.py", "*.cpp", "cpu/*.cpp", "cpu/*.h"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={"triton": ["triton>=3.6"]},

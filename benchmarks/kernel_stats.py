@@ -183,21 +183,23 @@ def compile_stats() -> list:
             r = torch.randn(m, d, generator=gen).to(dt).requires_grad_(mode == "reference")
             yr = torch.randint(0, 20, (m,), generator=gen)
             own = torch.arange(n) if mode == "memory" else None
-        compiled.clear()
-        loss = tb.FusedMultiSimilarity.apply(q, r, y, yr, own, HyperParams(), None, None)
-        loss.sum().backward()
-        cfg = tb.tile_configs(d, dt)[0]
-        for name, kernel in compiled:
-            key = (name, dtype, kernel.hash if hasattr(kernel, "hash") else id(kernel))
-            if key in seen:
-                continue
-            seen.add(key)
-            stats = _ptxas_stats(kernel.asm["ptx"], ptxas, "sm_90a")
-            warps = kernel.metadata.num_warps
-            shared = kernel.metadata.shared
-            rows.append(dict(kernel=name, mode=mode, dtype=dtype, d=d, config=_config_text(cfg)
-                             if name != "row_stats_kernel" else "BLOCK_N=32", num_warps=warps, shared_bytes=shared,
-                             ctas_per_sm=_ctas_per_sm(stats["registers"], warps, shared), **stats))
+        for count in (False, True):  # the default kernels, and those that count mined pairs (return_stats)
+            compiled.clear()
+            loss, _ = tb.FusedMultiSimilarity.apply(q, r, y, yr, own, HyperParams(), None, None, False, count)
+            loss.sum().backward()
+            cfg = tb.tile_configs(d, dt)[0]
+            for name, kernel in compiled:
+                key = (name, dtype, kernel.hash if hasattr(kernel, "hash") else id(kernel))
+                if key in seen:
+                    continue
+                seen.add(key)
+                stats = _ptxas_stats(kernel.asm["ptx"], ptxas, "sm_90a")
+                warps = kernel.metadata.num_warps
+                shared = kernel.metadata.shared
+                rows.append(dict(kernel=name, mode=mode, dtype=dtype, d=d, count_pairs=count,
+                                 config=_config_text(cfg) if name != "row_stats_kernel" else "BLOCK_N=32",
+                                 num_warps=warps, shared_bytes=shared,
+                                 ctas_per_sm=_ctas_per_sm(stats["registers"], warps, shared), **stats))
     jitmod.JITFunction.run = real_run
     return rows
 

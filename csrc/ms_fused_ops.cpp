@@ -2,8 +2,10 @@
 // autograd formula are registered from Python, in ms_fused/cpp_backend.py.
 //
 // ms_forward takes the already normalised embeddings (normalisation stays in the autograd graph) and returns
-// the per-anchor losses (N,) and the row statistics (4, N) = (min_pos, max_neg, A, B) the backward rebuilds
-// each block of G from. Self mode is r_hat = ref_labels = None (R = Q, own pair removed by index);
+// the per-anchor losses (N,), the row statistics (4, N) = (min_pos, max_neg, A, B) the backward rebuilds
+// each block of G from, and the int64 counts (2, N) of each anchor's mined positives and negatives.
+// r_hat may have another floating dtype than q_hat when it needs no gradient (a memory bank); it is then
+// converted block by block, never as a whole. Self mode is r_hat = ref_labels = None (R = Q, own pair removed by index);
 // self_index optionally names each anchor's own row in r_hat (-1: none).
 #include <torch/library.h>
 
@@ -11,7 +13,7 @@ TORCH_LIBRARY(ms_fused, m) {
   m.set_python_module("ms_fused.cpp_backend");
   m.def(
       "ms_forward(Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, Tensor? self_index, "
-      "float alpha, float beta, float base, float epsilon, bool mining) -> (Tensor loss, Tensor stats)");
+      "float alpha, float beta, float base, float epsilon, bool mining) -> (Tensor loss, Tensor stats, Tensor counts)");
   // dq, dr: gradients w.r.t. q_hat and r_hat; an empty (0,) tensor where not asked for (need_q / need_r false,
   // and dr always in self mode, where dq already holds the whole gradient of the shared input)
   m.def(

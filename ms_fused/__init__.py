@@ -4,8 +4,9 @@ from .backends import available_backends
 from .cached import cached_backward
 from .module import MultiSimilarityLoss
 from . import retrieval
+from .stats import PairStats
 from .xbm import CrossBatchMemory
 
 __all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory", "retrieval",
-           "cached_backward"]
+           "cached_backward", "PairStats"]
 __version__ = "0.1.0"

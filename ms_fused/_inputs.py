@@ -38,6 +38,7 @@ class Problem:
     ref_labels: Optional[torch.Tensor]
     self_index: Optional[torch.Tensor]
     hp: HyperParams
+    ref_normalized: bool = False
 
     @property
     def self_mode(self) -> bool:
@@ -122,8 +123,15 @@ def _same_device(device: torch.device, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but embeddings is on {device}; put every tensor on one device")
 
 
-def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: HyperParams) -> Problem:
+def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: HyperParams,
+                 ref_normalized: bool = False) -> Problem:
     q = _embedding("embeddings", embeddings)
+    if _flag("ref_normalized", ref_normalized):
+        if ref_emb is None:
+            raise ValueError("ref_normalized=True needs ref_emb (it says that ref_emb's rows are unit rows)")
+        if isinstance(ref_emb, torch.Tensor) and ref_emb.requires_grad:
+            raise ValueError("ref_normalized=True needs a constant ref_emb (requires_grad=False), e.g. a memory "
+                             "bank's rows; its rows are used without normalisation and get no gradient")
     if (ref_emb is None) != (ref_labels is None):
         missing = "ref_labels" if ref_labels is None else "ref_emb"
         raise ValueError(f"{missing} must be given together with {'ref_emb' if missing == 'ref_labels' else 'ref_labels'}")
@@ -152,12 +160,12 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
             # a compiled graph cannot branch on tensor values: it asserts the range instead (RuntimeError)
             torch._assert_async(((self_index >= -1) & (self_index < r.shape[0])).all(),
                                 "ref_self_index must hold row numbers of ref_emb or -1")
-            return Problem(q, yq, r, yr, self_index, hp)
+            return Problem(q, yq, r, yr, self_index, hp, ref_normalized)
         lo, hi = int(self_index.min()), int(self_index.max())
         if lo < -1 or hi >= r.shape[0]:
             raise ValueError(
                 f"ref_self_index must hold row numbers of ref_emb in [0, {r.shape[0]}) or -1, got values in [{lo}, {hi}]")
-    return Problem(q, yq, r, yr, self_index, hp)
+    return Problem(q, yq, r, yr, self_index, hp, ref_normalized)
 
 
 def check_finite_inputs(problem: Problem) -> None:

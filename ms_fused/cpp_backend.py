@@ -1,7 +1,8 @@
 """The `cpp` backend: the fused CPU kernel of csrc/, called through the torch ops ms_fused::ms_forward/ms_backward.
 
 The ops come from the compiled extension `ms_fused._C` (built by setup.py). When it is missing, one JIT build
-from csrc/ is tried (torch.utils.cpp_extension.load); when that fails too, the backend reports why, and
+of the C++ sources is tried (torch.utils.cpp_extension.load; ms_fused/_csrc in an installed package, csrc/ in a
+source checkout); when that fails too, the backend reports why, and
 backend="auto" falls back to `torch` after a single warning that says how to build it. MS_FUSED_NO_CPP=1
 switches the backend off (no import, no JIT build).
 
@@ -22,13 +23,16 @@ from ._once import once
 from .torch_backend import normalized_inputs
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
-_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# installed: shipped inside the package; source checkout: next to it
+_CSRC = next((d for d in (os.path.join(_PACKAGE, "_csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc"))
+              if os.path.isfile(os.path.join(d, "build_flags.py"))), os.path.join(_PACKAGE, "_csrc"))
 
 _registered = False
 
 
 def _jit_build() -> None:
-    """Compile csrc/ with torch.utils.cpp_extension.load (cached by torch across processes)."""
+    """Compile the C++ sources with torch.utils.cpp_extension.load (cached by torch across processes)."""
     import importlib.util
 
     from torch.utils.cpp_extension import load
@@ -87,20 +91,22 @@ def cpu_capability() -> Optional[str]:
     return None if _load() is not None else torch.ops.ms_fused.cpu_capability()
 
 
-def per_anchor_loss(problem: Problem) -> torch.Tensor:
+def per_anchor_loss(problem: Problem, count_pairs: bool = False):
+    """(N,) per-anchor losses; with `count_pairs` also the (2, N) mined positives and negatives per anchor
+    (the kernel always counts them, in its forward row pass)."""
     q, r, yr = normalized_inputs(problem)
     hp = problem.hp
     ref = None if problem.self_mode else r
     ref_labels = None if problem.self_mode else yr
     self_index = None if problem.self_mode else problem.self_index
-    loss, _ = torch.ops.ms_fused.ms_forward(q, ref, problem.labels, ref_labels, self_index,
-                                            hp.alpha, hp.beta, hp.base, hp.epsilon, hp.mining)
-    return loss
+    loss, _, counts = torch.ops.ms_fused.ms_forward(q, ref, problem.labels, ref_labels, self_index,
+                                                    hp.alpha, hp.beta, hp.base, hp.epsilon, hp.mining)
+    return (loss, counts) if count_pairs else loss
 
 
 def _ms_forward_fake(q_hat, r_hat, labels, ref_labels, self_index, alpha, beta, base, epsilon, mining):
     n = q_hat.shape[0]
-    return q_hat.new_empty(n), q_hat.new_empty(4, n)
+    return q_hat.new_empty(n), q_hat.new_empty(4, n), q_hat.new_empty(2, n, dtype=torch.int64)
 
 
 def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, self_index, stats, alpha, beta, base, epsilon,
@@ -117,7 +123,7 @@ def _setup_context(ctx, inputs, output):
 
 
 @fused_backward("cpp")
-def _backward(ctx, grad_loss, grad_stats):
+def _backward(ctx, grad_loss, grad_stats, grad_counts):
     q_hat, r_hat, labels, ref_labels, self_index, stats = ctx.saved_tensors
     need_q = ctx.needs_input_grad[0]
     need_r = r_hat is not None and ctx.needs_input_grad[1]

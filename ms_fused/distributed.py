@@ -1,4 +1,5 @@
-"""The MS loss of a batch split over `torch.distributed` ranks, with the exact gradient of the global loss.
+"""The MS loss of a batch split over `torch.distributed` ranks, with the exact gradient of the global loss, and
+one cross-batch memory shared by all ranks (`CrossBatchMemory`, at the end).
 
 Contract (reduction "mean" or "sum"): with X the concatenation of every rank's embeddings in rank order
 (local batch sizes may differ, a rank may hold no rows), every rank gets the value of
@@ -27,6 +28,7 @@ from . import backends
 from ._inputs import FLOAT_DTYPES, _labels, compute_dtype
 from .api import multi_similarity_loss as _local_loss
 from .module import MultiSimilarityLoss
+from .xbm import CrossBatchMemory as _LocalMemory
 
 # what one rank tells the others before any row moves: rows, dim, dtype, inputs accepted
 _META = 4
@@ -59,12 +61,15 @@ def _check_local(embeddings, labels, loss_kwargs) -> dict:
     return options
 
 
-def _exchange_meta(embeddings, labels, loss_kwargs, group):
-    """Every rank validates its inputs, then all learn each other's (rows, dim, dtype, ok); all ranks raise
-    together when any rank's inputs are bad, so a bad rank never leaves the others waiting in a collective."""
+def _exchange_meta(embeddings, labels, loss_kwargs, group, extra_check=None):
+    """Every rank validates its inputs (and runs `extra_check(embeddings)`), then all learn each other's (rows,
+    dim, dtype, ok); all ranks raise together when any rank's inputs are bad, so a bad rank never leaves the
+    others waiting in a collective."""
     error, options = None, None
     try:
         options = _check_local(embeddings, labels, loss_kwargs)
+        if extra_check is not None:
+            extra_check(embeddings)
     except (TypeError, ValueError) as exc:
         error = exc
     device = _comm_device(group, embeddings)
@@ -151,3 +156,58 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, group:
     # value: the global sum (same bits on every rank); gradient: only the local anchors' part
     total = _sum_over_ranks(local_sum, group) + (local_sum - local_sum.detach())
     return total / sum(sizes) if reduction == "mean" else total
+
+
+class CrossBatchMemory(_LocalMemory):
+    """`ms_fused.CrossBatchMemory` over the ranks of `group`: one memory, bitwise identical on every rank.
+
+    Same constructor as `ms_fused.CrossBatchMemory`, plus `group` (default: the default process group). Call
+    it on every rank of `group` with that rank's batch (local batch sizes may differ; a rank may pass 0 rows).
+    Each call all-gathers the global batch X (all ranks' rows in rank order), every rank enqueues X the same
+    way, and each rank scores its local anchors against the memory, their own copies removed by index.
+
+    Value: with reduction "mean" or "sum", every rank gets the loss of single-process `CrossBatchMemory` fed
+    X (the same bits on every rank); "none" returns this rank's anchors' losses. Gradient: the memory is a
+    constant, so a row's gradient comes from its own anchor term alone; each rank's embeddings receive exactly
+    their rows of the single-process gradient dL/dX (only the local part of the value carries gradient, and
+    the backward runs no collective). Under DistributedDataParallel, which averages parameter gradients over
+    ranks, multiply the loss by the world size before `.backward()` to get the single-process gradient, as for
+    `multi_similarity_loss` above. Bad input on any rank (or check_finite failing) raises on every rank before
+    any rank writes its memory. `self.loss` holds the local anchors' mining statistics.
+    """
+
+    def __init__(self, memory_size: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32, device=None,
+                 group: Optional[dist.ProcessGroup] = None, **loss_kwargs):
+        options = MultiSimilarityLoss(**loss_kwargs).kwargs
+        local_kwargs = dict(loss_kwargs, reduction="none")  # per-anchor losses, reduced over ranks here
+        super().__init__(memory_size, embedding_dim, dtype=dtype, device=device, **local_kwargs)
+        self.reduction = options["reduction"]
+        self.group = group
+        self._loss_kwargs = dict(loss_kwargs)
+
+    def _check_dim(self, embeddings: torch.Tensor) -> None:
+        if embeddings.shape[1] != self.memory.shape[1]:
+            raise ValueError(f"embeddings must have embedding_dim = {self.memory.shape[1]} columns, "
+                             f"got {embeddings.shape[1]}")
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        sizes, _ = _exchange_meta(embeddings, labels, self._loss_kwargs, self.group, extra_check=self._check_dim)
+        rank = dist.get_rank(self.group)
+        if self.memory.device != embeddings.device:
+            self.to(embeddings.device)
+        labels = labels.to(torch.int64)
+        slots = self.enqueue(_all_gather_rows(embeddings.detach(), sizes, self.group),
+                             _all_gather_rows(labels, sizes, self.group))
+        start, n_local = sum(sizes[:rank]), embeddings.shape[0]
+        if n_local == 0:
+            per_anchor = embeddings.sum(dim=1).to(compute_dtype(self.memory.dtype))
+        else:
+            per_anchor = self.score(embeddings, labels, slots[start:start + n_local])
+        if self.reduction == "none":
+            return per_anchor
+        local_sum = per_anchor.sum()
+        total = _sum_over_ranks(local_sum, self.group) + (local_sum - local_sum.detach())
+        return total / sum(sizes) if self.reduction == "mean" else total
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, reduction={self.reduction!r}, group={self.group!r}"

@@ -8,7 +8,11 @@ from .api import multi_similarity_loss
 
 
 class MultiSimilarityLoss(nn.Module):
-    """Drop-in for pml's `MultiSimilarityLoss` + `MultiSimilarityMiner`: `loss(embeddings, labels)`."""
+    """Drop-in for pml's `MultiSimilarityLoss` + `MultiSimilarityMiner`: `loss(embeddings, labels)`.
+
+    After every call, `num_pos_pairs`, `num_neg_pairs` and `num_anchors_with_pairs` hold that call's mining
+    statistics (0-dim int64 tensors on the inputs' device; see `ms_fused.PairStats`), None before the first.
+    """
 
     def __init__(self, *, alpha=2.0, beta=50.0, base=0.5, epsilon=0.1, mining=True, normalize=True,
                  reduction="mean", backend="auto", check_finite=False):
@@ -17,10 +21,14 @@ class MultiSimilarityLoss(nn.Module):
         self.kwargs = dict(alpha=alpha, beta=beta, base=base, epsilon=epsilon, mining=mining,
                            normalize=normalize, reduction=check_reduction(reduction),
                            backend=check_backend_name(backend), check_finite=_flag("check_finite", check_finite))
+        self.num_pos_pairs = self.num_neg_pairs = self.num_anchors_with_pairs = None
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None, *, ref_self_index=None):
-        return multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, ref_self_index=ref_self_index,
-                                     **self.kwargs)
+    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None, *, ref_self_index=None,
+                ref_normalized=False):
+        loss, stats = multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, ref_self_index=ref_self_index,
+                                            ref_normalized=ref_normalized, return_stats=True, **self.kwargs)
+        self.num_pos_pairs, self.num_neg_pairs, self.num_anchors_with_pairs = stats
+        return loss
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())

@@ -75,7 +75,8 @@ def mined_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, hp: Hyper
     return hard_pos, hard_neg
 
 
-def per_anchor_loss(problem: Problem) -> torch.Tensor:
+def per_anchor_loss(problem: Problem, count_pairs: bool = False):
+    """(N,) per-anchor losses; with `count_pairs` also the (2, N) int64 mined positives and negatives per anchor."""
     hp = problem.hp
     cd = compute_dtype(problem.q.dtype)
     q = problem.q.to(cd)
@@ -83,7 +84,7 @@ def per_anchor_loss(problem: Problem) -> torch.Tensor:
     yr = problem.labels if problem.self_mode else problem.ref_labels
     if hp.normalize:
         q_hat = F.normalize(q, dim=1)
-        r_hat = q_hat if problem.self_mode else F.normalize(r, dim=1)
+        r_hat = q_hat if problem.self_mode else r if problem.ref_normalized else F.normalize(r, dim=1)
     else:
         q_hat, r_hat = q, r
     S = FullPrecisionMatmul.apply(q_hat, r_hat.T)
@@ -98,4 +99,7 @@ def per_anchor_loss(problem: Problem) -> torch.Tensor:
     # so a non-finite embedding can never be mined away into a finite loss.
     bad = ~torch.isfinite(S.detach()).all(dim=1)
     nan_if_bad = torch.zeros_like(loss).masked_fill(bad, float("nan"))
-    return loss + S.sum(dim=1) * nan_if_bad
+    loss = loss + S.sum(dim=1) * nan_if_bad
+    if count_pairs:
+        return loss, torch.stack((hard_pos.sum(dim=1), hard_neg.sum(dim=1)))
+    return loss

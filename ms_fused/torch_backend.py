@@ -17,6 +17,9 @@ from ._inputs import HyperParams, Problem, compute_dtype
 
 DEFAULT_CHUNK_BYTES = int(os.environ.get("MS_FUSED_TORCH_CHUNK_MB", "32")) * 2**20
 
+# rows of a narrower constant reference set (a bfloat16 memory bank) converted to the compute dtype at a time
+CAST_ROWS = 4096
+
 # live (chunk x M) temporaries in the worst step: S, z, exp(z), G in the float type plus ~6 bool masks
 _FLOAT_TEMPS, _BOOL_TEMPS = 4, 6
 
@@ -71,23 +74,49 @@ def _shifted_exp(S, keep, scale, base, shift):
     return z.masked_fill_(~keep, float("-inf")).exp_()
 
 
+def _scores(q_c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """q_c @ r.T in q_c's dtype. A reference set of a narrower dtype (a constant memory bank) is converted
+    CAST_ROWS rows at a time, so that no converted copy of the whole set is ever made."""
+    if r.dtype == q_c.dtype:
+        return q_c @ r.T
+    out = q_c.new_empty(q_c.shape[0], r.shape[0])
+    for c in range(0, r.shape[0], CAST_ROWS):
+        out[:, c:c + CAST_ROWS] = q_c @ r[c:c + CAST_ROWS].to(q_c.dtype).T
+    return out
+
+
+def _times(G: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> None:
+    """out = G @ r, r converted block by block like `_scores` when it is narrower than G."""
+    if r.dtype == G.dtype:
+        torch.mm(G, r, out=out)
+        return
+    out.zero_()
+    for c in range(0, r.shape[0], CAST_ROWS):
+        out.addmm_(G[:, c:c + CAST_ROWS], r[c:c + CAST_ROWS].to(G.dtype))
+
+
 class ChunkedMultiSimilarity(torch.autograd.Function):
-    """(q_hat, r_hat) -> per-anchor loss; pass the same tensor twice in self mode (autograd adds G and G^T)."""
+    """(q_hat, r_hat) -> (per-anchor loss, counts); pass the same tensor twice in self mode (autograd adds G
+    and G^T). With `count`, counts is the (2, N) int64 number of mined positives and negatives per anchor
+    (else an empty tensor). r_hat may have a narrower dtype than q_hat when it needs no gradient."""
 
     @staticmethod
-    def forward(ctx, q, r, yq, yr, self_index, hp: HyperParams, chunk: int):
+    def forward(ctx, q, r, yq, yr, self_index, hp: HyperParams, chunk: int, count: bool):
         n = q.shape[0]
         loss = torch.empty(n, dtype=q.dtype, device=q.device)
+        counts = torch.empty((2, n) if count else (2, 0), dtype=torch.int64, device=q.device)
         stats = torch.empty(n, 4, dtype=q.dtype, device=q.device)  # min_pos, max_neg, A, B
         bad = torch.empty(n, dtype=torch.bool, device=q.device)
         a, b, lam = hp.alpha, hp.beta, hp.base
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            S = q[s:e] @ r.T
+            S = _scores(q[s:e], r)
             pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
             min_pos = torch.where(pos, S, float("inf")).amin(dim=1)
             max_neg = torch.where(same, float("-inf"), S).amax(dim=1)
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
+            if count:
+                counts[0, s:e], counts[1, s:e] = hard_pos.sum(dim=1), hard_neg.sum(dim=1)
             m_pos, m_neg = _row_shifts(min_pos, max_neg, hp)
             # A = m + log(exp(-m) + sum exp(z - m)), z = -a(S - lam) on hard positives, b(S - lam) on hard negatives
             A = m_pos + torch.log(torch.exp(-m_pos) + _shifted_exp(S, hard_pos, -a, lam, m_pos).sum(dim=1))
@@ -98,11 +127,12 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             stats[s:e] = torch.stack((min_pos, max_neg, A, B), dim=1)
         ctx.save_for_backward(q, r, yq, yr, self_index, stats, bad)
         ctx.hp, ctx.chunk = hp, chunk
-        return loss
+        ctx.mark_non_differentiable(counts)
+        return loss, counts
 
     @staticmethod
     @fused_backward("torch")
-    def backward(ctx, g):
+    def backward(ctx, g, _counts_grad):
         q, r, yq, yr, self_index, stats, bad = ctx.saved_tensors
         hp, chunk = ctx.hp, ctx.chunk
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -113,7 +143,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
         dr = torch.zeros_like(r) if need_r else None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
-            S = q[s:e] @ r.T
+            S = _scores(q[s:e], r)
             pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
             min_pos, max_neg, A, B = stats[s:e].unbind(dim=1)
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
@@ -123,29 +153,38 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             G.mul_(g[s:e, None])
             G.masked_fill_(bad[s:e, None], float("nan"))
             if need_q:
-                torch.mm(G, r, out=dq[s:e])
+                _times(G, r, dq[s:e])
             if need_r:
                 dr.addmm_(G.T, q[s:e])
-        return dq, dr, None, None, None, None, None
+        return dq, dr, None, None, None, None, None, None
 
 
 def normalized_inputs(problem: Problem):
-    """Upcast to the compute dtype and normalise inside the autograd graph; (q_hat, r_hat, ref_labels)."""
+    """Upcast to the compute dtype and normalise inside the autograd graph; (q_hat, r_hat, ref_labels).
+
+    A `ref_normalized` reference set (a memory bank's unit rows) is passed on as it is, in its own dtype:
+    neither normalised nor converted, so that no copy of it is made."""
     cd = compute_dtype(problem.q.dtype)
     q = problem.q.to(cd)
-    r = q if problem.self_mode else problem.ref.to(cd)
+    r = q if problem.self_mode else problem.ref if problem.ref_normalized else problem.ref.to(cd)
     if problem.hp.normalize:
         q = F.normalize(q, dim=1)
-        r = q if problem.self_mode else F.normalize(r, dim=1)
+        if problem.self_mode:
+            r = q
+        elif not problem.ref_normalized:
+            r = F.normalize(r, dim=1)
     yr = problem.labels if problem.self_mode else problem.ref_labels
     return q, r, yr
 
 
-def per_anchor_loss(problem: Problem, chunk_bytes: Optional[int] = None) -> torch.Tensor:
+def per_anchor_loss(problem: Problem, chunk_bytes: Optional[int] = None, count_pairs: bool = False):
+    """(N,) per-anchor losses; with `count_pairs` also the (2, N) mined positives and negatives per anchor."""
     q, r, yr = normalized_inputs(problem)
     if problem.self_mode:
         # torch.compile refuses an autograd.Function given one tensor twice; views are distinct inputs
         # (autograd still adds the q and r gradients, i.e. G and G^T)
         r, yr = q.view_as(q), yr.view_as(yr)
     chunk = chunk_rows(r.shape[0], q.dtype, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
-    return ChunkedMultiSimilarity.apply(q, r, problem.labels, yr, problem.self_index, problem.hp, chunk)
+    loss, counts = ChunkedMultiSimilarity.apply(q, r, problem.labels, yr, problem.self_index, problem.hp, chunk,
+                                                count_pairs)
+    return (loss, counts) if count_pairs else loss

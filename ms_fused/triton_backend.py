@@ -277,6 +277,8 @@ class Plan:
     bad: torch.Tensor                  # int8 per sorted anchor: its row of S touches a NaN/Inf
     splits: Optional[int] = None       # forced column splits (tests); None plans them
     stats: Optional[torch.Tensor] = None  # (4, N) float32 sorted: min_pos, max_neg, A2, B2
+    count: bool = False                # count each anchor's mined pairs in the forward
+    counts: Optional[torch.Tensor] = None  # (2, N) int32 sorted: hard positives, hard negatives
 
     @property
     def self_mode(self) -> bool:
@@ -289,7 +291,8 @@ class Plan:
         return OWN_NONE if self.own is None else OWN_OF_ROWS
 
 
-def make_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int]) -> Plan:
+def make_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
+              ref_normalized: bool = False) -> Plan:
     norm_q, inv_q, bad_q = _row_stats(q)
     lab_q, lab_r = dense_labels(yq, yr)
     if r is None:
@@ -311,9 +314,9 @@ def make_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], spl
     if not hp.normalize:
         ones = torch.ones_like(anchors.norm)
         anchors = anchors._replace(norm=ones, inv=ones)
-        if refs is not None:
-            ones = torch.ones_like(refs.norm)
-            refs = refs._replace(norm=ones, inv=ones)
+    if refs is not None and (not hp.normalize or ref_normalized):  # unit rows already: used as they are
+        ones = torch.ones_like(refs.norm)
+        refs = refs._replace(norm=ones, inv=ones)
     cfg = cfg or tile_configs(q.shape[1], q.dtype)[0]
     return Plan(hp, cfg, anchors, refs, own_sorted, bad.to(torch.int8).contiguous(), splits)
 
@@ -330,6 +333,9 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     stats = torch.full((4, n), float("inf"), dtype=torch.float32, device=dev)
     parts = torch.empty(3, n_splits * n, dtype=torch.float32, device=dev)
+    # unread (placeholders) unless counting
+    count_parts = torch.empty(n_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
+    counts = torch.zeros((2, n) if plan.count else (2, 1), dtype=torch.int32, device=dev)
     rows = dict(a_ptr=q, a_perm_ptr=a.perm, inv_a_ptr=a.inv, ya_ptr=a.labels, band_lo_ptr=a.band_lo,
                 band_hi_ptr=a.band_hi, b_ptr=r, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels,
                 NA=n, NB=m, D=d, stride_a=q.stride(0), stride_b=r.stride(0),
@@ -339,14 +345,16 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, own_ptr=own, min_pos_ptr=stats[0],
                 OWN_MODE=plan.own_mode)
     _launch(kernels.sweep_kernel, (row_blocks, n_splits), cfg, **rows, min_pos_ptr=stats[0],
-            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2],
-            cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining)
+            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
+            cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
+            COUNT_PAIRS=plan.count)
     _launch(kernels.finish_kernel, (row_blocks,), cfg, **rows, own_ptr=own, bad_ptr=plan.bad,
-            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2],
-            loss_ptr=loss, max_neg_ptr=stats[1], lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], n_splits=n_splits,
-            alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
-            OWN_MODE=plan.own_mode, MINING=hp.mining)
+            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
+            loss_ptr=loss, max_neg_ptr=stats[1], lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], counts_ptr=counts,
+            n_splits=n_splits, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
+            OWN_MODE=plan.own_mode, MINING=hp.mining, COUNT_PAIRS=plan.count)
     plan.stats = stats
+    plan.counts = counts if plan.count else None
     return loss
 
 
@@ -405,8 +413,9 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _tuned_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int]) -> Plan:
-    plan = make_plan(q, r, yq, yr, own, hp, cfg, splits)
+def _tuned_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
+                ref_normalized: bool) -> Plan:
+    plan = make_plan(q, r, yq, yr, own, hp, cfg, splits, ref_normalized)
     if cfg is None:
         m = q.shape[0] if r is None else r.shape[0]
         key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.own_mode, hp.mining,
@@ -419,22 +428,27 @@ def _tuned_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], s
 
 
 class FusedMultiSimilarity(torch.autograd.Function):
-    """(q, r or None in self mode) -> per-anchor losses (float32); see the module docstring."""
+    """(q, r or None in self mode) -> (per-anchor losses (float32), counts); counts is the (2, N) int32
+    number of mined positives and negatives per anchor (sorted order) with `count`, else empty."""
 
     @staticmethod
-    def forward(ctx, q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int]):
+    def forward(ctx, q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
+                ref_normalized: bool, count: bool):
         q = _unit_stride_rows(q.detach())
         r_ = None if r is None else _unit_stride_rows(r.detach())
         with _on_device(q.device):
-            plan = _tuned_plan(q, r_, yq, yr, own, hp, cfg, splits)
+            plan = _tuned_plan(q, r_, yq, yr, own, hp, cfg, splits, ref_normalized)
+            plan.count = count
             loss = _forward(plan, q, q if r_ is None else r_)
         ctx.save_for_backward(q, r_)
         ctx.plan = plan
-        return loss
+        counts = plan.counts if count else loss.new_empty((2, 0), dtype=torch.int32)
+        ctx.mark_non_differentiable(counts)
+        return loss, counts
 
     @staticmethod
     @fused_backward("triton")
-    def backward(ctx, g):
+    def backward(ctx, g, _counts_grad):
         q, r = ctx.saved_tensors
         plan = ctx.plan
         with _on_device(g.device):
@@ -445,26 +459,30 @@ class FusedMultiSimilarity(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:  # dX_i = sum_j (G_ij + G_ji) X_hat_j in one launch
                     dq = _backward(plan, q, q, plan.anchors, plan.anchors, g_sorted, g_scale,
                                    anchor_rows=True, anchor_cols=True, own_mode=OWN_SELF)
-                return dq, None, None, None, None, None, None, None
+                return dq, None, None, None, None, None, None, None, None, None
             if ctx.needs_input_grad[0]:
                 dq = _backward(plan, q, r, plan.anchors, plan.refs, g_sorted, g_scale,
                                anchor_rows=True, anchor_cols=False, own_mode=plan.own_mode)
             if ctx.needs_input_grad[1]:  # skipped when the reference set is a frozen memory bank
                 dr = _backward(plan, r, q, plan.refs, plan.anchors, g_sorted, g_scale, anchor_rows=False,
                                anchor_cols=True, own_mode=OWN_NONE if plan.own is None else OWN_OF_COLS)
-        return dq, dr, None, None, None, None, None, None
+        return dq, dr, None, None, None, None, None, None, None, None
 
 
-def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, splits: Optional[int] = None):
+def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, splits: Optional[int] = None,
+                    count_pairs: bool = False):
     """(N,) float32 per-anchor losses attached to autograd. `config` fixes the tile configuration and
-    `splits` the number of column splits (tests); by default both are planned."""
+    `splits` the number of column splits (tests); by default both are planned. With `count_pairs` also the
+    (2, N) mined positives and negatives per anchor (kernels compiled with COUNT_PAIRS)."""
     reason = unavailable_reason(problem.q.device, problem.q.dtype)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot serve {problem.q.dtype} tensors on {problem.q.device}: {reason}")
     yq = problem.labels.contiguous()
     yr = None if problem.self_mode else problem.ref_labels.contiguous()
     own = None if problem.self_mode or problem.self_index is None else problem.self_index.contiguous()
-    return FusedMultiSimilarity.apply(problem.q, problem.ref, yq, yr, own, problem.hp, config, splits)
+    loss, counts = FusedMultiSimilarity.apply(problem.q, problem.ref, yq, yr, own, problem.hp, config, splits,
+                                              problem.ref_normalized, count_pairs)
+    return (loss, counts) if count_pairs else loss
 
 
 __all__ = ["unavailable_reason", "per_anchor_loss", "FusedMultiSimilarity", "TileConfig", "tile_configs",

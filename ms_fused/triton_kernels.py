@@ -17,7 +17,9 @@ Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = 
 
 Forward: band_min_kernel (min_pos over the band), sweep_kernel (max_neg and the hard-negative sum over all
 columns, split across programs when there are few anchor blocks), finish_kernel (combines the splits, then
-the hard-positive sum over the band, the loss). Backward: backward_kernel (one S recompute per tile, the
+the hard-positive sum over the band, the loss). With COUNT_PAIRS, sweep_kernel also counts each anchor's
+hard negatives per split and finish_kernel adds them up and counts the hard positives (int32 per anchor);
+without it, nothing is counted. Backward: backward_kernel (one S recompute per tile, the
 weights G, the whole-D accumulator) and, for split columns, combine_grad_kernel.
 """
 import triton
@@ -157,9 +159,9 @@ def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, 
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
 def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                  b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
-                 max_neg_part_ptr, shift_part_ptr, sum_part_ptr,
+                 max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                  NA, NB, D, stride_a, stride_b, cols_per_split, beta2, base, eps,
-                 MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
+                 MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 2, program (anchor block, column split): over the split's columns, max_neg and the
     hard-negative sum of exp2(beta2 (S - base) - shift) with an online shift (starting at 0, so the final
@@ -175,6 +177,8 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
     max_neg = tl.full([BLOCK_N], -INF, tl.float32)
     shift = tl.zeros([BLOCK_N], dtype=tl.float32)
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if COUNT_PAIRS:
+        n_hard = tl.zeros([BLOCK_N], dtype=tl.int32)
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, NB)
     for start in range(c0, c1, BLOCK_M):
@@ -188,35 +192,45 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
             hard = neg & (S + eps > min_pos[:, None])
         else:
             hard = neg
+        if COUNT_PAIRS:
+            n_hard += tl.sum(hard.to(tl.int32), axis=1)
         z = (S - base) * beta2
         shift, total = _add_exp2(shift, total, z, hard)
     part = split * NA + rows
     tl.store(max_neg_part_ptr + part, max_neg, mask=row_ok)
     tl.store(shift_part_ptr + part, shift, mask=row_ok)
     tl.store(sum_part_ptr + part, total, mask=row_ok)
+    if COUNT_PAIRS:
+        tl.store(count_part_ptr + part, n_hard, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "n_splits"])
 def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, band_hi_ptr, bad_ptr,
                   b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
-                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr,
-                  loss_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr,
+                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
+                  loss_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
                   NA, NB, D, stride_a, stride_b, n_splits, alpha2, beta2, base, eps,
                   OWN_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                  COUNT_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 3, one program per anchor block: the splits combined in split order (deterministic),
     with the "1" of log(1 + sum) as exp2(0); then the hard positives over the band (S - eps < max_neg) and
     the loss A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for anchors whose row touched a NaN/Inf.
     Writes the loss at the anchor's input row and saves max_neg, A2, B2 in sorted order (min_pos is
-    band_min_kernel's)."""
+    band_min_kernel's). With COUNT_PAIRS, counts_ptr gets (2, NA) int32 in sorted order: each anchor's hard
+    positives, then its hard negatives (the splits' counts added up)."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
     max_neg = tl.full([BLOCK_N], -INF, tl.float32)
     shift = tl.zeros([BLOCK_N], dtype=tl.float32)
     total = tl.full([BLOCK_N], 1.0, tl.float32)
+    if COUNT_PAIRS:
+        n_neg = tl.zeros([BLOCK_N], dtype=tl.int32)
+        n_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
     for split in range(0, n_splits):
         part = split * NA + rows
+        if COUNT_PAIRS:
+            n_neg += tl.load(count_part_ptr + part, mask=row_ok, other=0)
         max_neg = tl.maximum(max_neg, tl.load(max_neg_part_ptr + part, mask=row_ok, other=-INF))
         shift_k = tl.load(shift_part_ptr + part, mask=row_ok, other=0.0)
         new_shift = tl.maximum(shift, shift_k)
@@ -239,6 +253,8 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
             hard = pos & (S - eps < max_neg[:, None])
         else:
             hard = pos
+        if COUNT_PAIRS:
+            n_pos += tl.sum(hard.to(tl.int32), axis=1)
         z = (S - base) * (-alpha2)
         shift, total = _add_exp2(shift, total, z, hard)
     lse_pos = shift + tl.log2(total)
@@ -250,6 +266,9 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
     tl.store(max_neg_ptr + rows, max_neg, mask=row_ok)
     tl.store(lse_pos_ptr + rows, lse_pos, mask=row_ok)
     tl.store(lse_neg_ptr + rows, lse_neg, mask=row_ok)
+    if COUNT_PAIRS:
+        tl.store(counts_ptr + rows, n_pos, mask=row_ok)
+        tl.store(counts_ptr + NA + rows, n_neg, mask=row_ok)
 
 
 @triton.jit

@@ -2,16 +2,18 @@
 
 The memory is a ring buffer of detached rows; the batch is enqueued first, then its anchors are scored
 against everything the memory holds, their own copies removed from their positives by index. The memory
-never requires grad, so backends skip the reference-side gradient (dR) entirely.
+never requires grad, so backends skip the reference-side gradient (dR) entirely. With normalize=True it
+holds unit rows, so that a step normalises the batch only and never copies the memory.
 """
 from __future__ import annotations
 
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._inputs import FLOAT_DTYPES, _embedding, _labels
+from ._inputs import FLOAT_DTYPES, _embedding, _labels, compute_dtype
 from .module import MultiSimilarityLoss
 
 
@@ -40,14 +42,19 @@ class CrossBatchMemory(nn.Module):
 
     Each call (1) writes the batch, detached and cast to the memory's `dtype`, into the ring buffer
     (oldest rows first overwritten; of a batch longer than the memory only its last `memory_size` rows
-    stay), then (2) returns `multi_similarity_loss(embeddings, labels, memory[:filled], memory_labels[:filled],
-    ref_self_index=<slot of each anchor's copy, -1 if overwritten in the same call>, **loss_kwargs)`.
+    stay); with normalize=True (the default) the rows written are the unit rows F.normalize(x) computed in
+    float32 (float64 for float64), then cast. It then (2) returns `multi_similarity_loss(embeddings, labels,
+    memory[:filled], memory_labels[:filled], ref_self_index=<slot of each anchor's copy, -1 if overwritten
+    in the same call>, ref_normalized=normalize, **loss_kwargs)`, the batch cast to the memory's `dtype`
+    first: the memory's rows are used as stored, never normalised or copied again, and every backend reads
+    a bfloat16 memory as it is (converting a block of rows at a time where it computes in float32).
     Only the filled part of the memory is used until it is full. The gradient reaches `embeddings`
     through the anchor side only (the XBM convention: memory rows are constants).
 
     The memory follows the embeddings' device (moved on the first call from another device), is saved
     and restored by `state_dict()` / `load_state_dict()`, and costs memory_size x embedding_dim elements
-    of `dtype` plus one int64 label per row.
+    of `dtype` plus one int64 label per row. `self.loss` holds the last step's mining statistics
+    (`xbm.loss.num_pos_pairs`, ...).
 
     Several steps may run before one backward (`(xbm(b1, y1) + xbm(b2, y2)).backward()`): each step's
     gradient uses the memory as it was at that step's forward. A step whose graph still holds memory rows
@@ -82,15 +89,18 @@ class CrossBatchMemory(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Write the rows into the ring buffer; returns each row's slot (int64 (N,)), -1 for rows overwritten
-        by later rows of the same batch."""
+        """Write the rows (as unit rows with normalize=True) into the ring buffer; returns each row's slot (int64 (N,)),
+        -1 for rows overwritten by later rows of the same batch."""
         self._copy_saved_rows()
         n, size = embeddings.shape[0], self.memory_size
         start = int(self.ptr)
         slots = (start + torch.arange(n, device=embeddings.device)) % size
         slots[: max(0, n - size)] = -1
         kept = slice(max(0, n - size), n)
-        self.memory[slots[kept]] = embeddings[kept].detach().to(self.memory.dtype)
+        rows = embeddings[kept].detach()
+        if self.loss.kwargs["normalize"]:
+            rows = F.normalize(rows.to(compute_dtype(rows.dtype)), dim=1)
+        self.memory[slots[kept]] = rows.to(self.memory.dtype)
         self.memory_labels[slots[kept]] = labels[kept]
         self.ptr.fill_((start + n) % size)
         self.filled.fill_(min(size, int(self.filled) + n))
@@ -133,11 +143,15 @@ class CrossBatchMemory(nn.Module):
             raise ValueError("embeddings contains NaN or Inf (check_finite=True)")
         if self.memory.device != x.device:
             self.to(x.device)
-        slots = self.enqueue(x, y)
+        return self.score(x, y, self.enqueue(x, y))
+
+    def score(self, embeddings: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """The loss of these anchors against the memory as it is now, each anchor's own copy at `slots`."""
         filled = int(self.filled)
-        anchors = x.to(self.memory.dtype)
+        anchors = embeddings.to(self.memory.dtype)
         with torch.autograd.graph.saved_tensors_hooks(self._save, _unpack):
-            return self.loss(anchors, y, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots)
+            return self.loss(anchors, labels, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots,
+                             ref_normalized=self.loss.kwargs["normalize"])
 
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, embedding_dim={self.memory.shape[1]}, dtype={self.memory.dtype}"

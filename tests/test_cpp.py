@@ -170,7 +170,7 @@ def test_opcheck_forward(dtype, reference_mode):
 def test_opcheck_backward(reference_mode):
     args = _op_inputs(torch.float64, reference_mode)
     q, r = (t.detach() if t is not None else None for t in args[:2])
-    loss, stats = torch.ops.ms_fused.ms_forward(q, r, *args[2:])
+    loss, stats, _ = torch.ops.ms_fused.ms_forward(q, r, *args[2:])
     grad = torch.linspace(0.1, 1.0, q.shape[0], dtype=q.dtype)
     torch.library.opcheck(torch.ops.ms_fused.ms_backward.default,
                           (grad, q, r, *args[2:5], stats, *HP, True, reference_mode))

@@ -10,6 +10,7 @@ import torch
 from backends_under_test import FAST_CPU_BACKENDS
 from helpers import TOLERANCE, clustered, loss_and_grads, rel_err, threshold_gap
 from ms_fused import CrossBatchMemory, multi_similarity_loss
+from ms_fused._inputs import compute_dtype
 
 MEMORY, DIM, CLASSES = 37, 11, 6
 # 9+16+7 = 32 rows fill most of the memory, 20 wraps around, 45 > 37 overwrites its own first rows
@@ -54,6 +55,13 @@ def stream(seed, dtype, margin=1e-5):
     raise RuntimeError("no stream away from the mining thresholds")
 
 
+def stored(rows, normalize=True):
+    """What the memory holds for `rows`: unit rows (normalised in float32, float64 for float64) with normalize."""
+    if not normalize:
+        return rows
+    return torch.nn.functional.normalize(rows.to(compute_dtype(rows.dtype)), dim=1).to(rows.dtype)
+
+
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 # without mining an anchor's own copy in the memory would always count, so its removal is tested there
@@ -67,7 +75,7 @@ def test_matches_reference_over_steps(backend, dtype, reduction, mining):
                                                      grad_ref=False, ref_self_index=slots, reduction=reduction,
                                                      mining=mining)
             filled = int(xbm.filled)
-            assert torch.equal(xbm.memory[:filled], mem) and torch.equal(xbm.memory_labels[:filled], mem_labels)
+            assert torch.equal(xbm.memory[:filled], stored(mem)) and torch.equal(xbm.memory_labels[:filled], mem_labels)
             assert loss.dtype == dtype and grad.dtype == dtype
             assert rel_err(loss, ref_loss) <= TOLERANCE[dtype].loss, (seed, step, rel_err(loss, ref_loss))
             assert rel_err(grad, ref_grad) <= TOLERANCE[dtype].grad, (seed, step, rel_err(grad, ref_grad))
@@ -179,7 +187,7 @@ def test_several_steps_before_one_backward(backend, normalize):
     for leaf, ref_grad in zip(leaves, reference_grads(steps, weights, scale, normalize=normalize)):
         assert rel_err(leaf.grad, ref_grad) <= TOLERANCE[torch.float64].grad
     mem, mem_labels = steps[-1][2:4]
-    assert torch.equal(xbm.memory[: int(xbm.filled)], mem * scale)
+    assert torch.equal(xbm.memory[: int(xbm.filled)], stored(mem * scale, normalize))
     assert torch.equal(xbm.memory_labels[: int(xbm.filled)], mem_labels)
 
 

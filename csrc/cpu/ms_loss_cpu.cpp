@@ -67,8 +67,11 @@ void for_each_block(const Blocks& blocks, int64_t m, const at::TensorOptions& op
   }
 }
 
+// Rows of a reference set of another dtype than the anchors (a bfloat16 memory bank) converted at a time
+constexpr int64_t kCastRows = 4096;
+
 struct Inputs {
-  at::Tensor q, r;                  // contiguous; r is q in self mode
+  at::Tensor q, r;                  // contiguous; r is q in self mode, and may be narrower (see scores)
   at::Tensor q_ids, r_ids;          // labels as dense int32 ids (equal labels <=> equal ids)
   std::optional<at::Tensor> own;    // reference mode: int64 (N,) column of each anchor's own copy or -1
   bool self_mode;
@@ -100,7 +103,8 @@ Inputs prepare(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat, 
     const at::Tensor& r = *r_hat;
     TORCH_CHECK(r.dim() == 2 && r.size(0) > 0 && r.size(1) == q_hat.size(1),
                 "ms_fused: r_hat must be a non-empty (M, D) matrix with D = ", q_hat.size(1), ", got ", r.sizes());
-    TORCH_CHECK(r.scalar_type() == q_hat.scalar_type(), "ms_fused: r_hat must have the dtype of q_hat");
+    TORCH_CHECK(at::isFloatingType(r.scalar_type()), "ms_fused: r_hat must be a floating-point tensor, got ",
+                r.scalar_type());
     in.r = r.contiguous();
     check_labels(*ref_labels, in.r.size(0), "ref_labels");
   }
@@ -120,6 +124,33 @@ Inputs prepare(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat, 
   return in;
 }
 
+// sim = q_block r^T. A reference set of another dtype is converted to q's kCastRows rows at a time, so
+// that no converted copy of the whole set is made.
+void scores(at::Tensor& sim, const at::Tensor& q_block, const at::Tensor& r) {
+  if (r.scalar_type() == q_block.scalar_type()) {
+    at::mm_out(sim, q_block, r.t());
+    return;
+  }
+  for (int64_t c0 = 0; c0 < r.size(0); c0 += kCastRows) {
+    const int64_t c = std::min(kCastRows, r.size(0) - c0);
+    at::Tensor out = sim.narrow(1, c0, c);
+    at::mm_out(out, q_block, r.narrow(0, c0, c).to(q_block.scalar_type()).t());
+  }
+}
+
+// out = g r, r converted block by block like scores() when its dtype differs.
+void times(at::Tensor& out, const at::Tensor& g, const at::Tensor& r) {
+  if (r.scalar_type() == g.scalar_type()) {
+    at::mm_out(out, g, r);
+    return;
+  }
+  out.zero_();
+  for (int64_t c0 = 0; c0 < r.size(0); c0 += kCastRows) {
+    const int64_t c = std::min(kCastRows, r.size(0) - c0);
+    out.addmm_(g.narrow(1, c0, c), r.narrow(0, c0, c).to(g.scalar_type()));
+  }
+}
+
 template <typename T>
 Hyper<T> hyper(double alpha, double beta, double base, double epsilon, bool mining) {
   return {static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(base), static_cast<T>(epsilon), mining};
@@ -137,17 +168,17 @@ RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (4, N
 }
 
 template <typename T>
-void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::Tensor& stats) {
+void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::Tensor& stats, at::Tensor& counts) {
   const int64_t n = in.q.size(0), m = in.r.size(0);
-  const at::Tensor r_t = in.r.t();
   const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
   const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
   const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
   T* loss_out = loss.data_ptr<T>();
   T* st = stats.data_ptr<T>();
+  int64_t* pairs = counts.data_ptr<int64_t>();  // (2, N): mined positives, mined negatives
   for_each_block(row_blocks(n, m, sizeof(T)), m, in.q.options(), /*spread=*/true,
                  [&](int64_t start, int64_t count, at::Tensor sim) {
-    at::mm_out(sim, in.q.narrow(0, start, count), r_t);
+    scores(sim, in.q.narrow(0, start, count), in.r);
     const T* s = sim.data_ptr<T>();
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
@@ -157,6 +188,8 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
         st[n + i] = rs.max_neg;
         st[2 * n + i] = rs.A;
         st[3 * n + i] = rs.B;
+        pairs[i] = rs.n_pos;
+        pairs[n + i] = rs.n_neg;
         loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // docs/semantics.md "Loss"; NaN for a non-finite row
       }
     });
@@ -169,14 +202,13 @@ template <typename T>
 void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* st, at::Tensor& dq,
                      at::Tensor& dr, bool need_q, bool need_r) {
   const int64_t n = in.q.size(0), m = in.r.size(0);
-  const at::Tensor r_t = in.r.t();
   const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
   const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
   const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
   for_each_block(row_blocks(n, m, sizeof(T)), m, in.q.options(), /*spread=*/!need_r,
                  [&](int64_t start, int64_t count, at::Tensor sim) {
     const at::Tensor q_block = in.q.narrow(0, start, count);
-    at::mm_out(sim, q_block, r_t);  // the forward's product again
+    scores(sim, q_block, in.r);  // the forward's product again
     T* s = sim.data_ptr<T>();
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
@@ -187,7 +219,7 @@ void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* 
     });
     if (need_q) {
       at::Tensor dq_block = dq.narrow(0, start, count);
-      at::mm_out(dq_block, sim, in.r);
+      times(dq_block, sim, in.r);
     }
     if (need_r) dr.addmm_(sim.t(), q_block);
   });
@@ -229,7 +261,7 @@ void symmetric_backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat,
                                                   const at::Tensor& labels,
                                                   const std::optional<at::Tensor>& ref_labels,
                                                   const std::optional<at::Tensor>& self_index, double alpha,
@@ -238,10 +270,11 @@ std::tuple<at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& q_hat, const
   const int64_t n = in.q.size(0);
   at::Tensor loss = at::empty({n}, in.q.options());
   at::Tensor stats = at::empty({4, n}, in.q.options());
+  at::Tensor counts = at::empty({2, n}, in.q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ms_forward_cpu", [&] {
-    forward_blocks<scalar_t>(in, hyper<scalar_t>(alpha, beta, base, epsilon, mining), loss, stats);
+    forward_blocks<scalar_t>(in, hyper<scalar_t>(alpha, beta, base, epsilon, mining), loss, stats, counts);
   });
-  return {loss, stats};
+  return {loss, stats, counts};
 }
 
 std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const at::Tensor& q_hat,
@@ -258,6 +291,8 @@ std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const
   const at::Tensor g = grad.to(in.q.scalar_type()).contiguous();
   const at::Tensor st = stats.to(in.q.scalar_type()).contiguous();
   need_r = need_r && !in.self_mode;  // in self mode the one input gets the whole gradient through q
+  TORCH_CHECK(!need_r || in.r.scalar_type() == in.q.scalar_type(),
+              "ms_fused: a gradient for r_hat needs r_hat in the dtype of q_hat");
   at::Tensor dq = need_q ? at::empty_like(in.q) : at::empty({0}, in.q.options());
   at::Tensor dr = need_r ? at::zeros_like(in.r) : at::empty({0}, in.q.options());
   if (!need_q && !need_r) return {dq, dr};

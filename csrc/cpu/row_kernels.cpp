@@ -117,18 +117,24 @@ MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int6
   const T pos_shift = hp.alpha * hp.base - pos_max, neg_shift = -hp.beta * hp.base - neg_max;
   const T alpha = hp.alpha, beta = hp.beta;
   T sum_pos = 0, sum_neg = 0;
+  // counters as wide as T, so that they share the vector lanes of the sums
+  using Count = typename ExpConsts<T>::Bits;
+  Count n_pos = 0, n_neg = 0;
   if (any_pos || any_neg) {
-#pragma omp simd reduction(+ : sum_pos, sum_neg)
+#pragma omp simd reduction(+ : sum_pos, sum_neg, n_pos, n_neg)
     for (int64_t j = 0; j < m; ++j) {
       const T v = s[j];
       const bool same = yr[j] == yq;
       const bool pos = same & (static_cast<int32_t>(j) != own_col);
       const T e = vec_exp(same ? -alpha * v + pos_shift : beta * v + neg_shift);
-      sum_pos += (pos & (v - eps < pos_limit)) ? e : T(0);
-      sum_neg += (!same & (v + eps > neg_limit)) ? e : T(0);
+      const bool hard_pos = pos & (v - eps < pos_limit), hard_neg = !same & (v + eps > neg_limit);
+      sum_pos += hard_pos ? e : T(0);
+      sum_neg += hard_neg ? e : T(0);
+      n_pos += hard_pos ? Count(1) : Count(0);
+      n_neg += hard_neg ? Count(1) : Count(0);
     }
   }
-  return {min_pos, max_neg, log1p_shifted(pos_max, sum_pos), log1p_shifted(neg_max, sum_neg)};
+  return {min_pos, max_neg, log1p_shifted(pos_max, sum_pos), log1p_shifted(neg_max, sum_neg), n_pos, n_neg};
 }
 
 // G for pair (anchor, column) given its similarity v, whether the labels match and whether it is a positive

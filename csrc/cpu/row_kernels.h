@@ -23,6 +23,7 @@ struct Hyper {  // the hyper-parameters, in the compute dtype
 template <typename T>
 struct RowStats {  // what the forward saves per anchor; A = B = NaN marks a row with a non-finite S
   T min_pos, max_neg, A, B;
+  int64_t n_pos = 0, n_neg = 0;  // mined positives and negatives (0 for a non-finite row)
 };
 
 // How S_ij becomes G_ij for one anchor i (docs/semantics.md "Gradient"):
