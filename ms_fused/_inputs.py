@@ -59,7 +59,7 @@ def _real(name: str, value) -> float:
     return value
 
 
-def _flag(name: str, value) -> bool:
+def check_flag(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
@@ -74,7 +74,7 @@ def check_hyperparams(alpha, beta, base, epsilon, mining, normalize) -> HyperPar
         raise ValueError(f"beta must be > 0, got {beta}")
     if epsilon < 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    return HyperParams(alpha, beta, base, epsilon, _flag("mining", mining), _flag("normalize", normalize))
+    return HyperParams(alpha, beta, base, epsilon, check_flag("mining", mining), check_flag("normalize", normalize))
 
 
 def check_reduction(reduction) -> str:
@@ -89,7 +89,7 @@ def check_backend_name(backend) -> str:
     return backend
 
 
-def _embedding(name: str, x) -> torch.Tensor:
+def check_embedding(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -103,7 +103,7 @@ def _embedding(name: str, x) -> torch.Tensor:
     return x
 
 
-def _labels(name: str, y, rows: int, rows_name: str) -> torch.Tensor:
+def check_labels(name: str, y, rows: int, rows_name: str) -> torch.Tensor:
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(y).__name__}")
     if y.dtype == torch.bool:
@@ -117,7 +117,7 @@ def _labels(name: str, y, rows: int, rows_name: str) -> torch.Tensor:
     return y.to(torch.int64)
 
 
-def _same_device(device: torch.device, **tensors) -> None:
+def check_same_device(device: torch.device, **tensors) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but embeddings is on {device}; put every tensor on one device")
@@ -125,8 +125,8 @@ def _same_device(device: torch.device, **tensors) -> None:
 
 def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: HyperParams,
                  ref_normalized: bool = False) -> Problem:
-    q = _embedding("embeddings", embeddings)
-    if _flag("ref_normalized", ref_normalized):
+    q = check_embedding("embeddings", embeddings)
+    if check_flag("ref_normalized", ref_normalized):
         if ref_emb is None:
             raise ValueError("ref_normalized=True needs ref_emb (it says that ref_emb's rows are unit rows)")
         if isinstance(ref_emb, torch.Tensor) and ref_emb.requires_grad:
@@ -135,7 +135,7 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
     if (ref_emb is None) != (ref_labels is None):
         missing = "ref_labels" if ref_labels is None else "ref_emb"
         raise ValueError(f"{missing} must be given together with {'ref_emb' if missing == 'ref_labels' else 'ref_labels'}")
-    r = None if ref_emb is None else _embedding("ref_emb", ref_emb)
+    r = None if ref_emb is None else check_embedding("ref_emb", ref_emb)
     if r is not None and r.shape[1] != q.shape[1]:
         raise ValueError(
             f"ref_emb must have the same dim as embeddings ({q.shape[1]}), got {r.shape[1]}")
@@ -144,9 +144,9 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
     if ref_self_index is not None and not isinstance(ref_self_index, torch.Tensor):
         raise TypeError(f"ref_self_index must be a torch.Tensor of integers, got {type(ref_self_index).__name__}")
     if isinstance(labels, torch.Tensor) or isinstance(ref_labels, torch.Tensor):
-        _same_device(q.device, labels=labels, ref_emb=r, ref_labels=ref_labels, ref_self_index=ref_self_index)
-    yq = _labels("labels", labels, q.shape[0], "embeddings")
-    yr = None if r is None else _labels("ref_labels", ref_labels, r.shape[0], "ref_emb")
+        check_same_device(q.device, labels=labels, ref_emb=r, ref_labels=ref_labels, ref_self_index=ref_self_index)
+    yq = check_labels("labels", labels, q.shape[0], "embeddings")
+    yr = None if r is None else check_labels("ref_labels", ref_labels, r.shape[0], "ref_emb")
 
     if r is None:
         if ref_self_index is not None:
@@ -155,7 +155,7 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
     elif ref_self_index is None:
         self_index = None
     else:
-        self_index = _labels("ref_self_index", ref_self_index, q.shape[0], "embeddings")
+        self_index = check_labels("ref_self_index", ref_self_index, q.shape[0], "embeddings")
         if torch.compiler.is_compiling():
             # a compiled graph cannot branch on tensor values: it asserts the range instead (RuntimeError)
             torch._assert_async(((self_index >= -1) & (self_index < r.shape[0])).all(),

@@ -5,7 +5,7 @@ import torch
 
 from . import backends
 from ._autograd import autocast_off
-from ._inputs import _flag, check_backend_name, check_finite_inputs, check_hyperparams, check_inputs, check_reduction
+from ._inputs import check_flag, check_backend_name, check_finite_inputs, check_hyperparams, check_inputs, check_reduction
 from .stats import PairStats, pair_stats
 
 
@@ -48,8 +48,8 @@ def multi_similarity_loss(
     hp = check_hyperparams(alpha, beta, base, epsilon, mining, normalize)
     reduction = check_reduction(reduction)
     backend = check_backend_name(backend)
-    check_finite = _flag("check_finite", check_finite)
-    return_stats = _flag("return_stats", return_stats)
+    check_finite = check_flag("check_finite", check_finite)
+    return_stats = check_flag("return_stats", return_stats)
     problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp, ref_normalized)
     impl = backends.resolve(backend, problem.q.device, problem.q.dtype)
     if check_finite:

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from ._inputs import _labels
+from ._inputs import check_labels
 from .module import MultiSimilarityLoss
 
 _BN_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
@@ -155,7 +155,7 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     chunk_size = int(chunk_size)
     n = _batch_size(inputs)
-    _labels("labels", labels, n, "inputs")
+    check_labels("labels", labels, n, "inputs")
     if loss_fn is None:
         loss_fn = MultiSimilarityLoss(**loss_kwargs)
     elif loss_kwargs:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._inputs import FLOAT_DTYPES, _labels, compute_dtype
+from ._inputs import FLOAT_DTYPES, check_labels, compute_dtype
 from .api import multi_similarity_loss as _local_loss
 from .module import MultiSimilarityLoss
 from .xbm import CrossBatchMemory as _LocalMemory
@@ -52,7 +52,7 @@ def _check_local(embeddings, labels, loss_kwargs) -> dict:
         raise ValueError(f"embeddings must be 2-D (rows, dim) with dim >= 1, got shape {tuple(embeddings.shape)}")
     if embeddings.dtype not in FLOAT_DTYPES:
         raise TypeError(f"embeddings must have dtype float16, bfloat16, float32 or float64, got {embeddings.dtype}")
-    _labels("labels", labels, embeddings.shape[0], "embeddings")
+    check_labels("labels", labels, embeddings.shape[0], "embeddings")
     if labels.device != embeddings.device:
         raise ValueError(f"labels is on {labels.device} but embeddings is on {embeddings.device}")
     backends.resolve(options["backend"], embeddings.device, embeddings.dtype)

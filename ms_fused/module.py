@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._inputs import _flag, check_backend_name, check_hyperparams, check_reduction
+from ._inputs import check_flag, check_backend_name, check_hyperparams, check_reduction
 from .api import multi_similarity_loss
 
 
@@ -20,7 +20,7 @@ class MultiSimilarityLoss(nn.Module):
         check_hyperparams(alpha, beta, base, epsilon, mining, normalize)
         self.kwargs = dict(alpha=alpha, beta=beta, base=base, epsilon=epsilon, mining=mining,
                            normalize=normalize, reduction=check_reduction(reduction),
-                           backend=check_backend_name(backend), check_finite=_flag("check_finite", check_finite))
+                           backend=check_backend_name(backend), check_finite=check_flag("check_finite", check_finite))
         self.num_pos_pairs = self.num_neg_pairs = self.num_anchors_with_pairs = None
 
     def forward(self, embeddings, labels, ref_emb=None, ref_labels=None, *, ref_self_index=None,

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _topk
-from ._inputs import _embedding, _flag, _labels, _same_device, compute_dtype
+from ._inputs import check_embedding, check_flag, check_labels, check_same_device, compute_dtype
 
 
 @dataclass
@@ -56,15 +56,15 @@ class _Search:
 
 
 def _search(embeddings, ref_emb, exclude_self, normalize) -> _Search:
-    q = _embedding("embeddings", embeddings)
-    r = None if ref_emb is None else _embedding("ref_emb", ref_emb)
+    q = check_embedding("embeddings", embeddings)
+    r = None if ref_emb is None else check_embedding("ref_emb", ref_emb)
     if r is not None:
-        _same_device(q.device, ref_emb=r)
+        check_same_device(q.device, ref_emb=r)
         if r.shape[1] != q.shape[1]:
             raise ValueError(f"ref_emb must have the same dim as embeddings ({q.shape[1]}), got {r.shape[1]}")
         if r.dtype != q.dtype:
             raise TypeError(f"ref_emb must have the dtype of embeddings ({q.dtype}), got {r.dtype}")
-    exclude_self, normalize = _flag("exclude_self", exclude_self), _flag("normalize", normalize)
+    exclude_self, normalize = check_flag("exclude_self", exclude_self), check_flag("normalize", normalize)
     for name, x in (("embeddings", q), ("ref_emb", r)):
         if x is not None and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf")
@@ -85,10 +85,10 @@ def _labelled(embeddings, labels, ref_emb, ref_labels, exclude_self, normalize):
         raise ValueError(f"{given} must be given together with {missing}")
     search = _search(embeddings, ref_emb, exclude_self, normalize)
     device = search.q.device
-    _same_device(device, labels=labels if isinstance(labels, torch.Tensor) else None,
+    check_same_device(device, labels=labels if isinstance(labels, torch.Tensor) else None,
                  ref_labels=ref_labels if isinstance(ref_labels, torch.Tensor) else None)
-    yq = _labels("labels", labels, search.q.shape[0], "embeddings")
-    yr = yq if ref_emb is None else _labels("ref_labels", ref_labels, search.r.shape[0], "ref_emb")
+    yq = check_labels("labels", labels, search.q.shape[0], "embeddings")
+    yr = yq if ref_emb is None else check_labels("ref_labels", ref_labels, search.r.shape[0], "ref_emb")
     return search, yq, yr
 
 

@@ -107,7 +107,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
         counts = torch.empty((2, n) if count else (2, 0), dtype=torch.int64, device=q.device)
         stats = torch.empty(n, 4, dtype=q.dtype, device=q.device)  # min_pos, max_neg, A, B
         bad = torch.empty(n, dtype=torch.bool, device=q.device)
-        a, b, lam = hp.alpha, hp.beta, hp.base
+        a, b, base = hp.alpha, hp.beta, hp.base
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             S = _scores(q[s:e], r)
@@ -118,9 +118,9 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             if count:
                 counts[0, s:e], counts[1, s:e] = hard_pos.sum(dim=1), hard_neg.sum(dim=1)
             m_pos, m_neg = _row_shifts(min_pos, max_neg, hp)
-            # A = m + log(exp(-m) + sum exp(z - m)), z = -a(S - lam) on hard positives, b(S - lam) on hard negatives
-            A = m_pos + torch.log(torch.exp(-m_pos) + _shifted_exp(S, hard_pos, -a, lam, m_pos).sum(dim=1))
-            B = m_neg + torch.log(torch.exp(-m_neg) + _shifted_exp(S, hard_neg, b, lam, m_neg).sum(dim=1))
+            # A = m + log(exp(-m) + sum exp(z - m)), z = -a(S - base) on hard positives, b(S - base) on hard negatives
+            A = m_pos + torch.log(torch.exp(-m_pos) + _shifted_exp(S, hard_pos, -a, base, m_pos).sum(dim=1))
+            B = m_neg + torch.log(torch.exp(-m_neg) + _shifted_exp(S, hard_neg, b, base, m_neg).sum(dim=1))
             lo, hi = torch.aminmax(S, dim=1)  # NaN propagates; +-inf shows in an extreme
             bad[s:e] = ~(torch.isfinite(lo) & torch.isfinite(hi))
             loss[s:e] = torch.where(bad[s:e], float("nan"), A / a + B / b)
@@ -137,7 +137,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
         hp, chunk = ctx.hp, ctx.chunk
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = q.shape[0]
-        a, b, lam = hp.alpha, hp.beta, hp.base
+        a, b, base = hp.alpha, hp.beta, hp.base
         g = g.to(q.dtype)
         dq = torch.empty_like(q) if need_q else None
         dr = torch.zeros_like(r) if need_r else None
@@ -147,9 +147,9 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
             min_pos, max_neg, A, B = stats[s:e].unbind(dim=1)
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
-            # docs/semantics.md "Gradient": G_ip = -g exp(-a(S-lam) - A), G_in = +g exp(b(S-lam) - B), 0 elsewhere
-            G = _shifted_exp(S, hard_neg, b, lam, B)
-            G.sub_(_shifted_exp(S, hard_pos, -a, lam, A))
+            # docs/semantics.md "Gradient": G_ip = -g exp(-a(S-base) - A), G_in = +g exp(b(S-base) - B), 0 elsewhere
+            G = _shifted_exp(S, hard_neg, b, base, B)
+            G.sub_(_shifted_exp(S, hard_pos, -a, base, A))
             G.mul_(g[s:e, None])
             G.masked_fill_(bad[s:e, None], float("nan"))
             if need_q:

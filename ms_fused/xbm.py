@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._inputs import FLOAT_DTYPES, _embedding, _labels, compute_dtype
+from ._inputs import FLOAT_DTYPES, check_embedding, check_labels, compute_dtype
 from .module import MultiSimilarityLoss
 
 
@@ -132,10 +132,10 @@ class CrossBatchMemory(nn.Module):
         self._saved_rows = weakref.WeakSet()
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        x = _embedding("embeddings", embeddings)
+        x = check_embedding("embeddings", embeddings)
         if x.shape[1] != self.memory.shape[1]:
             raise ValueError(f"embeddings must have embedding_dim = {self.memory.shape[1]} columns, got {x.shape[1]}")
-        y = _labels("labels", labels, x.shape[0], "embeddings")
+        y = check_labels("labels", labels, x.shape[0], "embeddings")
         if y.device != x.device:
             raise ValueError(f"labels is on {y.device} but embeddings is on {x.device}; put both on one device")
         if self.loss.kwargs["check_finite"] and not bool(torch.isfinite(x).all()):
