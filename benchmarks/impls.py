@@ -138,7 +138,7 @@ def pml_loss() -> Callable:
     return loss
 
 
-def dense_torch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def dense_torch_loss(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
     """All pairs at once: similarity matrix, masks, mining, two masked log-sum-exps."""
     x = F.normalize(x, dim=1)
     S = x @ x.T
@@ -161,7 +161,7 @@ def dense_torch_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (pos_term + neg_term).mean()
 
 
-def loop_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def loop_loss(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
     """The authors' style: one similarity matrix, then a Python loop over anchors (paper, Alg. 1)."""
     x = F.normalize(x, dim=1)
     S = x @ x.T
