@@ -212,3 +212,12 @@ def assert_matches_reference(backend, x, y, r=None, yr=None, dtype=None, grad_fl
     assert all(g is None or g.dtype == dtype for g in out[1])
     assert_close(out, ref, dtype, grad_floor, tol)
     return out
+
+
+def spawn_ranks(worker, world: int, tmp_dir) -> list:
+    """Runs worker(rank, rendezvous_file, out_dir) in `world` processes and returns what each rank saved as
+    out_dir/rank<r>.pt (the workers of the gloo tests save their results there)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(str(tmp_dir / "rendezvous"), str(tmp_dir)), nprocs=world, join=True)
+    return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

@@ -10,12 +10,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from helpers import rel_err
+from helpers import rel_err, spawn_ranks
 
 WORLD, SPLIT, CHUNK, IN, DIM, CLASSES = 2, (11, 6), 4, 7, 9, 3
 
@@ -71,9 +70,7 @@ def worker(rank, rendezvous, out_dir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cached_distributed")
-    mp.spawn(worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("cached_distributed"))
 
 
 def test_parameter_gradients_equal_the_non_cached_ddp_step(results):

@@ -12,11 +12,10 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from backends_under_test import FAST_CPU_BACKENDS
-from helpers import TOLERANCE, clustered_batch, loss_and_grads, rel_err
+from helpers import TOLERANCE, clustered_batch, loss_and_grads, rel_err, spawn_ranks
 from ms_fused import multi_similarity_loss
 
 WORLD, DIM, CLASSES = 3, 13, 5
@@ -115,9 +114,7 @@ def worker(rank, rendezvous, out_dir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distributed")
-    mp.spawn(worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("distributed"))
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: str(c))

@@ -11,11 +11,10 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from backends_under_test import FAST_CPU_BACKENDS
-from helpers import clustered_batch, rel_err
+from helpers import clustered_batch, rel_err, spawn_ranks
 from ms_fused import CrossBatchMemory
 
 TOL = 1e-10
@@ -128,9 +127,7 @@ def worker(rank, rendezvous, out_dir):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("distributed_xbm")
-    mp.spawn(worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return spawn_ranks(worker, WORLD, tmp_path_factory.mktemp("distributed_xbm"))
 
 
 CASES = [(world, backend, i) for world in (3, 2) for backend in FAST_CPU_BACKENDS for i in range(len(OPTIONS))]
