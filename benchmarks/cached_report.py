@@ -10,6 +10,8 @@ import json
 import os
 from typing import Dict, List, Optional
 
+from report import replace_block
+
 MIB, GIB = 2**20, 2**30
 OK = "ok"
 
@@ -204,16 +206,7 @@ def update_readme(readme_path: str, json_path: str, doc) -> None:
     """Replace the block between `<!-- cached:<json path> -->` and `<!-- /cached -->` with the summary (the path
     relative to the README's folder)."""
     json_path = os.path.relpath(json_path, os.path.dirname(os.path.abspath(readme_path)))
-    start, end = f"<!-- cached:{json_path} -->", "<!-- /cached -->"
-    with open(readme_path) as f:
-        text = f.read()
-    if start not in text or end not in text.split(start, 1)[1]:
-        raise SystemExit(f"{readme_path} has no '{start}' ... '{end}' block")
-    head, rest = text.split(start, 1)
-    tail = rest.split(end, 1)[1]
-    with open(readme_path, "w") as f:
-        f.write(head + start + "\n" + "\n".join(readme_block(doc, json_path)) + "\n" + end + tail)
-
+    replace_block(readme_path, f"<!-- cached:{json_path} -->", "<!-- /cached -->", readme_block(doc, json_path))
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
