@@ -27,6 +27,7 @@ import sys
 import time
 
 from environment import cpu_name
+from report import replace_block
 from rss import reset_peak, status_kb
 
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cpu", "xbm")
@@ -165,15 +166,7 @@ def summary(points, command) -> list:
 
 
 def write_readme(path, points, command) -> None:
-    start, end = "<!-- bench_xbm -->", "<!-- /bench_xbm -->"
-    with open(path) as f:
-        text = f.read()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} has no '{start}' ... '{end}' block")
-    head, rest = text.split(start, 1)
-    with open(path, "w") as f:
-        f.write(head + start + "\n".join([""] + summary(points, command) + [""]) + end + rest.split(end, 1)[1])
-
+    replace_block(path, "<!-- bench_xbm -->", "<!-- /bench_xbm -->", summary(points, command))
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
