@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, in the order that matters when device time is short (whole run < 8 minutes):
-#   1. the target point: N = 32768, D = 512, bfloat16, triton against pml and one torch.mm(X, X.T);
-#   2. the memory-bank point: N = 256 anchors against a memory of 100 000 rows, D = 128;
+#   1. the target point (run.py --preset goals): N = 32768, D = 512, bfloat16, triton against pml and one
+#      torch.mm(X, X.T), with the Triton goals checked in its report;
+#   2. the memory-bank point (run.py --preset bank): N = 256 anchors against a memory of 100 000 rows, D = 128;
 #   3. the largest self-mode batch the triton backend completes (up to 2^20 at D = 512, bfloat16);
 #   4. the GPU tests (tests/test_triton.py).
 # Tables land in benchmarks/results/$RESULTS_NAME/{target,memory_bank,largest}/ (default h200).
@@ -70,16 +71,16 @@ benchmark() {
 }
 
 if [[ $DRY_RUN == 1 ]]; then
-    dev=(--device cpu --dtypes float32)
-    benchmark target 60 "${dev[@]}" --n 512 --d 64 --impls ms_fused:torch,pml,mm --target-s 0.05
-    benchmark memory_bank 60 "${dev[@]}" --n 128 --memory 4096 --d 32 --impls ms_fused:torch,pml,mm --no-check --target-s 0.05
-    benchmark largest 60 "${dev[@]}" --n 1024,2048 --d 64 --impls ms_fused:torch --modes forward_backward --no-check --target-s 0.05
+    dev=(--device cpu --dtypes float32 --target-s 0.05)
+    benchmark target 60 --preset goals "${dev[@]}" --n 512 --d 64 --impls ms_fused:torch,pml,mm
+    benchmark memory_bank 60 --preset bank "${dev[@]}" --n 128 --memory 4096 --d 32 --impls ms_fused:torch,pml,mm --no-check
+    benchmark largest 60 "${dev[@]}" --n 1024,2048 --d 64 --impls ms_fused:torch --modes forward_backward --no-check
 else
-    dev=(--device cuda --dtypes bfloat16 --target-s 0.2)
-    benchmark target 150 "${dev[@]}" --n 32768 --d 512 --impls ms_fused:triton,pml,mm
-    benchmark memory_bank 60 "${dev[@]}" --n 256 --memory 100000 --d 128 --impls ms_fused:triton,pml,mm --no-check
-    benchmark largest 90 "${dev[@]}" --n 65536,131072,262144,524288,1048576 --d 512 --impls ms_fused:triton,mm \
-        --modes forward_backward --no-check --no-plots
+    # the goals and bank presets (sweep.PRESETS) are the target point and the memory-bank point, goals checked
+    benchmark target 150 --preset goals --device cuda
+    benchmark memory_bank 60 --preset bank --device cuda --no-check
+    benchmark largest 90 --device cuda --dtypes bfloat16 --target-s 0.2 --n 65536,131072,262144,524288,1048576 \
+        --d 512 --impls ms_fused:triton,mm --modes forward_backward --no-check --no-plots
 fi
 
 # 4. the GPU tests, last: the figures above are what a short lease must not lose

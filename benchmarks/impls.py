@@ -31,7 +31,9 @@ BASELINES = ("pml", "dense_torch", "loop", "mm")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
-def _clustered(n: int, d: int, spread: float, seed: int, device="cpu", samples_per_class: int = SAMPLES_PER_CLASS):
+def clustered(n: int, d: int, spread: float, seed: int, device="cpu", samples_per_class: int = SAMPLES_PER_CLASS):
+    """n rows in samples_per_class-row classes, shuffled: each row its class centre (std-1 Gaussian) plus
+    Gaussian noise of std `spread`; and the int64 labels."""
     # drawn on the target device: a GPU sweep would otherwise spend seconds per record in CPU randn
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -69,7 +71,7 @@ def cluster_spread(d: int) -> float:
     lo, hi = 0.1, 20.0
     for _ in range(16):
         mid = (lo + hi) / 2
-        if hard_pair_fractions(*_clustered(512, d, mid, seed=1))["negatives"] < TARGET_HARD_NEGATIVES:
+        if hard_pair_fractions(*clustered(512, d, mid, seed=1))["negatives"] < TARGET_HARD_NEGATIVES:
             lo = mid
         else:
             hi = mid
@@ -82,14 +84,15 @@ def make_batch(n: int, d: int, dtype: torch.dtype, device, seed: int = 0, sample
     Each row is its class centre plus Gaussian noise of std `cluster_spread(d)`: positives are more
     similar than negatives and the miner keeps ~10% of the negatives, as in the middle of training.
     """
-    x, labels = _clustered(n, d, cluster_spread(d), seed, device, samples_per_class)
+    x, labels = clustered(n, d, cluster_spread(d), seed, device, samples_per_class)
     return x.to(dtype), labels
 
 
 def make_memory_bank(n: int, m: int, d: int, dtype: torch.dtype, device, seed: int = 0,
                      samples_per_class: int = SAMPLES_PER_CLASS):
-    """A cross-batch-memory step: a batch (n rows, K per class) and a memory of m rows around the same
-    class centres, whose first n rows are the batch itself (anchor i's own copy is memory row i).
+    """A cross-batch-memory step: a batch (n rows, K per class) and a memory of m unit rows around the same
+    class centres, whose first n rows are the batch itself, normalised (anchor i's own copy is memory
+    row i), as `CrossBatchMemory` holds them.
 
     Returns (batch, labels, memory, memory_labels, own) with own = arange(n)."""
     device = torch.device(device)
@@ -101,6 +104,7 @@ def make_memory_bank(n: int, m: int, d: int, dtype: torch.dtype, device, seed: i
     memory = centres[memory_labels] + spread * torch.randn(m, d, generator=gen, device=device)
     batch = centres[labels] + spread * torch.randn(n, d, generator=gen, device=device)
     memory[:n], memory_labels[:n] = batch, labels  # the batch was just enqueued
+    memory = F.normalize(memory, dim=1)
     own = torch.arange(n, device=device)
     return batch.to(dtype), labels, memory.to(dtype), memory_labels, own
 
@@ -116,8 +120,9 @@ def ms_fused_loss(backend: str) -> Callable:
         if bank is None:
             return ms_fused.multi_similarity_loss(x, y, backend=backend, **HYPER_PARAMS)
         memory, memory_labels, own = bank
-        return ms_fused.multi_similarity_loss(x, y, memory, memory_labels, ref_self_index=own, backend=backend,
-                                              **HYPER_PARAMS)
+        # the step CrossBatchMemory makes: its memory holds unit rows, used as they are
+        return ms_fused.multi_similarity_loss(x, y, memory, memory_labels, ref_self_index=own, ref_normalized=True,
+                                              backend=backend, **HYPER_PARAMS)
 
     return loss
 

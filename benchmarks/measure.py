@@ -8,20 +8,27 @@ records until it fails (a CUDA context costs seconds); the peak is `torch.cuda.m
 from __future__ import annotations
 
 import gc
+import importlib
 import math
 import multiprocessing
 import resource
 import statistics
 import time
 import traceback
+from typing import Optional
 
 import torch
 
 import impls
-from rss import reset_peak, status_kb
+from rss import release_free_heap, reset_peak, status_kb
 
 OK, OOM, TIMEOUT, ERROR, KILLED, SKIPPED, UNAVAILABLE = (
     "ok", "oom", "timeout", "error", "killed", "skipped", "unavailable")
+
+
+def failure(status: str, note: str) -> dict:
+    return {"status": status, "median_ms": None, "peak_mb": None, "note": note}
+
 
 # a warm-up at this size first loads lazily-initialised code (kernels, extensions, JIT) outside the measurement
 SMALL_N = 256
@@ -48,7 +55,22 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(fn, x, y, bank, mode: str, yardstick: bool):
+def percentile(values, q: float) -> float:
+    """The q-th percentile (0-100) with linear interpolation between order statistics (numpy's default)."""
+    v = sorted(values)
+    pos = (len(v) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+
+def time_summary(times, unit: str = "ms") -> dict:
+    """The median of the timed calls and their spread, the 20th and 80th percentiles (keys median_<unit>, ...)."""
+    return {f"median_{unit}": statistics.median(times), f"p20_{unit}": percentile(times, 20),
+            f"p80_{unit}": percentile(times, 80)}
+
+
+def step(fn, x, y, bank, mode: str, yardstick: bool):
     """One call as a training step makes it: forward only, or forward then backward into x.grad."""
     if yardstick:
         return fn(x, y, bank)
@@ -65,23 +87,24 @@ def _timed_step(fn, x, y, bank, mode, yardstick, device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out = _step(fn, x, y, bank, mode, yardstick)
+        out = step(fn, x, y, bank, mode, yardstick)
         end.record()
         end.synchronize()
         del out
         return start.elapsed_time(end)
     t0 = time.perf_counter()
-    out = _step(fn, x, y, bank, mode, yardstick)
+    out = step(fn, x, y, bank, mode, yardstick)
     ms = (time.perf_counter() - t0) * 1e3
     del out
     return ms
 
 
-def _inputs(spec: dict, n: int, device: torch.device, yardstick: bool):
-    """(x, y, bank): a P x K batch, and with spec["memory"] a memory bank (memory, labels, own) without grad."""
+def _inputs(spec: dict, n: int, device: torch.device, yardstick: bool, m: Optional[int] = None):
+    """(x, y, bank): a P x K batch, and with spec["memory"] a memory bank (memory, labels, own) of `m` rows
+    (default spec["memory"]) without grad."""
     dtype = impls.DTYPES[spec["dtype"]]
     if spec.get("memory"):
-        x, y, memory, memory_labels, own = impls.make_memory_bank(n, spec["memory"], spec["d"], dtype, device,
+        x, y, memory, memory_labels, own = impls.make_memory_bank(n, m or spec["memory"], spec["d"], dtype, device,
                                                                   seed=spec.get("seed", 0))
         return x.requires_grad_(not yardstick), y, (memory, memory_labels, own)
     x, y = impls.make_batch(n, spec["d"], dtype, device, seed=spec.get("seed", 0))
@@ -97,11 +120,13 @@ def measure(spec: dict) -> dict:
     if device.type == "cpu" and spec.get("mem_cap_bytes"):
         _cap_cpu_memory(spec["mem_cap_bytes"])
 
-    xs, ys, bank_s = _inputs(spec, min(n, SMALL_N), device, yardstick)
+    small = min(n, SMALL_N)
+    xs, ys, bank_s = _inputs(spec, small, device, yardstick, m=spec.get("memory") and max(small, SMALL_N))
     _timed_step(fn, xs, ys, bank_s, mode, yardstick, device)
     del xs, ys, bank_s
     x, y, bank = _inputs(spec, n, device, yardstick)
     gc.collect()
+    release_free_heap()
 
     peak_mb = None
     if device.type == "cuda":
@@ -126,7 +151,7 @@ def measure(spec: dict) -> dict:
     times = [_timed_step(fn, x, y, bank, mode, yardstick, device) for _ in range(repeats)]
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return {"status": OK, "median_ms": statistics.median(times), "peak_mb": peak_mb, "repeats": repeats,
+    return {"status": OK, **time_summary(times), "peak_mb": peak_mb, "repeats": repeats,
             "warmup_ms": warmup_ms, "times_ms": times}
 
 
@@ -159,23 +184,31 @@ def _is_oom(exc: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
+def exception_record(exc: BaseException) -> dict:
+    """What a record that raised reports: oom or error, the message's first line, for an error the trace's end."""
+    status = OOM if _is_oom(exc) else ERROR
+    note = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    if status == ERROR:
+        note += " | " + traceback.format_exc(limit=-2).strip().replace("\n", " / ")[-500:]
+    return failure(status, note)
+
+
 def run_in_child(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     try:
         return agreement(spec) if spec.get("kind") == "agreement" else measure(spec)
     except BaseException as exc:  # recorded, never raised: the sweep goes on
-        status = OOM if _is_oom(exc) else ERROR
-        note = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-        if status == ERROR:
-            note += " | " + traceback.format_exc(limit=-2).strip().replace("\n", " / ")[-500:]
         if spec["device"].startswith("cuda"):
             torch.cuda.empty_cache()
-        return {"status": status, "median_ms": None, "peak_mb": None, "note": note}
+        return exception_record(exc)
 
 
-def serve(conn) -> None:
-    """Child main loop: a spec in, a result out, until the parent sends None or goes away."""
+def serve(conn, job) -> None:
+    """Child main loop: a spec in, job(spec) out, until the parent sends None or goes away."""
+    if isinstance(job, str):
+        module, name = job.split(":")
+        job = getattr(importlib.import_module(module), name)
     while True:
         try:
             spec = conn.recv()
@@ -183,7 +216,7 @@ def serve(conn) -> None:
             return
         if spec is None:
             return
-        conn.send(run_in_child(spec))
+        conn.send(job(spec))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +224,13 @@ def serve(conn) -> None:
 
 
 class Runner:
-    """Runs specs in child processes with a time-out; fresh child per record unless `reuse`."""
+    """Runs job(spec) in child processes with a time-out; a fresh child per record unless `reuse`.
 
-    def __init__(self, reuse: bool, preload=("torch", "impls", "measure")):
-        self.reuse = reuse
+    `job` is a module-level function, or "module:function" for one in a script run as __main__ (the child
+    imports it by that name); it returns a dict with a "status" and never raises. A child that dies or times out is recorded as oom / killed / timeout."""
+
+    def __init__(self, reuse: bool, preload=("torch", "impls", "measure"), job=run_in_child):
+        self.reuse, self.job = reuse, job
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(list(preload))
         self.proc = None
@@ -202,7 +238,7 @@ class Runner:
 
     def _start(self):
         parent_end, child_end = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=serve, args=(child_end,), daemon=True)
+        self.proc = self.ctx.Process(target=serve, args=(child_end, self.job), daemon=True)
         self.proc.start()
         child_end.close()
         self.conn = parent_end
@@ -233,17 +269,14 @@ class Runner:
             self.conn.send(spec)
             if not self.conn.poll(max(timeout_s, 0.1)):
                 self._stop(kill=True)
-                return {"status": TIMEOUT, "median_ms": None, "peak_mb": None,
-                        "note": f"no result within {timeout_s:.0f} s"}
+                return failure(TIMEOUT, f"no result within {timeout_s:.0f} s")
             result = self.conn.recv()
         except (EOFError, OSError, BrokenPipeError):
             self.proc.join(5)
             code = self.proc.exitcode
             self._stop(kill=True)
             # SIGKILL that we did not send: on Linux almost always the kernel's OOM killer
-            status = OOM if code == -9 else KILLED
-            return {"status": status, "median_ms": None, "peak_mb": None,
-                    "note": f"child process died (exit code {code})"}
+            return failure(OOM if code == -9 else KILLED, f"child process died (exit code {code})")
         result["wall_s"] = round(time.monotonic() - started, 3)
         if not self.reuse or result["status"] != OK:
             # after a failure the CUDA context may be unusable: start the next record in a new child

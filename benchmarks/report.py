@@ -61,6 +61,13 @@ def ratios(r: dict, by: Dict[Tuple[str, int], dict]) -> dict:
             "memory_per_mm": _ratio(r["peak_mb"], mm.get("peak_mb"))}
 
 
+def spread(r: dict) -> str:
+    """"p20–p80" of a record's timed calls."""
+    if r.get("p20_ms") is None:
+        return "–"
+    return f"{fmt(r['p20_ms'])}–{fmt(r['p80_ms'])}"
+
+
 def _status(r: dict) -> str:
     return r["status"] if r["status"] == OK or not r.get("note") else f"{r['status']}: {r['note']}"
 
@@ -72,13 +79,14 @@ def section_title(key) -> str:
 
 def section_table(rows: List[dict]) -> List[str]:
     by = _index(rows)
-    lines = ["| N | implementation | median ms | peak MB | speed-up vs pml | memory vs pml | time / mm | memory / mm | status |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| N | implementation | median ms | p20–p80 ms | peak MB | speed-up vs pml | memory vs pml | time / mm | "
+             "memory / mm | status |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: r["n"]):
         if r["status"] == "unavailable" or r.get("note", "").startswith("loop only runs"):
             continue  # listed once in the header instead
         q = ratios(r, by)
-        lines.append(f"| {r['n']} | {r['impl']} | {fmt(r['median_ms'])} | {fmt(r['peak_mb'])} | "
+        lines.append(f"| {r['n']} | {r['impl']} | {fmt(r['median_ms'])} | {spread(r)} | {fmt(r['peak_mb'])} | "
                      f"{fmt(q['speedup_vs_pml'])} | {fmt(q['memory_vs_pml'])} | {fmt(q['time_per_mm'])} | "
                      f"{fmt(q['memory_per_mm'])} | {_status(r)} |")
     return lines
@@ -106,6 +114,53 @@ def headline_table(doc) -> List[str]:
     return lines
 
 
+# how a goal's bound reads: ratios against pml must reach it, time in units of mm must stay under it
+AT_LEAST, AT_MOST = ("speedup_vs_pml", "memory_vs_pml"), ("time_per_mm", "memory_per_mm")
+
+
+def goal_rows(doc) -> List[dict]:
+    """Each goal of the run's preset against the records: the measured value and whether it is met."""
+    out = []
+    for g in doc["settings"].get("goals") or []:
+        for key, rows in sections(doc["records"]).items():
+            if key[2] != g["mode"]:
+                continue
+            r = _index(rows).get((g["impl"], g["n"]))
+            if r is None:
+                continue
+            done = r["status"] == OK
+            if g["metric"] == "completes":
+                value, met = None, done
+            else:
+                value = ratios(r, _index(rows))[g["metric"]] if done else None
+                met = value is not None and (value >= g["bound"] if g["metric"] in AT_LEAST else value <= g["bound"])
+            out.append(dict(goal=g, section=key, record=r, value=value, met=met))
+    return out
+
+
+def goal_text(g: dict) -> str:
+    if g["metric"] == "completes":
+        return "completes"
+    what = {"speedup_vs_pml": "speed-up vs pml", "memory_vs_pml": "memory vs pml", "time_per_mm": "time / mm",
+            "memory_per_mm": "memory / mm"}[g["metric"]]
+    return f"{what} {'≥' if g['metric'] in AT_LEAST else '≤'} {g['bound']:g}"
+
+
+def goals_table(doc) -> List[str]:
+    rows = goal_rows(doc)
+    if not rows:
+        return []
+    lines = ["| configuration | implementation | N | goal | measured | met |", "|---|---|---:|---|---:|---|"]
+    for row in rows:
+        g, r = row["goal"], row["record"]
+        measured = fmt(row["value"]) if g["metric"] != "completes" else (
+            f"{fmt(r['median_ms'])} ms, {fmt(r['peak_mb'])} MB" if r["status"] == OK else "–")
+        met = "yes" if row["met"] else ("no" if r["status"] == OK else f"no ({_status(r)})")
+        lines.append(f"| {section_title(row['section'])} | {g['impl']} | {g['n']} | {goal_text(g)} | {measured} "
+                     f"| {met} |")
+    return lines
+
+
 def agreement_table(doc) -> List[str]:
     if not doc.get("agreement"):
         return []
@@ -125,7 +180,8 @@ def markdown(doc) -> str:
     shares = "; ".join(f"D = {d}: {v['positives']:.0%} of positive and {v['negatives']:.0%} of negative pairs"
                        for d, v in b.get("hard_pair_share_at_2048", {}).items())
     out = [
-        f"# ms_fused benchmark: {doc['device']}",
+        f"# ms_fused benchmark: {doc['device']}" + (f", `{s['preset']}` preset" if s.get("preset", "full") != "full"
+                                                     else ""),
         "",
         f"Produced by `{doc['command']}` in {doc['wall_s'] or 0:.0f} s on {env['date']}: ms_fused commit "
         f"`{env['commit']}`, torch {env['torch']}, triton {env['triton']}, pytorch-metric-learning "
@@ -134,19 +190,21 @@ def markdown(doc) -> str:
         f"Batches: P×K labels, {b['samples_per_class']} samples per class; rows around class centres, scattered so "
         f"that the miner keeps ~{b['target_hard_negative_share']:.0%} of the negative pairs (at N = 2048, {shares}). "
         f"Hyper-parameters: {hp}, mining on, mean reduction, " + (
-            f"memory-bank step: N anchors against a memory of {s['memory']} rows around the same class centres "
-            "that holds the batch (own copies removed by index; pml keeps them), memory without grad; `mm` is "
-            "then one `torch.mm(X, memory.T)`." if s.get("memory") else "self mode."),
+            f"memory-bank step: N anchors against a memory of {s['memory']} unit rows around the same class "
+            "centres that holds the batch, memory without grad, as `CrossBatchMemory` holds it (ms_fused gets "
+            "`ref_normalized=True` and removes the own copies by index; pml keeps them); `mm` is then one "
+            "`torch.mm(X, memory.T)`, the N×M similarities alone." if s.get("memory") else "self mode."),
         "",
         f"Measurement: each record runs in a child process; a warm-up at N = 256, {s['warmup']} warm-up call(s) at "
-        f"size, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls (~{s['target_s']} s of work). "
+        f"size, then the median of {s['min_repeats']}–{s['max_repeats']} timed calls (~{s['target_s']} s of work), "
+        "with their spread: *p20–p80* = the 20th and 80th percentiles of those calls. "
         "*forward* = the loss of inputs that require grad; *forward + backward* adds `loss.backward()`. "
         "Peak memory above the inputs: on the CPU the growth of the resident set during the first call at size, "
         "on CUDA `torch.cuda.max_memory_allocated` over the timed calls. `mm` is one `torch.mm(X, X.T)` in "
         "the same dtype in both modes (a fused forward + backward does at least three such products). "
         f"Records whose estimated peak exceeds {s['mem_limit_bytes'] / 1e9:.1f} GB, or whose time extrapolated from "
-        f"the previous N exceeds the {s['timeout_s']:.0f} s record time-out, are skipped, not run; `loop` runs "
-        f"only up to N = {s['loop_max_n']}.",
+        f"the previous N exceeds the {s['timeout_s']:.0f} s record time-out, are skipped, not run" + (
+            f"; `loop` runs only up to N = {s['loop_max_n']}." if "loop" in s.get("impls", ["loop"]) else "."),
         "",
         "Columns: *speed-up vs pml* = pml's time / this time, *memory vs pml* = pml's peak / this peak (above 1: "
         "better than pml); *time / mm* and *memory / mm* = this record in units of the `mm` record.",
@@ -159,6 +217,9 @@ def markdown(doc) -> str:
         out += ["", "**Incomplete: the sweep was still running or was stopped when this was written.**"]
     if unavailable:
         out += ["", "Not available here: " + "; ".join(f"`{i}` ({why})" for i, why in unavailable) + "."]
+    goals = goals_table(doc)
+    if goals:
+        out += ["", f"## Goals of the `{s.get('preset')}` preset", ""] + goals
     head = headline_table(doc)
     if len(head) > 2:
         out += ["", "## Summary (largest N that pml completed)", ""] + head
@@ -274,8 +335,9 @@ def update_readme(readme_path: str, results_json: str, doc) -> None:
     """Replace the block between `<!-- results:<json path> -->` and `<!-- /results -->` with the summary table."""
     made_by = f"_Generated by `python benchmarks/report.py {results_json} --readme {readme_path}` from a run of " \
               f"`{doc.get('command', '?')}`._"
+    goals = goals_table(doc)
     replace_block(readme_path, f"<!-- results:{results_json} -->", "<!-- /results -->",
-                  [made_by, ""] + headline_table(doc))
+                  [made_by, ""] + (goals + [""] if goals else []) + headline_table(doc))
 
 
 def main(argv=None) -> int:

@@ -2,9 +2,11 @@
 
     python benchmarks/run.py --quick --json out.json     # < 3 minutes on a 2-core CPU
     python benchmarks/run.py                             # the full sweep of this device
+    python benchmarks/run.py --preset goals              # the backends' goals, checked in the report
+    python benchmarks/run.py --preset bank               # a cross-batch-memory step (10^5-row memory)
 
-Writes results.md, results.json, time.png and memory.png under benchmarks/results/<device>/ (quick
-sweeps under .../<device>/quick/), or under --out. See benchmarks/README.md.
+Writes results.md, results.json, time.png and memory.png under benchmarks/results/<device>/ (other
+presets under .../<device>/<preset>/), or under --out. See benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -28,18 +30,22 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the short sweep (CPU: < 3 minutes)")
+    p.add_argument("--preset", choices=sweep.PRESET_NAMES, default="full",
+                   help="what to run (sweep.PRESETS): the full sweep, the quick one, the goals or the memory-bank step")
+    p.add_argument("--quick", action="store_const", dest="preset", const="quick", help="the same as --preset quick "
+                   "(CPU: < 3 minutes)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
     p.add_argument("--impls", help="comma-separated, e.g. ms_fused:torch,pml,mm (default: all available)")
     p.add_argument("--n", help="comma-separated batch sizes (default: the preset's)")
     p.add_argument("--d", help="comma-separated embedding sizes")
     p.add_argument("--dtypes", help="comma-separated: float32, bfloat16, float16, float64")
-    p.add_argument("--modes", default=",".join(sweep.MODES), help="forward, forward_backward")
+    p.add_argument("--modes", help="forward, forward_backward (default: the preset's, else both)")
     p.add_argument("--memory", type=int, help="time a memory-bank step: each batch of N anchors against a memory "
-                                               "of this many rows (own copies removed, memory without grad)")
+                                               "of this many unit rows (own copies removed, memory without grad)")
     p.add_argument("--json", help="also write the JSON document here")
     p.add_argument("--out", help="results folder (default benchmarks/results/<device>[/<tag>])")
-    p.add_argument("--tag", help="sub-folder of benchmarks/results/<device>/ (default: 'quick' for --quick)")
+    p.add_argument("--tag", help="sub-folder of benchmarks/results/<device>/ (default: the preset's name, none "
+                                 "for full)")
     p.add_argument("--timeout", type=float, help="seconds one record may take (default: the preset's)")
     p.add_argument("--deadline", type=float, help="seconds after which no record starts; the rest is 'skipped'")
     p.add_argument("--mem-limit-gb", type=float,
@@ -61,16 +67,19 @@ def _csv(text, cast=str):
 
 
 def settings_from(args, device: torch.device) -> dict:
-    preset = dict(sweep.PRESETS[(device.type if device.type == "cuda" else "cpu", "quick" if args.quick else "full")])
+    preset = dict(sweep.PRESETS[(device.type if device.type == "cuda" else "cpu", args.preset)], preset=args.preset)
     for name, value in (("n", args.n and _csv(args.n, int)), ("d", args.d and _csv(args.d, int)),
                         ("dtypes", args.dtypes and _csv(args.dtypes)), ("timeout_s", args.timeout),
                         ("loop_max_n", args.loop_max_n), ("target_s", args.target_s),
-                        ("min_repeats", args.min_repeats), ("max_repeats", args.max_repeats)):
+                        ("min_repeats", args.min_repeats), ("max_repeats", args.max_repeats),
+                        ("modes", args.modes and _csv(args.modes)), ("memory", args.memory),
+                        ("impls", args.impls and _csv(args.impls))):
         if value is not None:
             preset[name] = value
-    preset["modes"] = _csv(args.modes)
-    preset["memory"] = args.memory
-    preset["impls"] = _csv(args.impls) if args.impls else impls.all_impls(device)
+    preset.setdefault("modes", list(sweep.MODES))
+    preset.setdefault("memory", None)
+    preset.setdefault("goals", [])
+    preset.setdefault("impls", impls.all_impls(device))
     if args.mem_limit_gb is not None:
         preset["mem_limit_bytes"] = int(args.mem_limit_gb * 1e9)
     elif device.type == "cuda":
@@ -172,7 +181,7 @@ def main(argv=None) -> int:
         "records": [],
     }
     out_dir = args.out or os.path.join(BENCH_DIR, "results", env["device_slug"],
-                                       args.tag if args.tag else ("quick" if args.quick else ""))
+                                       args.tag if args.tag else ("" if args.preset == "full" else args.preset))
     bar = Progress(len(keys), not args.no_progress)
     try:
         for key in keys:

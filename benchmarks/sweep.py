@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -11,7 +11,29 @@ import torch
 import impls
 from measure import OK, OOM, SKIPPED, TIMEOUT, UNAVAILABLE
 
-# the sweeps of the CLI; N, D, dtypes per device, loop only where one record stays in seconds-to-minutes
+MODES = ("forward", "forward_backward")
+
+
+@dataclass(frozen=True)
+class Goal:
+    """A target one record must meet: `metric` of `impl` at batch size `n` in `mode`.
+
+    `metric` is a ratio of report.ratios() (speed-up and memory vs pml: at least `bound`; time per mm: at
+    most `bound`) or "completes" (the record ran, no bound)."""
+
+    impl: str
+    metric: str
+    n: int
+    bound: Optional[float] = None
+    mode: str = "forward_backward"
+
+
+def _goals(impl: str, metric: str, bound: Optional[float], ns, mode: str = "forward_backward") -> List[dict]:
+    return [asdict(Goal(impl, metric, n, bound, mode)) for n in ns]
+
+
+# Every sweep the CLI runs, by (device, preset). A preset fixes N, D, dtypes and measurement settings; it
+# may also fix the implementations, the modes, a memory bank and the goals its report checks.
 PRESETS = {
     # quick on the CPU: a global deadline keeps it under 3 minutes even on a busy machine
     ("cpu", "quick"): dict(n=[512, 1024, 2048], d=[128], dtypes=["float32"], loop_max_n=512,
@@ -19,13 +41,38 @@ PRESETS = {
     ("cpu", "full"): dict(n=[512, 1024, 2048, 4096, 8192, 16384, 32768], d=[128, 512], dtypes=["float32"],
                           loop_max_n=1024, timeout_s=150, target_s=1.0, min_repeats=3, max_repeats=20, warmup=1,
                           deadline_s=2400),
+    # the CPU backends' goals, side by side with pml and one mm; the large N only show that a step completes
+    ("cpu", "goals"): dict(n=[2048, 4096, 32768, 65536], d=[128], dtypes=["float32"], modes=["forward_backward"],
+                           impls=["ms_fused:cpp", "ms_fused:torch", "pml", "mm"], loop_max_n=0, timeout_s=300,
+                           target_s=2.0, min_repeats=3, max_repeats=21, warmup=2, deadline_s=1500,
+                           goals=_goals("ms_fused:cpp", "speedup_vs_pml", 10, (2048, 4096))
+                           + _goals("ms_fused:cpp", "time_per_mm", 6, (2048, 4096))
+                           + _goals("ms_fused:cpp", "memory_vs_pml", 10, (2048, 4096))
+                           + _goals("ms_fused:cpp", "completes", None, (65536,))
+                           + _goals("ms_fused:torch", "speedup_vs_pml", 2, (4096,))
+                           + _goals("ms_fused:torch", "memory_vs_pml", 10, (4096,))
+                           + _goals("ms_fused:torch", "completes", None, (32768,))),
+    # a cross-batch-memory step: N anchors against a 10^5-row memory of unit rows, as CrossBatchMemory holds it
+    ("cpu", "bank"): dict(n=[256, 1024], d=[128], dtypes=["float32", "bfloat16"], modes=["forward_backward"],
+                          memory=100_000, impls=["ms_fused:cpp", "ms_fused:torch", "pml", "mm"], loop_max_n=0,
+                          timeout_s=300, target_s=1.0, min_repeats=3, max_repeats=10, warmup=1, deadline_s=1500),
     ("cuda", "quick"): dict(n=[1024, 4096, 16384], d=[128, 512], dtypes=["float32", "bfloat16"], loop_max_n=1024,
                             timeout_s=60, target_s=0.2, min_repeats=5, max_repeats=20, warmup=2),
     ("cuda", "full"): dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], d=[128, 512],
                            dtypes=["float32", "bfloat16", "float16"], loop_max_n=4096,
                            timeout_s=120, target_s=0.5, min_repeats=5, max_repeats=50, warmup=2),
+    # the Triton kernels' goals at the target point
+    ("cuda", "goals"): dict(n=[32768], d=[512], dtypes=["bfloat16"], impls=["ms_fused:triton", "pml", "mm"],
+                            loop_max_n=0, timeout_s=60, target_s=0.2, min_repeats=3, max_repeats=10, warmup=2,
+                            goals=_goals("ms_fused:triton", "time_per_mm", 3.5, (32768,))
+                            + _goals("ms_fused:triton", "time_per_mm", 1.3, (32768,), mode="forward")
+                            + _goals("ms_fused:triton", "speedup_vs_pml", 30, (32768,))),
+    ("cuda", "bank"): dict(n=[256], d=[128], dtypes=["bfloat16"], memory=100_000,
+                           impls=["ms_fused:triton", "pml", "mm"], loop_max_n=0, timeout_s=60, target_s=0.2,
+                           min_repeats=3, max_repeats=10, warmup=2,
+                           goals=_goals("ms_fused:triton", "time_per_mm", 4, (256,))),
 }
-MODES = ("forward", "forward_backward")
+PRESET_NAMES = ("quick", "full", "goals", "bank")
 # no record starts with less than this before the global deadline
 MIN_RECORD_S = 5.0
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import impls
+from measure import step as training_step
 
 pytest.importorskip("pytest_benchmark")
 
@@ -37,13 +38,8 @@ def test_step(benchmark, impl, n, mode):
     x.requires_grad_(not yardstick)
 
     def step():
-        if yardstick:
-            fn(x, y)
-        else:
-            x.grad = None
-            loss = fn(x, y)
-            if mode == "forward_backward":
-                loss.backward()
+        x.grad = None
+        training_step(fn, x, y, None, mode, yardstick)
         _sync()
 
     benchmark.group = f"{mode} N={n} D={D} float32 {DEVICE.type}"

@@ -1,7 +1,12 @@
 import os
+import pathlib
+import sys
 
 import pytest
 import torch
+
+# the benchmark scripts (run, report, measure, bench_cached, ...) import one another by module name
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
 
 # Triton kernels only run on the CPU through its interpreter, which must be switched on before any
 # @triton.jit decorator runs (i.e. before ms_fused.triton_backend is first imported).

@@ -1,0 +1,90 @@
+"""benchmarks/run.py and its report: every implementation through one tiny sweep per preset kind, the
+spread beside each median, and the goals table read against records."""
+import json
+
+import pytest
+
+import measure
+import report
+import run
+import sweep
+
+
+def test_percentiles_interpolate_between_order_statistics():
+    times = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert measure.percentile(times, 0) == 1.0 and measure.percentile(times, 100) == 5.0
+    assert measure.percentile(times, 20) == pytest.approx(1.8) and measure.percentile(times, 80) == pytest.approx(4.2)
+    assert measure.time_summary(times, "s") == {"median_s": 3.0, "p20_s": pytest.approx(1.8),
+                                                "p80_s": pytest.approx(4.2)}
+
+
+def _sweep(tmp_path, *args):
+    out = tmp_path / "out"
+    rc = run.main(["--device", "cpu", "--dtypes", "float32", "--min-repeats", "3", "--max-repeats", "3",
+                   "--target-s", "0.01", "--threads", "1", "--out", str(out), "--no-plots", "--no-progress", *args])
+    doc = json.loads((out / "results.json").read_text())
+    return rc, doc, (out / "results.md").read_text()
+
+
+def _assert_all_ran(doc, impls):
+    assert sorted({r["impl"] for r in doc["records"]}) == sorted(impls)
+    for r in doc["records"]:
+        assert r["status"] == "ok", r
+        assert len(r["times_ms"]) == 3 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["peak_mb"] is not None
+
+
+def test_self_mode_sweep_runs_every_implementation(tmp_path):
+    impls = ["ms_fused:torch", "ms_fused:cpp", "pml", "dense_torch", "loop", "mm"]
+    pytest.importorskip("pytorch_metric_learning")
+    rc, doc, md = _sweep(tmp_path, "--preset", "quick", "--n", "64", "--d", "16", "--impls", ",".join(impls),
+                         "--loop-max-n", "64")
+    assert rc == 0 and doc["complete"] and doc["settings"]["preset"] == "quick"
+    _assert_all_ran(doc, impls)
+    assert {a["impl"] for a in doc["agreement"]} == set(impls) - {"mm"}
+    assert all(a["grad_rel_err"] < 1e-12 for a in doc["agreement"])
+    assert "p20–p80 ms" in md
+
+
+def test_memory_bank_preset_runs_the_bank_step(tmp_path):
+    impls = ["ms_fused:torch", "ms_fused:cpp", "pml", "mm"]
+    pytest.importorskip("pytorch_metric_learning")
+    rc, doc, md = _sweep(tmp_path, "--preset", "bank", "--n", "32", "--memory", "300", "--d", "16", "--no-check")
+    assert doc["settings"]["memory"] == 300 and doc["settings"]["modes"] == ["forward_backward"]
+    _assert_all_ran(doc, impls)
+    assert "memory of 300 unit rows" in md
+
+
+def _record(impl, n, ms, peak, status="ok", mode="forward_backward"):
+    return dict(impl=impl, n=n, d=128, dtype="float32", mode=mode, status=status, median_ms=ms, peak_mb=peak)
+
+
+def test_goals_table_reads_each_goal_against_its_record():
+    goals = (sweep._goals("ms_fused:cpp", "speedup_vs_pml", 10, (2048, 4096))
+             + sweep._goals("ms_fused:cpp", "time_per_mm", 6, (2048,))
+             + sweep._goals("ms_fused:cpp", "completes", None, (65536,))
+             + sweep._goals("ms_fused:torch", "completes", None, (65536,)))
+    records = [_record("pml", 2048, 500, 200), _record("mm", 2048, 4, 10), _record("ms_fused:cpp", 2048, 20, 5),
+               _record("pml", 4096, 2000, 800), _record("ms_fused:cpp", 4096, 250, 20),
+               _record("ms_fused:cpp", 65536, 20000, 170), _record("ms_fused:torch", 65536, None, None, "timeout")]
+    rows = report.goal_rows(dict(settings=dict(goals=goals), records=records))
+    got = [(r["goal"]["impl"], r["goal"]["metric"], r["goal"]["n"], r["value"], r["met"]) for r in rows]
+    assert got == [("ms_fused:cpp", "speedup_vs_pml", 2048, 25.0, True),
+                   ("ms_fused:cpp", "speedup_vs_pml", 4096, 8.0, False),
+                   ("ms_fused:cpp", "time_per_mm", 2048, 5.0, True),
+                   ("ms_fused:cpp", "completes", 65536, None, True),
+                   ("ms_fused:torch", "completes", 65536, None, False)]
+    table = report.goals_table(dict(settings=dict(goals=goals), records=records))
+    assert "| speed-up vs pml ≥ 10 | 8.00 | no |" in table[3] and "no (timeout" in table[-1]
+
+
+def test_every_preset_names_known_implementations_and_goals():
+    import impls
+
+    for (device, name), preset in sweep.PRESETS.items():
+        assert name in sweep.PRESET_NAMES
+        for impl in preset.get("impls", []):
+            assert impl in impls.BASELINES or impl.split(":", 1)[1] in ("triton", "cpp", "torch")
+        for g in preset.get("goals", []):
+            assert g["impl"] in preset["impls"] and g["n"] in preset["n"]
+            assert g["metric"] in report.AT_LEAST + report.AT_MOST + ("completes",)
