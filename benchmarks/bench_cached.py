@@ -22,21 +22,19 @@ the guard (not run; --no-prediction runs it under the cap instead), or until --m
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import subprocess
 import sys
 import time
 from typing import Optional
 
-from rss import reset_peak, status_kb
+from measure import ERROR, OK, OOM, SKIPPED, Runner, exception_record
+from rss import release_free_heap, reset_peak, status_kb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "cpu", "cached")
 METHODS = ("full", "cached")
-OK, OOM, KILLED, TIMEOUT, ERROR, SKIPPED = "ok", "oom", "killed", "timeout", "error", "skipped"
 GIB = 2**30
 
 
@@ -49,15 +47,6 @@ def embedding_cnn(dim: int):
 
 # ---------------------------------------------------------------------------------------------
 # in the child
-
-
-def release_free_heap() -> None:
-    """Give the memory the warm-up freed back to the OS (glibc), so that the measured step faults in its whole
-    working set instead of reusing the warm-up's pages."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def measure(method: str, batch: int, chunk: int, dim: int, guard_bytes: int, threads: int) -> dict:
@@ -100,36 +89,22 @@ def measure(method: str, batch: int, chunk: int, dim: int, guard_bytes: int, thr
 
 
 def worker(spec: dict) -> dict:
-    from measure import _is_oom
-
     try:
         return measure(**spec)
     except BaseException as exc:  # recorded, not raised: the search reads it as where the method stops
-        first_line = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        return dict(status=OOM if _is_oom(exc) else ERROR, note=f"{type(exc).__name__}: {first_line}")
+        return exception_record(exc)
 
 
 # ---------------------------------------------------------------------------------------------
 # in the parent
 
 
-def run_record(method: str, batch: int, args, chunk: Optional[int] = None) -> dict:
+def run_record(runner: Runner, method: str, batch: int, args, chunk: Optional[int] = None) -> dict:
+    """One record in a fresh child process (measure.Runner: time-out, out-of-memory and killed children recorded)."""
     spec = dict(method=method, batch=batch, chunk=chunk or args.chunk, dim=args.dim,
                 guard_bytes=int(args.guard_gib * GIB), threads=args.threads)
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-    started = time.monotonic()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(status=TIMEOUT, note=f"no result within {args.timeout} s")
-    lines = done.stdout.strip().splitlines()
-    if done.returncode == 0 and lines:
-        record = json.loads(lines[-1])
-    else:
-        # a SIGKILL we did not send: on Linux almost always the kernel's OOM killer
-        status = OOM if done.returncode == -9 else KILLED
-        record = dict(status=status, note=f"child exited with {done.returncode}: {done.stderr.strip()[-300:]}")
-    record.update(wall_s=round(time.monotonic() - started, 2), chunk=spec["chunk"] if method == "cached" else None)
+    record = {k: v for k, v in runner.run(spec, args.timeout).items() if k not in ("median_ms", "peak_mb")}
+    record.update(chunk=spec["chunk"] if method == "cached" else None)
     return record
 
 
@@ -205,12 +180,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="writes OUT.json, OUT.md and OUT.png (default "
                         "benchmarks/results/cpu/cached, or cached_chunks with --chunk-sweep)")
     parser.add_argument("--readme", help="also write the summary into this file between its cached markers")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out = args.out or DEFAULT_OUT + ("_chunks" if args.chunk_sweep else "")
-    if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
-        return
 
     import cached_report
     from environment import describe
@@ -223,23 +194,32 @@ def main(argv=None):
                              guard_bytes=int(args.guard_gib * GIB), max_batch=args.max_batch,
                              prediction=not args.no_prediction),
                records=[], largest={})
-    if args.chunk_sweep:
-        doc["settings"]["chunk_sweep"] = [int(c) for c in args.chunk_sweep.split(",")]
-        for batch in doc["settings"]["batches"]:
-            for method, chunk in [("full", None)] + [("cached", c) for c in doc["settings"]["chunk_sweep"]]:
-                doc["records"].append(dict(run_record(method, batch, args, chunk), method=method, batch=batch))
-                print(json.dumps(doc["records"][-1]), flush=True)
-    for method in [] if args.chunk_sweep else args.methods.split(","):
-        records, largest, first_not = search(method, doc["settings"]["batches"],
-                                             lambda m, b: run_record(m, b, args), args.guard_gib * GIB,
-                                             args.max_batch, not args.no_prediction)
-        doc["records"] += sorted(records.values(), key=lambda r: r["batch"])
-        doc["largest"][method] = dict(completed=largest, first_not=first_not)
+    # a fresh child per record: each is capped and measured on its own
+    runner = Runner(reuse=False, preload=["torch", "ms_fused", "bench_cached"], job="bench_cached:worker")
+    try:
+        run_all(runner, args, doc)
+    finally:
+        runner.close()
     for path in cached_report.save(doc, args.out):
         print("wrote", path)
     if args.readme:
         cached_report.update_readme(args.readme, args.out + ".json", doc)
         print("wrote", args.readme)
+
+
+def run_all(runner: Runner, args, doc) -> None:
+    if args.chunk_sweep:
+        doc["settings"]["chunk_sweep"] = [int(c) for c in args.chunk_sweep.split(",")]
+        for batch in doc["settings"]["batches"]:
+            for method, chunk in [("full", None)] + [("cached", c) for c in doc["settings"]["chunk_sweep"]]:
+                doc["records"].append(dict(run_record(runner, method, batch, args, chunk), method=method, batch=batch))
+                print(json.dumps(doc["records"][-1]), flush=True)
+    for method in [] if args.chunk_sweep else args.methods.split(","):
+        records, largest, first_not = search(method, doc["settings"]["batches"],
+                                             lambda m, b: run_record(runner, m, b, args), args.guard_gib * GIB,
+                                             args.max_batch, not args.no_prediction)
+        doc["records"] += sorted(records.values(), key=lambda r: r["batch"])
+        doc["largest"][method] = dict(completed=largest, first_not=first_not)
 
 
 if __name__ == "__main__":

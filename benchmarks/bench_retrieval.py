@@ -11,7 +11,8 @@ queries all the others (its own row excluded). Records, each in a fresh subproce
 - `dense`: F.normalize, one N x N torch.mm, the diagonal set to -inf, topk(8), then Recall@K; skipped where
   the N x N float32 matrix alone exceeds --dense-limit-gb.
 Each record runs with --threads torch / BLAS threads (default 1). Time: the first call after a warm-up at
-N = 256, then more calls while the total stays under --target-s (at most 3); the median is reported.
+N = 256, then more calls while the total stays under --target-s (at most 3); the median is reported with
+the spread (20th-80th percentile) of the calls.
 Peak memory: the growth of the resident set (VmHWM, reset through /proc/self/clear_refs) during the first
 call, above the resident set holding the inputs.
 Recall@K of sklearn and dense is compared with ms_fused's at the same N (largest difference over K).
@@ -24,14 +25,13 @@ import datetime
 import gc
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 
 from environment import commit, cpu_name
+from measure import SKIPPED, Runner, exception_record, time_summary
 from report import replace_block
-from rss import reset_peak, status_kb
+from rss import release_free_heap, reset_peak, status_kb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "cpu", "retrieval")
@@ -42,13 +42,14 @@ PER_CLASS = 8
 GIB, MIB = 2**30, 2**20
 
 
-def make_data(n: int, d: int, seed: int):
-    import torch
+SPREAD = 1.5  # noise std around unit-variance class centres (Recall@1 about 0.85 at N = 10^4, D = 128)
 
-    gen = torch.Generator().manual_seed(seed)
-    y = (torch.arange(n) // PER_CLASS)[torch.randperm(n, generator=gen)]
-    x = torch.randn((n + PER_CLASS - 1) // PER_CLASS, d, generator=gen)[y]
-    return x.add_(torch.randn(n, d, generator=gen), alpha=1.5), y
+
+def make_data(n: int, d: int, seed: int):
+    """The suite's clustered batch (impls.clustered) with PER_CLASS rows per class, float32."""
+    import impls
+
+    return impls.clustered(n, d, SPREAD, seed, samples_per_class=PER_CLASS)
 
 
 def build(impl: str):
@@ -86,7 +87,7 @@ def build(impl: str):
 
 
 def measure(impl: str, n: int, d: int, seed: int, target_s: float, threads: int) -> dict:
-    """Runs in the fresh subprocess (whose BLAS thread counts the parent set in its environment)."""
+    """Runs in the fresh child process (whose BLAS thread counts the parent set in its environment)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -94,6 +95,7 @@ def measure(impl: str, n: int, d: int, seed: int, target_s: float, threads: int)
     fn(*make_data(256, d, seed + 1))  # loads code and thread pools outside the measurement
     x, y = make_data(n, d, seed)
     gc.collect()
+    release_free_heap()
     peak_reset = reset_peak()
     baseline = status_kb("VmRSS")
     start = time.perf_counter()
@@ -104,28 +106,27 @@ def measure(impl: str, n: int, d: int, seed: int, target_s: float, threads: int)
         start = time.perf_counter()
         fn(x, y)
         times.append(time.perf_counter() - start)
-    return dict(impl=impl, n=n, d=d, dtype="float32", status="ok", median_s=statistics.median(times), times_s=times,
+    return dict(impl=impl, n=n, d=d, dtype="float32", status="ok", **time_summary(times, "s"), times_s=times,
                 peak_growth_bytes=peak, peak_reset=peak_reset, input_bytes=n * d * 4, dense_bytes=n * n * 4,
-                threads=torch.get_num_threads(), torch=torch.__version__, **result)
+                threads=torch.get_num_threads(), torch=torch.__version__,
+                **json.loads(json.dumps(result)))  # K as the JSON file will hold it (a string)
 
 
-def run_record(impl: str, n: int, args) -> dict:
-    if impl == "dense" and n * n * 4 > args.dense_limit_gb * GIB:
-        return dict(impl=impl, n=n, d=args.d, status="skipped", dense_bytes=n * n * 4,
-                    note=f"N x N float32 matrix {n * n * 4 / GIB:.1f} GiB > --dense-limit-gb {args.dense_limit_gb}")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", impl, "--n", str(n), "--d", str(args.d),
-           "--seed", str(args.seed), "--target-s", str(args.target_s)]
-    threads = str(args.threads)
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, OPENBLAS_NUM_THREADS=threads)
+def worker(spec: dict) -> dict:
     try:
-        done = subprocess.run(cmd + ["--threads", threads], capture_output=True, text=True, timeout=args.timeout,
-                              env=env)
-    except subprocess.TimeoutExpired:
-        return dict(impl=impl, n=n, d=args.d, status="timeout", note=f"no result within {args.timeout} s")
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
-        return dict(impl=impl, n=n, d=args.d, status="error", note=f"exit code {done.returncode}: {tail}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return measure(**spec)
+    except BaseException as exc:  # recorded, not raised
+        return dict(exception_record(exc), impl=spec["impl"], n=spec["n"], d=spec["d"])
+
+
+def run_record(runner: Runner, impl: str, n: int, args) -> dict:
+    if impl == "dense" and n * n * 4 > args.dense_limit_gb * GIB:
+        return dict(impl=impl, n=n, d=args.d, status=SKIPPED, dense_bytes=n * n * 4,
+                    note=f"N x N float32 matrix {n * n * 4 / GIB:.1f} GiB > --dense-limit-gb {args.dense_limit_gb}")
+    spec = dict(impl=impl, n=n, d=args.d, seed=args.seed, target_s=args.target_s, threads=args.threads)
+    result = runner.run(spec, args.timeout)
+    result = {k: v for k, v in result.items() if k not in ("median_ms", "peak_mb")}
+    return dict(dict(impl=impl, n=n, d=args.d), **result)
 
 
 def agreement(records) -> None:
@@ -142,7 +143,8 @@ def _cell(r, key) -> str:
     if r["status"] != "ok":
         return r["status"]
     if key == "time":
-        return f"{r['median_s']:.2f} s"
+        spread = f" ({r['p20_s']:.2f}–{r['p80_s']:.2f})" if "p20_s" in r and len(r.get("times_s", [])) > 1 else ""
+        return f"{r['median_s']:.2f} s{spread}"
     return f"{r['peak_growth_bytes'] / MIB:,.0f} MiB"
 
 
@@ -237,23 +239,26 @@ def main(argv=None):
                         "(1: comparable on a shared machine, where more threads than free cores stall each other)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="writes OUT.md, OUT.json and OUT.png")
     parser.add_argument("--readme", default=None, help="write the summary into this file between its markers")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.worker:
-        print(json.dumps(measure(args.worker, int(args.n), args.d, args.seed, args.target_s, args.threads)))
-        return
     from environment import load_average
 
     command = "python benchmarks/bench_retrieval.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc = dict(command=command.strip(), cpu=cpu_name(), commit=commit(), load_before=load_average(),
                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), records=[])
-    for n in map(int, args.n.split(",")):
-        for impl in args.impls.split(","):
-            doc["records"].append(run_record(impl, n, args))
-            print(json.dumps(doc["records"][-1]), flush=True)
-    agreement(doc["records"])
-    doc["big"] = run_record("ms_fused", args.big_n, args) if args.big_n else None
+    # BLAS thread counts are read when a process starts: set them before the children's server starts
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = str(args.threads)
+    runner = Runner(reuse=False, preload=["torch", "ms_fused", "bench_retrieval"], job="bench_retrieval:worker")
+    try:
+        for n in map(int, args.n.split(",")):
+            for impl in args.impls.split(","):
+                doc["records"].append(run_record(runner, impl, n, args))
+                print(json.dumps(doc["records"][-1]), flush=True)
+        agreement(doc["records"])
+        doc["big"] = run_record(runner, "ms_fused", args.big_n, args) if args.big_n else None
+    finally:
+        runner.close()
     if doc["big"]:
         print(json.dumps(doc["big"]), flush=True)
 

@@ -1,14 +1,9 @@
 """benchmarks/bench_cached.py: the largest-batch search on a fake measurement, and one tiny real run (~15 s)."""
 import json
-import pathlib
-import sys
 
 import pytest
 
-BENCHMARKS = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-
-import bench_cached  # noqa: E402
+import bench_cached  # from benchmarks/, on the path through conftest.py
 
 
 def fake_run(peak_per_row, fails_from=None):
