@@ -22,7 +22,6 @@ the guard (not run; --no-prediction runs it under the cap instead), or until --m
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import time
 from typing import Optional
 
 from measure import ERROR, OK, OOM, SKIPPED, Runner, exception_record
-from rss import release_free_heap, reset_peak, status_kb
+from rss import measured_call, status_kb
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "cpu", "cached")
@@ -74,17 +73,10 @@ def measure(method: str, batch: int, chunk: int, dim: int, guard_bytes: int, thr
     warm = min(batch, chunk)
     step(x[:warm], y[:warm])
     net.zero_grad(set_to_none=True)
-    gc.collect()
-    release_free_heap()
-    peak_reset = reset_peak()
-    before_kb = status_kb("VmRSS")
-    start = time.perf_counter()
-    loss = step(x, y)
-    seconds = time.perf_counter() - start
-    hwm_kb = status_kb("VmHWM")
-    return dict(status=OK, seconds=seconds, loss=float(loss), peak_reset=peak_reset,
-                step_peak_bytes=(hwm_kb - before_kb) * 1024, process_peak_bytes=hwm_kb * 1024,
-                capped_peak_bytes=(hwm_kb - at_cap_kb) * 1024, threads=torch.get_num_threads(),
+    call = measured_call(lambda: step(x, y))
+    return dict(status=OK, seconds=call.seconds, loss=float(call.result), peak_reset=call.reset_ok,
+                step_peak_bytes=call.growth_bytes, process_peak_bytes=call.peak_bytes,
+                capped_peak_bytes=call.peak_bytes - at_cap_kb * 1024, threads=torch.get_num_threads(),
                 torch=torch.__version__)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import sys
@@ -31,7 +30,7 @@ import time
 from environment import commit, cpu_name
 from measure import SKIPPED, Runner, exception_record, time_summary
 from report import replace_block
-from rss import release_free_heap, reset_peak, status_kb
+from rss import measured_call
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "results", "cpu", "retrieval")
@@ -94,20 +93,14 @@ def measure(impl: str, n: int, d: int, seed: int, target_s: float, threads: int)
     fn = build(impl)
     fn(*make_data(256, d, seed + 1))  # loads code and thread pools outside the measurement
     x, y = make_data(n, d, seed)
-    gc.collect()
-    release_free_heap()
-    peak_reset = reset_peak()
-    baseline = status_kb("VmRSS")
-    start = time.perf_counter()
-    result = fn(x, y)
-    times = [time.perf_counter() - start]
-    peak = (status_kb("VmHWM") - baseline) * 1024
+    call = measured_call(lambda: fn(x, y))
+    result, times = call.result, [call.seconds]
     while sum(times) + times[-1] <= target_s and len(times) < 3:
         start = time.perf_counter()
         fn(x, y)
         times.append(time.perf_counter() - start)
     return dict(impl=impl, n=n, d=d, dtype="float32", status="ok", **time_summary(times, "s"), times_s=times,
-                peak_growth_bytes=peak, peak_reset=peak_reset, input_bytes=n * d * 4, dense_bytes=n * n * 4,
+                peak_growth_bytes=call.growth_bytes, peak_reset=call.reset_ok, input_bytes=n * d * 4, dense_bytes=n * n * 4,
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 **json.loads(json.dumps(result)))  # K as the JSON file will hold it (a string)
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 import impls
-from rss import release_free_heap, reset_peak, status_kb
+from rss import measured_call, status_kb
 
 OK, OOM, TIMEOUT, ERROR, KILLED, SKIPPED, UNAVAILABLE = (
     "ok", "oom", "timeout", "error", "killed", "skipped", "unavailable")
@@ -126,7 +126,6 @@ def measure(spec: dict) -> dict:
     del xs, ys, bank_s
     x, y, bank = _inputs(spec, n, device, yardstick)
     gc.collect()
-    release_free_heap()
 
     peak_mb = None
     if device.type == "cuda":
@@ -138,12 +137,10 @@ def measure(spec: dict) -> dict:
         base = torch.cuda.memory_allocated(device)
     else:
         # CPU: the first call at this size takes all its memory from the OS, so its RSS growth is the peak
-        reset_ok = reset_peak()
-        base_kb = status_kb("VmRSS")
-        warmup_ms = [_timed_step(fn, x, y, bank, mode, yardstick, device)]
-        hwm_kb = status_kb("VmHWM")
-        if reset_ok and base_kb is not None and hwm_kb is not None:
-            peak_mb = max(0, hwm_kb - base_kb) / 1024
+        call = measured_call(lambda: _timed_step(fn, x, y, bank, mode, yardstick, device))
+        warmup_ms = [call.result]
+        if call.reset_ok and call.growth_bytes is not None:
+            peak_mb = call.growth_bytes / 2**20
         warmup_ms += [_timed_step(fn, x, y, bank, mode, yardstick, device) for _ in range(spec.get("warmup", 1) - 1)]
 
     per_call = max(warmup_ms[-1], 1e-3)

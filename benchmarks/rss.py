@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+import gc
+import time
+from typing import Any, Callable, NamedTuple, Optional
 
 
 def status_kb(field: str) -> Optional[int]:
@@ -34,3 +36,26 @@ def release_free_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+class Call(NamedTuple):
+    result: Any
+    seconds: float
+    growth_bytes: Optional[int]  # peak resident set during the call above the resident set before it
+    peak_bytes: Optional[int]    # the process's peak resident set (VmHWM) after the call
+    reset_ok: bool               # False where VmHWM could not be reset (the growth is then an upper bound)
+
+
+def measured_call(fn: Callable[[], Any]) -> Call:
+    """fn() once, with its wall time and peak resident-set growth. Freed heap goes back to the OS first,
+    so that the call faults in its whole working set."""
+    gc.collect()
+    release_free_heap()
+    reset_ok = reset_peak()
+    before_kb = status_kb("VmRSS")
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    hwm_kb = status_kb("VmHWM")
+    growth = None if before_kb is None or hwm_kb is None else max(0, hwm_kb - before_kb) * 1024
+    return Call(result, seconds, growth, None if hwm_kb is None else hwm_kb * 1024, reset_ok)
