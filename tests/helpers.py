@@ -214,10 +214,25 @@ def assert_matches_reference(backend, x, y, r=None, yr=None, dtype=None, grad_fl
     return out
 
 
+def _gloo_rank(rank: int, worker, world: int, rendezvous: str, out_dir: str) -> None:
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    result = worker(rank)
+    dist.barrier()
+    dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def spawn_ranks(worker, world: int, tmp_dir) -> list:
-    """Runs worker(rank, rendezvous_file, out_dir) in `world` processes and returns what each rank saved as
-    out_dir/rank<r>.pt (the workers of the gloo tests save their results there)."""
+    """Runs worker(rank) in `world` processes joined in one gloo process group (one thread each) and returns
+    what each rank's call returned."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(str(tmp_dir / "rendezvous"), str(tmp_dir)), nprocs=world, join=True)
+    mp.spawn(_gloo_rank, args=(worker, world, str(tmp_dir / "rendezvous"), str(tmp_dir)), nprocs=world, join=True)
     return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
