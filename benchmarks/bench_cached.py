@@ -25,10 +25,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Optional
 
-from measure import ERROR, OK, OOM, SKIPPED, Runner, exception_record
+from measure import OK, SKIPPED, Runner, exception_record
 from rss import measured_call, status_kb
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -7,7 +7,6 @@ counts DDP's all-reduces: one per step, however many chunks. Tolerance: float64 
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
