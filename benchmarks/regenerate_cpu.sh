@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Re-measures the committed CPU results and rewrites the README blocks built from them, one step at a time,
+# in this order (about how long each takes on the project's 2-core machine, idle):
+#   goals     run.py --preset goals                     ~10 min   benchmarks/results/cpu/goals/
+#   bank      run.py --preset bank                      ~10 min   benchmarks/results/cpu/bank/
+#   quick     run.py --quick                            < 3 min   benchmarks/results/cpu/quick/
+#   full      run.py (the full sweep)                   ~40 min   benchmarks/results/cpu/
+#   kernels   kernel_stats.py (Triton work, no GPU)     ~10 min   benchmarks/results/kernel_stats.md
+#   retrieval bench_retrieval.py                        ~40 min   benchmarks/results/cpu/retrieval.*
+#   cached    bench_cached.py, search and chunk sweep   ~30 min   benchmarks/results/cpu/cached*.*
+#
+#   bash benchmarks/regenerate_cpu.sh               # every step
+#   bash benchmarks/regenerate_cpu.sh goals bank    # some of them
+#
+# Timings from a busy machine are worthless: run it on an idle one, nothing else at the same time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+steps=("$@")
+(( ${#steps[@]} )) || steps=(goals bank quick full kernels retrieval cached)
+for step in "${steps[@]}"; do
+    echo "== $step ($(date -u +%H:%M:%S) UTC)"
+    case $step in
+        goals|bank)
+            $PY benchmarks/run.py --preset "$step" --no-progress
+            $PY benchmarks/report.py "benchmarks/results/cpu/$step/results.json" --readme README.md ;;
+        quick)
+            $PY benchmarks/run.py --quick --no-progress ;;
+        full)
+            $PY benchmarks/run.py --no-progress
+            $PY benchmarks/report.py benchmarks/results/cpu/results.json --readme README.md ;;
+        kernels)
+            $PY benchmarks/kernel_stats.py --readme README.md ;;
+        retrieval)
+            $PY benchmarks/bench_retrieval.py --readme README.md ;;
+        cached)
+            $PY benchmarks/bench_cached.py --batches 16384,32768,262144 --guard-gib 20 --max-batch 262144 \
+                --readme README.md
+            $PY benchmarks/bench_cached.py --batches 4096 --chunk-sweep 64,256,1024,4096 --guard-gib 4 \
+                --readme README.md ;;
+        *)
+            echo "unknown step $step" >&2
+            exit 2 ;;
+    esac
+done
+echo "== done ($(date -u +%H:%M:%S) UTC)"
