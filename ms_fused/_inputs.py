@@ -8,9 +8,11 @@ from typing import Optional
 
 import torch
 
+from .backends import BACKEND_NAMES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
+BACKENDS = ("auto",) + BACKEND_NAMES
 
 
 @dataclass(frozen=True)

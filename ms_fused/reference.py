@@ -75,6 +75,11 @@ def mined_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, hp: Hyper
     return hard_pos, hard_neg
 
 
+def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Always None: this backend serves every float dtype on every device torch runs on."""
+    return None
+
+
 def per_anchor_loss(problem: Problem, count_pairs: bool = False):
     """(N,) per-anchor losses; with `count_pairs` also the (2, N) int64 mined positives and negatives per anchor."""
     hp = problem.hp

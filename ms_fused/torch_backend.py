@@ -177,6 +177,11 @@ def normalized_inputs(problem: Problem):
     return q, r, yr
 
 
+def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Always None: this backend serves every float dtype on every device torch runs on."""
+    return None
+
+
 def per_anchor_loss(problem: Problem, chunk_bytes: Optional[int] = None, count_pairs: bool = False):
     """(N,) per-anchor losses; with `count_pairs` also the (2, N) mined positives and negatives per anchor."""
     q, r, yr = normalized_inputs(problem)
