@@ -28,10 +28,12 @@ import triton.language as tl
 INF = tl.constexpr(float("inf"))
 
 # which (anchor, column) pair is the anchor's own copy, removed from the positives
-OWN_NONE = tl.constexpr(0)     # reference mode without own copies
-OWN_SELF = tl.constexpr(1)     # self mode: the diagonal
-OWN_OF_ROWS = tl.constexpr(2)  # reference mode, rows are anchors: own_rows[r] is the row's own column
-OWN_OF_COLS = tl.constexpr(3)  # reference mode, columns are anchors (the dR pass): own_cols[c] is its own row
+REF_SELF_INDEX_NONE = tl.constexpr(0)      # reference mode without own copies
+REF_SELF_INDEX_DIAGONAL = tl.constexpr(1)  # self mode: the diagonal
+# reference mode, rows are anchors: ref_self_index_rows[r] is the row's own column
+REF_SELF_INDEX_OF_ROWS = tl.constexpr(2)
+# reference mode, columns are anchors (the dR pass): ref_self_index_cols[c] is its own row
+REF_SELF_INDEX_OF_COLS = tl.constexpr(3)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -104,18 +106,19 @@ def _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _pair_masks(ya, yb, rows, cols, own_rows, own_cols, valid, in_band, OWN_MODE: tl.constexpr):
+def _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, valid, in_band,
+                REF_SELF_INDEX_MODE: tl.constexpr):
     """docs/semantics.md "Pair sets": pos = same label minus the anchor's own copy, neg = other label.
     Outside the band every valid pair is a negative; the label compares are skipped there."""
     if in_band:
         same = ya[:, None] == yb[None, :]
         neg = valid & (ya[:, None] != yb[None, :])
-        if OWN_MODE == OWN_SELF:
+        if REF_SELF_INDEX_MODE == REF_SELF_INDEX_DIAGONAL:
             pos = valid & same & (rows[:, None] != cols[None, :])
-        elif OWN_MODE == OWN_OF_ROWS:
-            pos = valid & same & (own_rows[:, None] != cols[None, :])
-        elif OWN_MODE == OWN_OF_COLS:
-            pos = valid & same & (rows[:, None] != own_cols[None, :])
+        elif REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_ROWS:
+            pos = valid & same & (ref_self_index_rows[:, None] != cols[None, :])
+        elif REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_COLS:
+            pos = valid & same & (rows[:, None] != ref_self_index_cols[None, :])
         else:
             pos = valid & same
     else:
@@ -134,24 +137,25 @@ def _add_exp2(shift, total, z, keep):
 
 
 @triton.jit(do_not_specialize=["NA", "NB"])
-def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, band_hi_ptr,
+def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
                     NA, NB, D, stride_a, stride_b,
-                    OWN_MODE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
+                    REF_SELF_INDEX_MODE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 1, one program per anchor block: min_pos_i = min over P_i of S_ip (INF when P_i is empty)."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
     a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
-    own = tl.load(own_ptr + rows, mask=row_ok, other=-1)
+    ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     min_pos = tl.full([BLOCK_N], INF, tl.float32)
     for start in range(lo, hi, BLOCK_M):
         cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
                                                          yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
-        pos, _ = _pair_masks(ya, yb, rows, cols, own, own, row_ok[:, None] & col_ok[None, :], True, OWN_MODE)
+        pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
+                             True, REF_SELF_INDEX_MODE)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
     tl.store(min_pos_ptr + rows, min_pos, mask=row_ok)
 
@@ -186,7 +190,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                                                          yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
         _, neg = _pair_masks(ya, yb, rows, cols, rows, cols, row_ok[:, None] & col_ok[None, :],
-                             (start < hi) & (start + BLOCK_M > lo), OWN_NONE)
+                             (start < hi) & (start + BLOCK_M > lo), REF_SELF_INDEX_NONE)
         if MINING:
             max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, S, -INF), axis=1))
             hard = neg & (S + eps > min_pos[:, None])
@@ -205,13 +209,14 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "n_splits"])
-def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, band_hi_ptr, bad_ptr,
+def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr, bad_ptr,
                   b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
                   max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                   loss_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
                   NA, NB, D, stride_a, stride_b, n_splits, alpha2, beta2, base, eps,
-                  OWN_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
-                  COUNT_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                  REF_SELF_INDEX_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr,
+                  DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 3, one program per anchor block: the splits combined in split order (deterministic),
     with the "1" of log(1 + sum) as exp2(0); then the hard positives over the band (S - eps < max_neg) and
     the loss A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for anchors whose row touched a NaN/Inf.
@@ -240,7 +245,7 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
     lse_neg = shift + tl.log2(total)
 
     a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
-    own = tl.load(own_ptr + rows, mask=row_ok, other=-1)
+    ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     shift = tl.zeros([BLOCK_N], dtype=tl.float32)
     total = tl.full([BLOCK_N], 1.0, tl.float32)
@@ -248,7 +253,8 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
         cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
                                                          yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
-        pos, _ = _pair_masks(ya, yb, rows, cols, own, own, row_ok[:, None] & col_ok[None, :], True, OWN_MODE)
+        pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
+                             True, REF_SELF_INDEX_MODE)
         if MINING:
             hard = pos & (S - eps < max_neg[:, None])
         else:
@@ -335,13 +341,13 @@ def _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
-def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, own_rows_ptr, band_lo_ptr, band_hi_ptr,
-                    b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, own_cols_ptr,
+def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_index_rows_ptr, band_lo_ptr, band_hi_ptr,
+                    b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, ref_self_index_cols_ptr,
                     g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr,
                     out_ptr, part_ptr, x_dot_dx_part_ptr,
                     NA, NB, D, stride_a, stride_b, stride_out, cols_per_split,
                     alpha2, beta2, base, eps, norm_eps,
-                    ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, OWN_MODE: tl.constexpr,
+                    ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, REF_SELF_INDEX_MODE: tl.constexpr,
                     MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     SCALE_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, SKIP_ZERO_TILES: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr):
@@ -358,10 +364,10 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, own_rows_p
     dout_ok = douts < D
     a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
-    if OWN_MODE == OWN_OF_ROWS:
-        own_rows = tl.load(own_rows_ptr + rows, mask=row_ok, other=-1)
+    if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_ROWS:
+        ref_self_index_rows = tl.load(ref_self_index_rows_ptr + rows, mask=row_ok, other=-1)
     else:
-        own_rows = rows
+        ref_self_index_rows = rows
     if ANCHOR_ROWS:
         g_r, min_pos_r, max_neg_r, lse_pos_r, lse_neg_r, bad_r = _anchor_stats(
             g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, rows, row_ok)
@@ -375,12 +381,12 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, own_rows_p
                                                          yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
         valid = row_ok[:, None] & col_ok[None, :]
-        if OWN_MODE == OWN_OF_COLS:
-            own_cols = tl.load(own_cols_ptr + cols, mask=col_ok, other=-1)
+        if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_COLS:
+            ref_self_index_cols = tl.load(ref_self_index_cols_ptr + cols, mask=col_ok, other=-1)
         else:
-            own_cols = cols
-        pos, neg = _pair_masks(ya, yb, rows, cols, own_rows, own_cols, valid,
-                               (start < hi) & (start + BLOCK_M > lo), OWN_MODE)
+            ref_self_index_cols = cols
+        pos, neg = _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, valid,
+                               (start < hi) & (start + BLOCK_M > lo), REF_SELF_INDEX_MODE)
         W = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if ANCHOR_ROWS:
             W += _weights(S, pos, neg, valid, g_r[:, None], min_pos_r[:, None], max_neg_r[:, None],

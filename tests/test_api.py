@@ -70,7 +70,7 @@ def test_zero_loss_is_attached_to_the_graph():
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-def test_module_forward_with_reference_set_and_self_index():
+def test_module_forward_with_reference_set_and_ref_self_index():
     x, y, r, yr = clustered_batch(20, 6, 4, 2, m=30)
     r[:20], yr[:20] = x, y
     idx = torch.arange(20)

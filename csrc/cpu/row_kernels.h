@@ -50,17 +50,17 @@ PairWeights<T> pair_weights(const RowStats<T>& st, const Hyper<T>& hp, T g) {
           -hp.beta * hp.base - st.B, -g, g};
 }
 
-// Forward of one anchor row s[0..m): mining statistics, then both log-sum-exps. `own_col` is the column of
+// Forward of one anchor row s[0..m): mining statistics, then both log-sum-exps. `ref_self_index` is the column of
 // the anchor's own copy (removed from P_i), or -1.
-RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                             const Hyper<float>& hp);
-RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                              const Hyper<double>& hp);
 
 // Overwrites s[0..m) (anchor i's similarities) with G_i.
-void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col, const PairWeights<float>& w,
-                const Hyper<float>& hp);
-void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
+                const PairWeights<float>& w, const Hyper<float>& hp);
+void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                 const PairWeights<double>& w, const Hyper<double>& hp);
 
 // Self mode: overwrites s[0..n) (row i of the symmetric S) with G_ij + G_ji, so that one product with X
