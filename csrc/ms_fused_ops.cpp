@@ -3,7 +3,7 @@
 //
 // ms_forward takes the already normalised embeddings (normalisation stays in the autograd graph) and returns
 // the per-anchor losses (N,), the row statistics (4, N) = (min_pos, max_neg, A, B) the backward rebuilds
-// each block of G from, and the int64 counts (2, N) of each anchor's mined positives and negatives.
+// each block of G from (rows: StatRow in csrc/cpu/row_kernels.h; A = B = NaN for a non-finite row), and the int64 counts (2, N) of each anchor's mined positives and negatives.
 // r_hat may have another floating dtype than q_hat when it needs no gradient (a memory bank); it is then
 // converted block by block, never as a whole. Self mode is r_hat = ref_labels = None (R = Q, own pair removed by index);
 // ref_self_index optionally names each anchor's own row in r_hat (-1: none).

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._autograd import fused_backward
+from ._autograd import N_STATS, fused_backward
 from ._inputs import Problem
 from ._once import once
 from .torch_backend import normalized_inputs
@@ -106,7 +106,7 @@ def per_anchor_loss(problem: Problem, count_pairs: bool = False):
 
 def _ms_forward_fake(q_hat, r_hat, labels, ref_labels, ref_self_index, alpha, beta, base, epsilon, mining):
     n = q_hat.shape[0]
-    return q_hat.new_empty(n), q_hat.new_empty(4, n), q_hat.new_empty(2, n, dtype=torch.int64)
+    return q_hat.new_empty(n), q_hat.new_empty(N_STATS, n), q_hat.new_empty(2, n, dtype=torch.int64)
 
 
 def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, stats, alpha, beta, base, epsilon,

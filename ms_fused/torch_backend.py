@@ -1,8 +1,9 @@
 """The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (docs/semantics.md "Gradient").
 
 Scratch memory is O(chunk x M): `chunk` rows of anchors are processed at a time, chunk chosen from a
-byte budget. Forward keeps only per-row statistics (min_pos, max_neg, A, B, non-finite flag); backward
-recomputes each chunk's similarities and rebuilds its weight block G, never the whole N x M matrix.
+byte budget. Forward keeps only the per-row statistics of _autograd.py's layout (min_pos, max_neg, A, B;
+NaN A and B for a non-finite row); backward recomputes each chunk's similarities and rebuilds its weight
+block G, never the whole N x M matrix.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._autograd import fused_backward
+from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows, fused_backward
 from ._inputs import HyperParams, Problem, compute_dtype
 
 DEFAULT_CHUNK_BYTES = int(os.environ.get("MS_FUSED_TORCH_CHUNK_MB", "32")) * 2**20
@@ -105,8 +106,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
         n = q.shape[0]
         loss = torch.empty(n, dtype=q.dtype, device=q.device)
         counts = torch.empty((2, n) if count else (2, 0), dtype=torch.int64, device=q.device)
-        stats = torch.empty(n, 4, dtype=q.dtype, device=q.device)  # min_pos, max_neg, A, B
-        bad = torch.empty(n, dtype=torch.bool, device=q.device)
+        stats = torch.empty(N_STATS, n, dtype=q.dtype, device=q.device)
         a, b, base = hp.alpha, hp.beta, hp.base
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
@@ -122,10 +122,12 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             A = m_pos + torch.log(torch.exp(-m_pos) + _shifted_exp(S, hard_pos, -a, base, m_pos).sum(dim=1))
             B = m_neg + torch.log(torch.exp(-m_neg) + _shifted_exp(S, hard_neg, b, base, m_neg).sum(dim=1))
             lo, hi = torch.aminmax(S, dim=1)  # NaN propagates; +-inf shows in an extreme
-            bad[s:e] = ~(torch.isfinite(lo) & torch.isfinite(hi))
-            loss[s:e] = torch.where(bad[s:e], float("nan"), A / a + B / b)
-            stats[s:e] = torch.stack((min_pos, max_neg, A, B), dim=1)
-        ctx.save_for_backward(q, r, yq, yr, ref_self_index, stats, bad)
+            bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+            A, B = A.masked_fill(bad, float("nan")), B.masked_fill(bad, float("nan"))
+            loss[s:e] = A / a + B / b
+            stats[MIN_POS, s:e], stats[MAX_NEG, s:e] = min_pos, max_neg
+            stats[LSE_POS, s:e], stats[LSE_NEG, s:e] = A, B
+        ctx.save_for_backward(q, r, yq, yr, ref_self_index, stats)
         ctx.hp, ctx.chunk = hp, chunk
         ctx.mark_non_differentiable(counts)
         return loss, counts
@@ -133,7 +135,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
     @staticmethod
     @fused_backward("torch")
     def backward(ctx, g, _counts_grad):
-        q, r, yq, yr, ref_self_index, stats, bad = ctx.saved_tensors
+        q, r, yq, yr, ref_self_index, stats = ctx.saved_tensors
         hp, chunk = ctx.hp, ctx.chunk
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = q.shape[0]
@@ -145,13 +147,14 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             e = min(n, s + chunk)
             S = _scores(q[s:e], r)
             pos, same = _pair_masks(yq[s:e], yr, None if ref_self_index is None else ref_self_index[s:e])
-            min_pos, max_neg, A, B = stats[s:e].unbind(dim=1)
+            min_pos, max_neg = stats[MIN_POS, s:e], stats[MAX_NEG, s:e]
+            A, B = stats[LSE_POS, s:e], stats[LSE_NEG, s:e]
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
             # docs/semantics.md "Gradient": G_ip = -g exp(-a(S-base) - A), G_in = +g exp(b(S-base) - B), 0 elsewhere
             G = _shifted_exp(S, hard_neg, b, base, B)
             G.sub_(_shifted_exp(S, hard_pos, -a, base, A))
             G.mul_(g[s:e, None])
-            G.masked_fill_(bad[s:e, None], float("nan"))
+            G.masked_fill_(bad_rows(stats[:, s:e])[:, None], float("nan"))
             if need_q:
                 _times(G, r, dq[s:e])
             if need_r:

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._autograd import fused_backward
+from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
 from ._inputs import HyperParams, Problem
 
 try:
@@ -274,9 +274,10 @@ class Plan:
     anchors: SortedRows
     refs: Optional[SortedRows]         # None in self mode
     ref_self_index: Optional[torch.Tensor]  # int32 per sorted anchor: its own sorted reference row, or -1
-    bad: torch.Tensor                  # int8 per sorted anchor: its row of S touches a NaN/Inf
+    bad: torch.Tensor                  # int8 per sorted anchor: its row of S touches a NaN/Inf (forward input)
     splits: Optional[int] = None       # forced column splits (tests); None plans them
-    stats: Optional[torch.Tensor] = None  # (4, N) float32 sorted: min_pos, max_neg, A2, B2
+    # _autograd.py's layout, float32, sorted order, LSE rows in base 2 (A2, B2; NaN for a bad anchor)
+    stats: Optional[torch.Tensor] = None
     count: bool = False                # count each anchor's mined pairs in the forward
     counts: Optional[torch.Tensor] = None  # (2, N) int32 sorted: hard positives, hard negatives
 
@@ -333,7 +334,7 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
     n_splits, cols_per_split = column_splits(n, m, cfg, dev, splits=plan.splits)
     loss = torch.empty(n, dtype=torch.float32, device=dev)
-    stats = torch.full((4, n), float("inf"), dtype=torch.float32, device=dev)
+    stats = torch.full((N_STATS, n), float("inf"), dtype=torch.float32, device=dev)
     parts = torch.empty(3, n_splits * n, dtype=torch.float32, device=dev)
     # unread (placeholders) unless counting
     count_parts = torch.empty(n_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
@@ -345,14 +346,15 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     row_blocks = triton.cdiv(n, cfg.block_n)
     if hp.mining:
         _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index,
-                min_pos_ptr=stats[0], REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
-    _launch(kernels.sweep_kernel, (row_blocks, n_splits), cfg, **rows, min_pos_ptr=stats[0],
+                min_pos_ptr=stats[MIN_POS], REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
+    _launch(kernels.sweep_kernel, (row_blocks, n_splits), cfg, **rows, min_pos_ptr=stats[MIN_POS],
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
             COUNT_PAIRS=plan.count)
     _launch(kernels.finish_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index, bad_ptr=plan.bad,
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
-            loss_ptr=loss, max_neg_ptr=stats[1], lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], counts_ptr=counts,
+            loss_ptr=loss, max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
+            counts_ptr=counts,
             n_splits=n_splits, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
             REF_SELF_INDEX_MODE=plan.ref_self_index_mode, MINING=hp.mining, COUNT_PAIRS=plan.count)
     plan.stats = stats
@@ -383,8 +385,8 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
             a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
             ref_self_index_rows_ptr=ref_self_index, band_lo_ptr=a.band_lo, band_hi_ptr=a.band_hi,
             b_ptr=b_rows, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels, ref_self_index_cols_ptr=ref_self_index,
-            g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[0], max_neg_ptr=stats[1],
-            lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], bad_ptr=plan.bad,
+            g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG],
+            lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
             out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
             NA=na, NB=nb, D=d, stride_a=a_rows.stride(0), stride_b=b_rows.stride(0), stride_out=out.stride(0),
             cols_per_split=cols_per_split, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base,

@@ -13,7 +13,8 @@ forward and the backward mine the same pairs. The launchers run every kernel of 
 shape and without floating-point contraction.
 
 Exponentials are in base 2: with alpha2 = alpha * log2(e), exp(-alpha (S - base)) = exp2(-alpha2 (S - base)).
-Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = A * log2(e)).
+Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = A * log2(e)); an anchor whose
+row touches a NaN/Inf is saved with A2 = B2 = NaN, the flag of the statistics layout (ms_fused/_autograd.py).
 
 Forward: band_min_kernel (min_pos over the band), sweep_kernel (max_neg and the hard-negative sum over all
 columns, split across programs when there are few anchor blocks), finish_kernel (combines the splits, then
@@ -219,10 +220,10 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 3, one program per anchor block: the splits combined in split order (deterministic),
     with the "1" of log(1 + sum) as exp2(0); then the hard positives over the band (S - eps < max_neg) and
-    the loss A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for anchors whose row touched a NaN/Inf.
+    the loss A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for anchors whose row touched a NaN/Inf (`bad`).
     Writes the loss at the anchor's input row and saves max_neg, A2, B2 in sorted order (min_pos is
-    band_min_kernel's). With COUNT_PAIRS, counts_ptr gets (2, NA) int32 in sorted order: each anchor's hard
-    positives, then its hard negatives (the splits' counts added up)."""
+    band_min_kernel's), A2 = B2 = NaN for a bad anchor. With COUNT_PAIRS, counts_ptr gets (2, NA) int32 in
+    sorted order: each anchor's hard positives, then its hard negatives (the splits' counts added up)."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
@@ -265,8 +266,10 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
         shift, total = _add_exp2(shift, total, z, hard)
     lse_pos = shift + tl.log2(total)
 
-    bad = tl.load(bad_ptr + rows, mask=row_ok, other=0)
-    loss = tl.where(bad != 0, float("nan"), lse_pos / alpha2 + lse_neg / beta2)
+    bad = tl.load(bad_ptr + rows, mask=row_ok, other=0) != 0
+    lse_pos = tl.where(bad, float("nan"), lse_pos)
+    lse_neg = tl.where(bad, float("nan"), lse_neg)
+    loss = lse_pos / alpha2 + lse_neg / beta2
     input_row = tl.load(a_perm_ptr + rows, mask=row_ok, other=0)
     tl.store(loss_ptr + input_row, loss, mask=row_ok)
     tl.store(max_neg_ptr + rows, max_neg, mask=row_ok)
@@ -291,15 +294,17 @@ def _weights(S, pos, neg, valid, g, min_pos, max_neg, lse_pos, lse_neg, bad, alp
     d = S - base
     z = tl.where(hard_pos, d * (-alpha2) - lse_pos, d * beta2 - lse_neg)
     w = tl.exp2(tl.where(hard_pos | hard_neg, z, -INF)) * tl.where(hard_pos, -g, g)
-    return tl.where(valid & (bad != 0), float("nan"), w)
+    return tl.where(valid & bad, float("nan"), w)
 
 
 @triton.jit
-def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, idx, ok):
-    """What the forward saved for the sorted anchors `idx`, and their upstream gradient g."""
+def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, idx, ok):
+    """What the forward saved for the sorted anchors `idx`, their upstream gradient g, and whether they are
+    bad (saved A2 NaN)."""
+    lse_pos = tl.load(lse_pos_ptr + idx, mask=ok, other=0.0)
     return (tl.load(g_ptr + idx, mask=ok, other=0.0), tl.load(min_pos_ptr + idx, mask=ok, other=INF),
-            tl.load(max_neg_ptr + idx, mask=ok, other=-INF), tl.load(lse_pos_ptr + idx, mask=ok, other=0.0),
-            tl.load(lse_neg_ptr + idx, mask=ok, other=0.0), tl.load(bad_ptr + idx, mask=ok, other=0))
+            tl.load(max_neg_ptr + idx, mask=ok, other=-INF), lse_pos,
+            tl.load(lse_neg_ptr + idx, mask=ok, other=0.0), lse_pos != lse_pos)
 
 
 @triton.jit
@@ -343,7 +348,7 @@ def _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
 def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_index_rows_ptr, band_lo_ptr, band_hi_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, ref_self_index_cols_ptr,
-                    g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr,
+                    g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr,
                     out_ptr, part_ptr, x_dot_dx_part_ptr,
                     NA, NB, D, stride_a, stride_b, stride_out, cols_per_split,
                     alpha2, beta2, base, eps, norm_eps,
@@ -370,7 +375,7 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
         ref_self_index_rows = rows
     if ANCHOR_ROWS:
         g_r, min_pos_r, max_neg_r, lse_pos_r, lse_neg_r, bad_r = _anchor_stats(
-            g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, rows, row_ok)
+            g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, rows, row_ok)
 
     acc = tl.zeros([BLOCK_N, BLOCK_DOUT], dtype=tl.float32)
     x_dot_dx = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -393,7 +398,7 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
                           lse_pos_r[:, None], lse_neg_r[:, None], bad_r[:, None], alpha2, beta2, base, eps, MINING)
         if ANCHOR_COLS:
             g_c, min_pos_c, max_neg_c, lse_pos_c, lse_neg_c, bad_c = _anchor_stats(
-                g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, cols, col_ok)
+                g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, cols, col_ok)
             W += _weights(S, pos, neg, valid, g_c[None, :], min_pos_c[None, :], max_neg_c[None, :],
                           lse_pos_c[None, :], lse_neg_c[None, :], bad_c[None, :], alpha2, beta2, base, eps, MINING)
         if SKIP_ZERO_TILES:

@@ -163,8 +163,8 @@ int32_t anchor_ref_self_index(const Inputs& in, const int64_t* ref_self_index, i
 }
 
 template <typename T>
-RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (4, N): min_pos, max_neg, A, B
-  return {stats[i], stats[n + i], stats[2 * n + i], stats[3 * n + i]};
+RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (kNumStats, N), rows as in StatRow
+  return {stats[kMinPos * n + i], stats[kMaxNeg * n + i], stats[kLsePos * n + i], stats[kLseNeg * n + i]};
 }
 
 template <typename T>
@@ -185,10 +185,10 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
         const int64_t i = start + k;
         const RowStats<T> rs =
             forward_row(s + k * m, r_ids, m, q_ids[i], anchor_ref_self_index(in, ref_self_index, i), hp);
-        st[i] = rs.min_pos;
-        st[n + i] = rs.max_neg;
-        st[2 * n + i] = rs.A;
-        st[3 * n + i] = rs.B;
+        st[kMinPos * n + i] = rs.min_pos;
+        st[kMaxNeg * n + i] = rs.max_neg;
+        st[kLsePos * n + i] = rs.A;
+        st[kLseNeg * n + i] = rs.B;
         pairs[i] = rs.n_pos;
         pairs[n + i] = rs.n_neg;
         loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // docs/semantics.md "Loss"; NaN for a non-finite row
@@ -270,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& 
   const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, ref_self_index);
   const int64_t n = in.q.size(0);
   at::Tensor loss = at::empty({n}, in.q.options());
-  at::Tensor stats = at::empty({4, n}, in.q.options());
+  at::Tensor stats = at::empty({kNumStats, n}, in.q.options());
   at::Tensor counts = at::empty({2, n}, in.q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ms_forward_cpu", [&] {
     forward_blocks<scalar_t>(in, hyper<scalar_t>(alpha, beta, base, epsilon, mining), loss, stats, counts);
@@ -287,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const
   const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, ref_self_index);
   const int64_t n = in.q.size(0);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n, "ms_fused: grad must have shape (", n, ",)");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == n, "ms_fused: stats must have shape (4, ",
-              n, ")");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == n,
+              "ms_fused: stats must have shape (", static_cast<int64_t>(kNumStats), ", ", n, ")");
   const at::Tensor g = grad.to(in.q.scalar_type()).contiguous();
   const at::Tensor st = stats.to(in.q.scalar_type()).contiguous();
   need_r = need_r && !in.self_mode;  // in self mode the one input gets the whole gradient through q

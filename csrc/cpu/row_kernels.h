@@ -20,8 +20,13 @@ struct Hyper {  // the hyper-parameters, in the compute dtype
   bool mining;
 };
 
+// Rows of the (kNumStats, N) statistics tensor that ms_forward returns and ms_backward takes, as
+// ms_fused/_autograd.py numbers them (MIN_POS .. LSE_NEG): min_pos, max_neg, A, B of each anchor.
+// A = B = NaN marks an anchor whose row of S is not finite, and only such an anchor.
+enum StatRow : int64_t { kMinPos = 0, kMaxNeg = 1, kLsePos = 2, kLseNeg = 3, kNumStats = 4 };
+
 template <typename T>
-struct RowStats {  // what the forward saves per anchor; A = B = NaN marks a row with a non-finite S
+struct RowStats {  // what the forward saves per anchor (see StatRow)
   T min_pos, max_neg, A, B;
   int64_t n_pos = 0, n_neg = 0;  // mined positives and negatives (0 for a non-finite row)
 };
