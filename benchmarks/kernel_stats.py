@@ -53,11 +53,11 @@ def _inputs(mode, n, m, d, dtype, k, grad_ref):
     if mode == "self":
         x, y = impls.make_batch(n, d, dt, "cpu", seed=0, samples_per_class=k)
         return dict(embeddings=x.requires_grad_(), labels=y)
-    x, y, r, yr, own = impls.make_memory_bank(n, m, d, dt, "cpu", seed=0, samples_per_class=k)
+    x, y, r, yr, ref_self_index = impls.make_memory_bank(n, m, d, dt, "cpu", seed=0, samples_per_class=k)
     if mode == "reference":
-        own = None
+        ref_self_index = None
     return dict(embeddings=x.requires_grad_(), labels=y, ref_emb=r.requires_grad_(bool(grad_ref)),
-                ref_labels=yr, ref_self_index=own)
+                ref_labels=yr, ref_self_index=ref_self_index)
 
 
 def count_work(case) -> dict:
@@ -178,14 +178,15 @@ def compile_stats() -> list:
         gen = torch.Generator().manual_seed(0)
         q = torch.randn(n, d, generator=gen).to(dt).requires_grad_()
         y = torch.randint(0, 20, (n,), generator=gen)
-        r = yr = own = None
+        r = yr = ref_self_index = None
         if mode != "self":
             r = torch.randn(m, d, generator=gen).to(dt).requires_grad_(mode == "reference")
             yr = torch.randint(0, 20, (m,), generator=gen)
-            own = torch.arange(n) if mode == "memory" else None
+            ref_self_index = torch.arange(n) if mode == "memory" else None
         for count in (False, True):  # the default kernels, and those that count mined pairs (return_stats)
             compiled.clear()
-            loss, _ = tb.FusedMultiSimilarity.apply(q, r, y, yr, own, HyperParams(), None, None, False, count)
+            loss, _ = tb.FusedMultiSimilarity.apply(q, r, y, yr, ref_self_index, HyperParams(), None, None, False,
+                                                    count)
             loss.sum().backward()
             cfg = tb.tile_configs(d, dt)[0]
             for name, kernel in compiled:

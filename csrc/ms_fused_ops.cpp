@@ -3,22 +3,22 @@
 //
 // ms_forward takes the already normalised embeddings (normalisation stays in the autograd graph) and returns
 // the per-anchor losses (N,), the row statistics (4, N) = (min_pos, max_neg, A, B) the backward rebuilds
-// each block of G from, and the int64 counts (2, N) of each anchor's mined positives and negatives.
+// each block of G from (rows: StatRow in csrc/cpu/row_kernels.h; A = B = NaN for a non-finite row), and the int64 counts (2, N) of each anchor's mined positives and negatives.
 // r_hat may have another floating dtype than q_hat when it needs no gradient (a memory bank); it is then
 // converted block by block, never as a whole. Self mode is r_hat = ref_labels = None (R = Q, own pair removed by index);
-// self_index optionally names each anchor's own row in r_hat (-1: none).
+// ref_self_index optionally names each anchor's own row in r_hat (-1: none).
 #include <torch/library.h>
 
 TORCH_LIBRARY(ms_fused, m) {
   m.set_python_module("ms_fused.cpp_backend");
   m.def(
-      "ms_forward(Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, Tensor? self_index, "
+      "ms_forward(Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, Tensor? ref_self_index, "
       "float alpha, float beta, float base, float epsilon, bool mining) -> (Tensor loss, Tensor stats, Tensor counts)");
   // dq, dr: gradients w.r.t. q_hat and r_hat; an empty (0,) tensor where not asked for (need_q / need_r false,
   // and dr always in self mode, where dq already holds the whole gradient of the shared input)
   m.def(
       "ms_backward(Tensor grad, Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, "
-      "Tensor? self_index, Tensor stats, float alpha, float beta, float base, float epsilon, bool mining, "
+      "Tensor? ref_self_index, Tensor stats, float alpha, float beta, float base, float epsilon, bool mining, "
       "bool need_q, bool need_r) -> (Tensor dq, Tensor dr)");
   // the instruction-set variant of the row passes: "avx512", "avx2" or "default" (see csrc/cpu/row_kernels.h)
   m.def("cpu_capability() -> str");

@@ -8,9 +8,11 @@ from typing import Optional
 
 import torch
 
+from .backends import BACKEND_NAMES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "triton", "cpp", "torch", "reference")
+BACKENDS = ("auto",) + BACKEND_NAMES
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class HyperParams:
 class Problem:
     """Validated inputs. `ref` / `ref_labels` are None in self mode.
 
-    `self_index` is an int64 (N,) tensor on the embeddings' device: for anchor i the
+    `ref_self_index` is an int64 (N,) tensor on the embeddings' device: for anchor i the
     column of R that is i's own copy (removed from P_i), or -1. In self mode it is
     arange(N); in reference mode it is the caller's `ref_self_index` or None.
     """
@@ -36,7 +38,7 @@ class Problem:
     labels: torch.Tensor
     ref: Optional[torch.Tensor]
     ref_labels: Optional[torch.Tensor]
-    self_index: Optional[torch.Tensor]
+    ref_self_index: Optional[torch.Tensor]
     hp: HyperParams
     ref_normalized: bool = False
 
@@ -151,21 +153,19 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
     if r is None:
         if ref_self_index is not None:
             raise ValueError("ref_self_index is only meaningful with ref_emb (self mode already removes i == j)")
-        self_index = torch.arange(q.shape[0], device=q.device)
-    elif ref_self_index is None:
-        self_index = None
-    else:
-        self_index = check_labels("ref_self_index", ref_self_index, q.shape[0], "embeddings")
+        ref_self_index = torch.arange(q.shape[0], device=q.device)
+    elif ref_self_index is not None:
+        ref_self_index = check_labels("ref_self_index", ref_self_index, q.shape[0], "embeddings")
         if torch.compiler.is_compiling():
             # a compiled graph cannot branch on tensor values: it asserts the range instead (RuntimeError)
-            torch._assert_async(((self_index >= -1) & (self_index < r.shape[0])).all(),
+            torch._assert_async(((ref_self_index >= -1) & (ref_self_index < r.shape[0])).all(),
                                 "ref_self_index must hold row numbers of ref_emb or -1")
-            return Problem(q, yq, r, yr, self_index, hp, ref_normalized)
-        lo, hi = int(self_index.min()), int(self_index.max())
+            return Problem(q, yq, r, yr, ref_self_index, hp, ref_normalized)
+        lo, hi = int(ref_self_index.min()), int(ref_self_index.max())
         if lo < -1 or hi >= r.shape[0]:
             raise ValueError(
                 f"ref_self_index must hold row numbers of ref_emb in [0, {r.shape[0]}) or -1, got values in [{lo}, {hi}]")
-    return Problem(q, yq, r, yr, self_index, hp, ref_normalized)
+    return Problem(q, yq, r, yr, ref_self_index, hp, ref_normalized)
 
 
 def check_finite_inputs(problem: Problem) -> None:

@@ -2,30 +2,58 @@
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Protocol, Union, runtime_checkable
 
 import torch
 
 from ._once import once
 
-_MODULES = {
-    "triton": "ms_fused.triton_backend",
-    "cpp": "ms_fused.cpp_backend",
-    "torch": "ms_fused.torch_backend",
-    "reference": "ms_fused.reference",
-}
+if TYPE_CHECKING:
+    from ._inputs import Problem
+
+BACKEND_NAMES = ("triton", "cpp", "torch", "reference")
+TRITON, CPP, TORCH, REFERENCE = BACKEND_NAMES
+
+_MODULES = dict(zip(BACKEND_NAMES, ("ms_fused.triton_backend", "ms_fused.cpp_backend", "ms_fused.torch_backend",
+                                    "ms_fused.reference")))
 # fastest first; on the CPU triton only runs under TRITON_INTERPRET=1, slower than anything else
-_ORDER = {"cuda": ("triton", "torch", "reference"), "cpu": ("cpp", "torch", "reference", "triton")}
-_GENERIC_ORDER = ("torch", "reference")
+_ORDER = {"cuda": (TRITON, TORCH, REFERENCE), "cpu": (CPP, TORCH, REFERENCE, TRITON)}
+_GENERIC_ORDER = (TORCH, REFERENCE)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend module provides; the registry refuses a module that lacks any of it."""
+
+    def per_anchor_loss(self, problem: Problem, count_pairs: bool = False):
+        """(N,) per-anchor losses attached to autograd; with `count_pairs`, `(losses, counts)` where counts
+        is the (2, N) integer tensor of each anchor's mined positives (row 0) and negatives (row 1)."""
+
+    def unavailable_reason(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+        """None when the backend can serve `dtype` tensors (any dtype when None) on `device`, else why not."""
+
+
+BACKEND_MEMBERS = tuple(name for name in vars(Backend) if not name.startswith("_"))
+
+
+def check_backend_module(name: str, module) -> None:
+    """Raise TypeError naming what `module` lacks of the `Backend` protocol."""
+    missing = [member for member in BACKEND_MEMBERS if not callable(getattr(module, member, None))]
+    if missing:
+        raise TypeError(f"backend {name!r} (module {getattr(module, '__name__', module)!r}) does not provide "
+                        f"{', '.join(missing)}, which every backend must (ms_fused.backends.Backend)")
 
 
 @once
 def _module(name: str):
-    """The backend's module, or the reason it cannot be imported (str); imported once."""
+    """The backend's module, or the reason it cannot be imported (str); imported once. A module that does not
+    provide the `Backend` protocol raises TypeError."""
     try:
-        return importlib.import_module(_MODULES[name])
+        module = importlib.import_module(_MODULES[name])
     except Exception as exc:  # a missing optional dependency or an unbuilt extension
         return f"backend {name!r} could not be loaded: {type(exc).__name__}: {exc}"
+    check_backend_module(name, module)
+    return module
 
 
 # The answer depends only on constants (name, device, dtype), and finding it may import a module or load the
@@ -37,8 +65,7 @@ def unavailable_reason(name: str, device: torch.device, dtype: Optional[torch.dt
     mod = _module(name)
     if isinstance(mod, str):
         return mod
-    check = getattr(mod, "unavailable_reason", None)
-    return None if check is None else check(device, dtype)
+    return mod.unavailable_reason(device, dtype)
 
 
 def _device(device: Union[None, str, torch.device]) -> torch.device:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ._autograd import fused_backward
+from ._autograd import N_STATS, fused_backward
 from ._inputs import Problem
 from ._once import once
 from .torch_backend import normalized_inputs
@@ -98,18 +98,18 @@ def per_anchor_loss(problem: Problem, count_pairs: bool = False):
     hp = problem.hp
     ref = None if problem.self_mode else r
     ref_labels = None if problem.self_mode else yr
-    self_index = None if problem.self_mode else problem.self_index
-    loss, _, counts = torch.ops.ms_fused.ms_forward(q, ref, problem.labels, ref_labels, self_index,
+    ref_self_index = None if problem.self_mode else problem.ref_self_index
+    loss, _, counts = torch.ops.ms_fused.ms_forward(q, ref, problem.labels, ref_labels, ref_self_index,
                                                     hp.alpha, hp.beta, hp.base, hp.epsilon, hp.mining)
     return (loss, counts) if count_pairs else loss
 
 
-def _ms_forward_fake(q_hat, r_hat, labels, ref_labels, self_index, alpha, beta, base, epsilon, mining):
+def _ms_forward_fake(q_hat, r_hat, labels, ref_labels, ref_self_index, alpha, beta, base, epsilon, mining):
     n = q_hat.shape[0]
-    return q_hat.new_empty(n), q_hat.new_empty(4, n), q_hat.new_empty(2, n, dtype=torch.int64)
+    return q_hat.new_empty(n), q_hat.new_empty(N_STATS, n), q_hat.new_empty(2, n, dtype=torch.int64)
 
 
-def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, self_index, stats, alpha, beta, base, epsilon,
+def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, stats, alpha, beta, base, epsilon,
                       mining, need_q, need_r):
     dq = q_hat.new_empty(q_hat.shape) if need_q else q_hat.new_empty(0)
     dr = r_hat.new_empty(r_hat.shape) if need_r and r_hat is not None else q_hat.new_empty(0)
@@ -117,17 +117,17 @@ def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, self_index, stats,
 
 
 def _setup_context(ctx, inputs, output):
-    q_hat, r_hat, labels, ref_labels, self_index, alpha, beta, base, epsilon, mining = inputs
-    ctx.save_for_backward(q_hat, r_hat, labels, ref_labels, self_index, output[1])
+    q_hat, r_hat, labels, ref_labels, ref_self_index, alpha, beta, base, epsilon, mining = inputs
+    ctx.save_for_backward(q_hat, r_hat, labels, ref_labels, ref_self_index, output[1])
     ctx.hyper = (alpha, beta, base, epsilon, mining)
 
 
 @fused_backward("cpp")
 def _backward(ctx, grad_loss, grad_stats, grad_counts):
-    q_hat, r_hat, labels, ref_labels, self_index, stats = ctx.saved_tensors
+    q_hat, r_hat, labels, ref_labels, ref_self_index, stats = ctx.saved_tensors
     need_q = ctx.needs_input_grad[0]
     need_r = r_hat is not None and ctx.needs_input_grad[1]
-    dq, dr = torch.ops.ms_fused.ms_backward(grad_loss, q_hat, r_hat, labels, ref_labels, self_index, stats,
+    dq, dr = torch.ops.ms_fused.ms_backward(grad_loss, q_hat, r_hat, labels, ref_labels, ref_self_index, stats,
                                             *ctx.hyper, need_q, need_r)
     return (dq if need_q else None, dr if need_r else None) + (None,) * 8
 

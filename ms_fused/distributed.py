@@ -147,9 +147,9 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, group:
         # nothing to score here, but the gather's backward must still run on this rank (it is a collective)
         per_anchor = all_rows[:0].sum(dim=1).to(compute_dtype(embeddings.dtype))
     else:
-        own = start + torch.arange(n_local, device=embeddings.device)
-        per_anchor = _local_loss(embeddings, labels, all_rows, all_labels, ref_self_index=own, reduction="none",
-                                 **options)
+        ref_self_index = start + torch.arange(n_local, device=embeddings.device)
+        per_anchor = _local_loss(embeddings, labels, all_rows, all_labels, ref_self_index=ref_self_index,
+                                 reduction="none", **options)
     if reduction == "none":
         return per_anchor
     local_sum = per_anchor.sum()

@@ -54,13 +54,13 @@ def log1p_sum_exp(z: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return m + torch.log(torch.exp(-m) + torch.exp(z - m[:, None]).sum(dim=1))
 
 
-def pair_masks(yq: torch.Tensor, yr: torch.Tensor, self_index: Optional[torch.Tensor]):
+def pair_masks(yq: torch.Tensor, yr: torch.Tensor, ref_self_index: Optional[torch.Tensor]):
     """P (same label, own copy removed by index) and N (different label), each (N, M) bool."""
     same = yq[:, None] == yr[None, :]
     pos = same.clone()
-    if self_index is not None:
-        rows = torch.nonzero(self_index >= 0).flatten()
-        pos[rows, self_index[rows]] = False
+    if ref_self_index is not None:
+        rows = torch.nonzero(ref_self_index >= 0).flatten()
+        pos[rows, ref_self_index[rows]] = False
     return pos, ~same
 
 
@@ -73,6 +73,11 @@ def mined_masks(S: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, hp: Hyper
     hard_pos = pos & (S - hp.epsilon < max_neg)
     hard_neg = neg & (S + hp.epsilon > min_pos)
     return hard_pos, hard_neg
+
+
+def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Always None: this backend serves every float dtype on every device torch runs on."""
+    return None
 
 
 def per_anchor_loss(problem: Problem, count_pairs: bool = False):
@@ -89,7 +94,7 @@ def per_anchor_loss(problem: Problem, count_pairs: bool = False):
         q_hat, r_hat = q, r
     S = FullPrecisionMatmul.apply(q_hat, r_hat.T)
 
-    pos, neg = pair_masks(problem.labels, yr, problem.self_index)
+    pos, neg = pair_masks(problem.labels, yr, problem.ref_self_index)
     hard_pos, hard_neg = mined_masks(S.detach(), pos, neg, hp)
     pos_term = log1p_sum_exp(-hp.alpha * (S - hp.base), hard_pos) / hp.alpha
     neg_term = log1p_sum_exp(hp.beta * (S - hp.base), hard_neg) / hp.beta

@@ -1,8 +1,9 @@
 """The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (docs/semantics.md "Gradient").
 
 Scratch memory is O(chunk x M): `chunk` rows of anchors are processed at a time, chunk chosen from a
-byte budget. Forward keeps only per-row statistics (min_pos, max_neg, A, B, non-finite flag); backward
-recomputes each chunk's similarities and rebuilds its weight block G, never the whole N x M matrix.
+byte budget. Forward keeps only the per-row statistics of _autograd.py's layout (min_pos, max_neg, A, B;
+NaN A and B for a non-finite row); backward recomputes each chunk's similarities and rebuilds its weight
+block G, never the whole N x M matrix.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._autograd import fused_backward
+from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows, fused_backward
 from ._inputs import HyperParams, Problem, compute_dtype
 
 DEFAULT_CHUNK_BYTES = int(os.environ.get("MS_FUSED_TORCH_CHUNK_MB", "32")) * 2**20
@@ -31,15 +32,15 @@ def chunk_rows(m: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYT
     return max(1, budget_bytes // per_row)
 
 
-def _pair_masks(yq_c, yr, self_c):
+def _pair_masks(yq_c, yr, ref_self_index_chunk):
     """(pos, same) for a chunk of anchors; pos = same label minus each anchor's own copy (by index)."""
     same = yq_c[:, None] == yr[None, :]
-    if self_c is None:
+    if ref_self_index_chunk is None:
         return same, same
-    # clear (i, self_c[i]) with a fixed-shape scatter (torch.compile cannot trace nonzero's data-dependent
-    # shape inside an autograd.Function); rows with self_c = -1 write back their own value at column 0
-    col = self_c.clamp(min=0)[:, None]
-    pos = same.scatter(1, col, same.gather(1, col) & (self_c < 0)[:, None])
+    # clear (i, ref_self_index_chunk[i]) with a fixed-shape scatter (torch.compile cannot trace nonzero's
+    # data-dependent shape inside an autograd.Function); rows with index -1 write back their own value at column 0
+    col = ref_self_index_chunk.clamp(min=0)[:, None]
+    pos = same.scatter(1, col, same.gather(1, col) & (ref_self_index_chunk < 0)[:, None])
     return pos, same
 
 
@@ -101,17 +102,16 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
     (else an empty tensor). r_hat may have a narrower dtype than q_hat when it needs no gradient."""
 
     @staticmethod
-    def forward(ctx, q, r, yq, yr, self_index, hp: HyperParams, chunk: int, count: bool):
+    def forward(ctx, q, r, yq, yr, ref_self_index, hp: HyperParams, chunk: int, count: bool):
         n = q.shape[0]
         loss = torch.empty(n, dtype=q.dtype, device=q.device)
         counts = torch.empty((2, n) if count else (2, 0), dtype=torch.int64, device=q.device)
-        stats = torch.empty(n, 4, dtype=q.dtype, device=q.device)  # min_pos, max_neg, A, B
-        bad = torch.empty(n, dtype=torch.bool, device=q.device)
+        stats = torch.empty(N_STATS, n, dtype=q.dtype, device=q.device)
         a, b, base = hp.alpha, hp.beta, hp.base
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             S = _scores(q[s:e], r)
-            pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
+            pos, same = _pair_masks(yq[s:e], yr, None if ref_self_index is None else ref_self_index[s:e])
             min_pos = torch.where(pos, S, float("inf")).amin(dim=1)
             max_neg = torch.where(same, float("-inf"), S).amax(dim=1)
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
@@ -122,10 +122,12 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
             A = m_pos + torch.log(torch.exp(-m_pos) + _shifted_exp(S, hard_pos, -a, base, m_pos).sum(dim=1))
             B = m_neg + torch.log(torch.exp(-m_neg) + _shifted_exp(S, hard_neg, b, base, m_neg).sum(dim=1))
             lo, hi = torch.aminmax(S, dim=1)  # NaN propagates; +-inf shows in an extreme
-            bad[s:e] = ~(torch.isfinite(lo) & torch.isfinite(hi))
-            loss[s:e] = torch.where(bad[s:e], float("nan"), A / a + B / b)
-            stats[s:e] = torch.stack((min_pos, max_neg, A, B), dim=1)
-        ctx.save_for_backward(q, r, yq, yr, self_index, stats, bad)
+            bad = ~(torch.isfinite(lo) & torch.isfinite(hi))
+            A, B = A.masked_fill(bad, float("nan")), B.masked_fill(bad, float("nan"))
+            loss[s:e] = A / a + B / b
+            stats[MIN_POS, s:e], stats[MAX_NEG, s:e] = min_pos, max_neg
+            stats[LSE_POS, s:e], stats[LSE_NEG, s:e] = A, B
+        ctx.save_for_backward(q, r, yq, yr, ref_self_index, stats)
         ctx.hp, ctx.chunk = hp, chunk
         ctx.mark_non_differentiable(counts)
         return loss, counts
@@ -133,7 +135,7 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
     @staticmethod
     @fused_backward("torch")
     def backward(ctx, g, _counts_grad):
-        q, r, yq, yr, self_index, stats, bad = ctx.saved_tensors
+        q, r, yq, yr, ref_self_index, stats = ctx.saved_tensors
         hp, chunk = ctx.hp, ctx.chunk
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n = q.shape[0]
@@ -144,14 +146,15 @@ class ChunkedMultiSimilarity(torch.autograd.Function):
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
             S = _scores(q[s:e], r)
-            pos, same = _pair_masks(yq[s:e], yr, None if self_index is None else self_index[s:e])
-            min_pos, max_neg, A, B = stats[s:e].unbind(dim=1)
+            pos, same = _pair_masks(yq[s:e], yr, None if ref_self_index is None else ref_self_index[s:e])
+            min_pos, max_neg = stats[MIN_POS, s:e], stats[MAX_NEG, s:e]
+            A, B = stats[LSE_POS, s:e], stats[LSE_NEG, s:e]
             hard_pos, hard_neg = _hard_masks(S, pos, same, min_pos, max_neg, hp)
             # docs/semantics.md "Gradient": G_ip = -g exp(-a(S-base) - A), G_in = +g exp(b(S-base) - B), 0 elsewhere
             G = _shifted_exp(S, hard_neg, b, base, B)
             G.sub_(_shifted_exp(S, hard_pos, -a, base, A))
             G.mul_(g[s:e, None])
-            G.masked_fill_(bad[s:e, None], float("nan"))
+            G.masked_fill_(bad_rows(stats[:, s:e])[:, None], float("nan"))
             if need_q:
                 _times(G, r, dq[s:e])
             if need_r:
@@ -177,6 +180,11 @@ def normalized_inputs(problem: Problem):
     return q, r, yr
 
 
+def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Always None: this backend serves every float dtype on every device torch runs on."""
+    return None
+
+
 def per_anchor_loss(problem: Problem, chunk_bytes: Optional[int] = None, count_pairs: bool = False):
     """(N,) per-anchor losses; with `count_pairs` also the (2, N) mined positives and negatives per anchor."""
     q, r, yr = normalized_inputs(problem)
@@ -185,6 +193,6 @@ def per_anchor_loss(problem: Problem, chunk_bytes: Optional[int] = None, count_p
         # (autograd still adds the q and r gradients, i.e. G and G^T)
         r, yr = q.view_as(q), yr.view_as(yr)
     chunk = chunk_rows(r.shape[0], q.dtype, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes)
-    loss, counts = ChunkedMultiSimilarity.apply(q, r, problem.labels, yr, problem.self_index, problem.hp, chunk,
-                                                count_pairs)
+    loss, counts = ChunkedMultiSimilarity.apply(q, r, problem.labels, yr, problem.ref_self_index, problem.hp,
+                                                chunk, count_pairs)
     return (loss, counts) if count_pairs else loss

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._autograd import fused_backward
+from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
 from ._inputs import HyperParams, Problem
 
 try:
@@ -259,9 +259,9 @@ def _row_stats(x: torch.Tensor):
 
 # ---- one call ------------------------------------------------------------------------------------------
 
-OWN_NONE, OWN_SELF, OWN_OF_ROWS, OWN_OF_COLS = (kernels.OWN_NONE.value, kernels.OWN_SELF.value,
-                                                kernels.OWN_OF_ROWS.value, kernels.OWN_OF_COLS.value) \
-    if kernels is not None else (0, 1, 2, 3)
+REF_SELF_INDEX_NONE, REF_SELF_INDEX_DIAGONAL, REF_SELF_INDEX_OF_ROWS, REF_SELF_INDEX_OF_COLS = (
+    (kernels.REF_SELF_INDEX_NONE.value, kernels.REF_SELF_INDEX_DIAGONAL.value, kernels.REF_SELF_INDEX_OF_ROWS.value,
+     kernels.REF_SELF_INDEX_OF_COLS.value) if kernels is not None else (0, 1, 2, 3))
 
 
 @dataclass
@@ -273,10 +273,11 @@ class Plan:
     cfg: TileConfig
     anchors: SortedRows
     refs: Optional[SortedRows]         # None in self mode
-    own: Optional[torch.Tensor]        # int32 per sorted anchor: its own sorted reference row, or -1
-    bad: torch.Tensor                  # int8 per sorted anchor: its row of S touches a NaN/Inf
+    ref_self_index: Optional[torch.Tensor]  # int32 per sorted anchor: its own sorted reference row, or -1
+    bad: torch.Tensor                  # int8 per sorted anchor: its row of S touches a NaN/Inf (forward input)
     splits: Optional[int] = None       # forced column splits (tests); None plans them
-    stats: Optional[torch.Tensor] = None  # (4, N) float32 sorted: min_pos, max_neg, A2, B2
+    # _autograd.py's layout, float32, sorted order, LSE rows in base 2 (A2, B2; NaN for a bad anchor)
+    stats: Optional[torch.Tensor] = None
     count: bool = False                # count each anchor's mined pairs in the forward
     counts: Optional[torch.Tensor] = None  # (2, N) int32 sorted: hard positives, hard negatives
 
@@ -285,32 +286,33 @@ class Plan:
         return self.refs is None
 
     @property
-    def own_mode(self) -> int:
+    def ref_self_index_mode(self) -> int:
         if self.self_mode:
-            return OWN_SELF
-        return OWN_NONE if self.own is None else OWN_OF_ROWS
+            return REF_SELF_INDEX_DIAGONAL
+        return REF_SELF_INDEX_NONE if self.ref_self_index is None else REF_SELF_INDEX_OF_ROWS
 
 
-def make_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
+def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
               ref_normalized: bool = False) -> Plan:
     norm_q, inv_q, bad_q = _row_stats(q)
     lab_q, lab_r = dense_labels(yq, yr)
     if r is None:
         side = _sort(lab_q, norm_q, inv_q)
         anchors = _with_band(side, side[1])
-        refs, own_sorted = None, None
+        refs, ref_self_index_sorted = None, None
         bad = bad_q.any().expand(q.shape[0])
     else:
         norm_r, inv_r, bad_r = _row_stats(r)
         side_q, side_r = _sort(lab_q, norm_q, inv_q), _sort(lab_r, norm_r, inv_r)
         anchors, refs = _with_band(side_q, side_r[1]), _with_band(side_r, side_q[1])
         bad = bad_q[anchors.perm.long()] | bad_r.any()
-        own_sorted = None
-        if own is not None:
+        ref_self_index_sorted = None
+        if ref_self_index is not None:
             rank_r = torch.empty_like(refs.perm).scatter_(
                 0, refs.perm.long(), torch.arange(r.shape[0], dtype=torch.int32, device=r.device))
-            own_in = own[anchors.perm.long()]
-            own_sorted = torch.where(own_in >= 0, rank_r[own_in.clamp(min=0)], -1).to(torch.int32)
+            ref_self_index_in = ref_self_index[anchors.perm.long()]
+            ref_self_index_sorted = torch.where(ref_self_index_in >= 0, rank_r[ref_self_index_in.clamp(min=0)],
+                                                -1).to(torch.int32)
     if not hp.normalize:
         ones = torch.ones_like(anchors.norm)
         anchors = anchors._replace(norm=ones, inv=ones)
@@ -318,7 +320,7 @@ def make_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], spl
         ones = torch.ones_like(refs.norm)
         refs = refs._replace(norm=ones, inv=ones)
     cfg = cfg or tile_configs(q.shape[1], q.dtype)[0]
-    return Plan(hp, cfg, anchors, refs, own_sorted, bad.to(torch.int8).contiguous(), splits)
+    return Plan(hp, cfg, anchors, refs, ref_self_index_sorted, bad.to(torch.int8).contiguous(), splits)
 
 
 def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -328,10 +330,11 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     n, d = q.shape
     m = r.shape[0]
     dev = q.device
-    own = plan.own if plan.own is not None else a.perm  # unread unless OWN_OF_ROWS
+    # unread unless REF_SELF_INDEX_OF_ROWS
+    ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
     n_splits, cols_per_split = column_splits(n, m, cfg, dev, splits=plan.splits)
     loss = torch.empty(n, dtype=torch.float32, device=dev)
-    stats = torch.full((4, n), float("inf"), dtype=torch.float32, device=dev)
+    stats = torch.full((N_STATS, n), float("inf"), dtype=torch.float32, device=dev)
     parts = torch.empty(3, n_splits * n, dtype=torch.float32, device=dev)
     # unread (placeholders) unless counting
     count_parts = torch.empty(n_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
@@ -342,17 +345,18 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
                 NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
     row_blocks = triton.cdiv(n, cfg.block_n)
     if hp.mining:
-        _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, own_ptr=own, min_pos_ptr=stats[0],
-                OWN_MODE=plan.own_mode)
-    _launch(kernels.sweep_kernel, (row_blocks, n_splits), cfg, **rows, min_pos_ptr=stats[0],
+        _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index,
+                min_pos_ptr=stats[MIN_POS], REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
+    _launch(kernels.sweep_kernel, (row_blocks, n_splits), cfg, **rows, min_pos_ptr=stats[MIN_POS],
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
             COUNT_PAIRS=plan.count)
-    _launch(kernels.finish_kernel, (row_blocks,), cfg, **rows, own_ptr=own, bad_ptr=plan.bad,
+    _launch(kernels.finish_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index, bad_ptr=plan.bad,
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
-            loss_ptr=loss, max_neg_ptr=stats[1], lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], counts_ptr=counts,
+            loss_ptr=loss, max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
+            counts_ptr=counts,
             n_splits=n_splits, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
-            OWN_MODE=plan.own_mode, MINING=hp.mining, COUNT_PAIRS=plan.count)
+            REF_SELF_INDEX_MODE=plan.ref_self_index_mode, MINING=hp.mining, COUNT_PAIRS=plan.count)
     plan.stats = stats
     plan.counts = counts if plan.count else None
     return loss
@@ -360,7 +364,7 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 
 def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedRows, b: SortedRows,
               g_sorted: torch.Tensor, g_scale: torch.Tensor, *, anchor_rows: bool, anchor_cols: bool,
-              own_mode: int) -> torch.Tensor:
+              ref_self_index_mode: int) -> torch.Tensor:
     """Gradient of the rows of `a_rows` (in its dtype, input order), pairing them with every row of b."""
     hp, cfg = plan.hp, plan.cfg
     na, d = a_rows.shape
@@ -374,19 +378,20 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     split = n_splits > 1
     part = torch.empty((n_splits * na, d) if split else (1, 1), dtype=torch.float32, device=dev)
     x_dot_dx = torch.empty(n_splits * na if split else 1, dtype=torch.float32, device=dev)
-    own = plan.own if plan.own is not None else a.perm  # unread unless an OWN_OF_* mode
+    # unread unless a REF_SELF_INDEX_OF_* mode
+    ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
     stats = plan.stats
     _launch(kernels.backward_kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
             a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
-            own_rows_ptr=own, band_lo_ptr=a.band_lo, band_hi_ptr=a.band_hi,
-            b_ptr=b_rows, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels, own_cols_ptr=own,
-            g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[0], max_neg_ptr=stats[1],
-            lse_pos_ptr=stats[2], lse_neg_ptr=stats[3], bad_ptr=plan.bad,
+            ref_self_index_rows_ptr=ref_self_index, band_lo_ptr=a.band_lo, band_hi_ptr=a.band_hi,
+            b_ptr=b_rows, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels, ref_self_index_cols_ptr=ref_self_index,
+            g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG],
+            lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
             out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
             NA=na, NB=nb, D=d, stride_a=a_rows.stride(0), stride_b=b_rows.stride(0), stride_out=out.stride(0),
             cols_per_split=cols_per_split, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base,
             eps=hp.epsilon, norm_eps=NORM_EPS,
-            ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, OWN_MODE=own_mode, MINING=hp.mining,
+            ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode, MINING=hp.mining,
             NORMALIZE=hp.normalize, DOT_F32=_dot_f32(a_rows.dtype), SCALE_WEIGHTS=a_rows.dtype != torch.float16,
             SPLIT=split, SKIP_ZERO_TILES=cfg.skip_zero_tiles, BLOCK_DOUT=block_dout)
     if split:  # no recompute here: narrow D-slices cost nothing and keep the accumulator small
@@ -413,16 +418,16 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _tuned_plan(q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
+def _tuned_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
                 ref_normalized: bool) -> Plan:
-    plan = make_plan(q, r, yq, yr, own, hp, cfg, splits, ref_normalized)
+    plan = make_plan(q, r, yq, yr, ref_self_index, hp, cfg, splits, ref_normalized)
     if cfg is None:
         m = q.shape[0] if r is None else r.shape[0]
-        key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.own_mode, hp.mining,
+        key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.ref_self_index_mode, hp.mining,
                hp.normalize)
         r_ = q if r is None else r
         plan.cfg = _choose_config(key, tile_configs(q.shape[1], q.dtype),
-                                  lambda c: _forward(Plan(hp, c, plan.anchors, plan.refs, plan.own, plan.bad,
+                                  lambda c: _forward(Plan(hp, c, plan.anchors, plan.refs, plan.ref_self_index, plan.bad,
                                                           splits), q, r_))
     return plan
 
@@ -432,12 +437,12 @@ class FusedMultiSimilarity(torch.autograd.Function):
     number of mined positives and negatives per anchor (sorted order) with `count`, else empty."""
 
     @staticmethod
-    def forward(ctx, q, r, yq, yr, own, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
+    def forward(ctx, q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
                 ref_normalized: bool, count: bool):
         q = _unit_stride_rows(q.detach())
         r_ = None if r is None else _unit_stride_rows(r.detach())
         with _on_device(q.device):
-            plan = _tuned_plan(q, r_, yq, yr, own, hp, cfg, splits, ref_normalized)
+            plan = _tuned_plan(q, r_, yq, yr, ref_self_index, hp, cfg, splits, ref_normalized)
             plan.count = count
             loss = _forward(plan, q, q if r_ is None else r_)
         ctx.save_for_backward(q, r_)
@@ -458,14 +463,15 @@ class FusedMultiSimilarity(torch.autograd.Function):
             if plan.self_mode:
                 if ctx.needs_input_grad[0]:  # dX_i = sum_j (G_ij + G_ji) X_hat_j in one launch
                     dq = _backward(plan, q, q, plan.anchors, plan.anchors, g_sorted, g_scale,
-                                   anchor_rows=True, anchor_cols=True, own_mode=OWN_SELF)
+                                   anchor_rows=True, anchor_cols=True, ref_self_index_mode=REF_SELF_INDEX_DIAGONAL)
                 return dq, None, None, None, None, None, None, None, None, None
             if ctx.needs_input_grad[0]:
                 dq = _backward(plan, q, r, plan.anchors, plan.refs, g_sorted, g_scale,
-                               anchor_rows=True, anchor_cols=False, own_mode=plan.own_mode)
+                               anchor_rows=True, anchor_cols=False, ref_self_index_mode=plan.ref_self_index_mode)
             if ctx.needs_input_grad[1]:  # skipped when the reference set is a frozen memory bank
                 dr = _backward(plan, r, q, plan.refs, plan.anchors, g_sorted, g_scale, anchor_rows=False,
-                               anchor_cols=True, own_mode=OWN_NONE if plan.own is None else OWN_OF_COLS)
+                               anchor_cols=True, ref_self_index_mode=REF_SELF_INDEX_NONE
+                               if plan.ref_self_index is None else REF_SELF_INDEX_OF_COLS)
         return dq, dr, None, None, None, None, None, None, None, None
 
 
@@ -479,9 +485,10 @@ def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, split
         raise ValueError(f"backend='triton' cannot serve {problem.q.dtype} tensors on {problem.q.device}: {reason}")
     yq = problem.labels.contiguous()
     yr = None if problem.self_mode else problem.ref_labels.contiguous()
-    own = None if problem.self_mode or problem.self_index is None else problem.self_index.contiguous()
-    loss, counts = FusedMultiSimilarity.apply(problem.q, problem.ref, yq, yr, own, problem.hp, config, splits,
-                                              problem.ref_normalized, count_pairs)
+    ref_self_index = None if problem.self_mode or problem.ref_self_index is None \
+        else problem.ref_self_index.contiguous()
+    loss, counts = FusedMultiSimilarity.apply(problem.q, problem.ref, yq, yr, ref_self_index, problem.hp, config,
+                                              splits, problem.ref_normalized, count_pairs)
     return (loss, counts) if count_pairs else loss
 
 

@@ -13,7 +13,8 @@ forward and the backward mine the same pairs. The launchers run every kernel of 
 shape and without floating-point contraction.
 
 Exponentials are in base 2: with alpha2 = alpha * log2(e), exp(-alpha (S - base)) = exp2(-alpha2 (S - base)).
-Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = A * log2(e)).
+Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = A * log2(e)); an anchor whose
+row touches a NaN/Inf is saved with A2 = B2 = NaN, the flag of the statistics layout (ms_fused/_autograd.py).
 
 Forward: band_min_kernel (min_pos over the band), sweep_kernel (max_neg and the hard-negative sum over all
 columns, split across programs when there are few anchor blocks), finish_kernel (combines the splits, then
@@ -28,10 +29,12 @@ import triton.language as tl
 INF = tl.constexpr(float("inf"))
 
 # which (anchor, column) pair is the anchor's own copy, removed from the positives
-OWN_NONE = tl.constexpr(0)     # reference mode without own copies
-OWN_SELF = tl.constexpr(1)     # self mode: the diagonal
-OWN_OF_ROWS = tl.constexpr(2)  # reference mode, rows are anchors: own_rows[r] is the row's own column
-OWN_OF_COLS = tl.constexpr(3)  # reference mode, columns are anchors (the dR pass): own_cols[c] is its own row
+REF_SELF_INDEX_NONE = tl.constexpr(0)      # reference mode without own copies
+REF_SELF_INDEX_DIAGONAL = tl.constexpr(1)  # self mode: the diagonal
+# reference mode, rows are anchors: ref_self_index_rows[r] is the row's own column
+REF_SELF_INDEX_OF_ROWS = tl.constexpr(2)
+# reference mode, columns are anchors (the dR pass): ref_self_index_cols[c] is its own row
+REF_SELF_INDEX_OF_COLS = tl.constexpr(3)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
@@ -104,18 +107,19 @@ def _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _pair_masks(ya, yb, rows, cols, own_rows, own_cols, valid, in_band, OWN_MODE: tl.constexpr):
+def _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, valid, in_band,
+                REF_SELF_INDEX_MODE: tl.constexpr):
     """docs/semantics.md "Pair sets": pos = same label minus the anchor's own copy, neg = other label.
     Outside the band every valid pair is a negative; the label compares are skipped there."""
     if in_band:
         same = ya[:, None] == yb[None, :]
         neg = valid & (ya[:, None] != yb[None, :])
-        if OWN_MODE == OWN_SELF:
+        if REF_SELF_INDEX_MODE == REF_SELF_INDEX_DIAGONAL:
             pos = valid & same & (rows[:, None] != cols[None, :])
-        elif OWN_MODE == OWN_OF_ROWS:
-            pos = valid & same & (own_rows[:, None] != cols[None, :])
-        elif OWN_MODE == OWN_OF_COLS:
-            pos = valid & same & (rows[:, None] != own_cols[None, :])
+        elif REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_ROWS:
+            pos = valid & same & (ref_self_index_rows[:, None] != cols[None, :])
+        elif REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_COLS:
+            pos = valid & same & (rows[:, None] != ref_self_index_cols[None, :])
         else:
             pos = valid & same
     else:
@@ -134,24 +138,25 @@ def _add_exp2(shift, total, z, keep):
 
 
 @triton.jit(do_not_specialize=["NA", "NB"])
-def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, band_hi_ptr,
+def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
                     NA, NB, D, stride_a, stride_b,
-                    OWN_MODE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
+                    REF_SELF_INDEX_MODE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 1, one program per anchor block: min_pos_i = min over P_i of S_ip (INF when P_i is empty)."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
     a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
-    own = tl.load(own_ptr + rows, mask=row_ok, other=-1)
+    ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     min_pos = tl.full([BLOCK_N], INF, tl.float32)
     for start in range(lo, hi, BLOCK_M):
         cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
                                                          yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
-        pos, _ = _pair_masks(ya, yb, rows, cols, own, own, row_ok[:, None] & col_ok[None, :], True, OWN_MODE)
+        pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
+                             True, REF_SELF_INDEX_MODE)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
     tl.store(min_pos_ptr + rows, min_pos, mask=row_ok)
 
@@ -186,7 +191,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                                                          yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
         _, neg = _pair_masks(ya, yb, rows, cols, rows, cols, row_ok[:, None] & col_ok[None, :],
-                             (start < hi) & (start + BLOCK_M > lo), OWN_NONE)
+                             (start < hi) & (start + BLOCK_M > lo), REF_SELF_INDEX_NONE)
         if MINING:
             max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, S, -INF), axis=1))
             hard = neg & (S + eps > min_pos[:, None])
@@ -205,19 +210,20 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "n_splits"])
-def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, band_hi_ptr, bad_ptr,
+def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr, bad_ptr,
                   b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
                   max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                   loss_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
                   NA, NB, D, stride_a, stride_b, n_splits, alpha2, beta2, base, eps,
-                  OWN_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
-                  COUNT_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                  REF_SELF_INDEX_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr,
+                  DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 3, one program per anchor block: the splits combined in split order (deterministic),
     with the "1" of log(1 + sum) as exp2(0); then the hard positives over the band (S - eps < max_neg) and
-    the loss A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for anchors whose row touched a NaN/Inf.
+    the loss A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for anchors whose row touched a NaN/Inf (`bad`).
     Writes the loss at the anchor's input row and saves max_neg, A2, B2 in sorted order (min_pos is
-    band_min_kernel's). With COUNT_PAIRS, counts_ptr gets (2, NA) int32 in sorted order: each anchor's hard
-    positives, then its hard negatives (the splits' counts added up)."""
+    band_min_kernel's), A2 = B2 = NaN for a bad anchor. With COUNT_PAIRS, counts_ptr gets (2, NA) int32 in
+    sorted order: each anchor's hard positives, then its hard negatives (the splits' counts added up)."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
@@ -240,7 +246,7 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
     lse_neg = shift + tl.log2(total)
 
     a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
-    own = tl.load(own_ptr + rows, mask=row_ok, other=-1)
+    ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     shift = tl.zeros([BLOCK_N], dtype=tl.float32)
     total = tl.full([BLOCK_N], 1.0, tl.float32)
@@ -248,7 +254,8 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
         cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
                                                          yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
-        pos, _ = _pair_masks(ya, yb, rows, cols, own, own, row_ok[:, None] & col_ok[None, :], True, OWN_MODE)
+        pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
+                             True, REF_SELF_INDEX_MODE)
         if MINING:
             hard = pos & (S - eps < max_neg[:, None])
         else:
@@ -259,8 +266,10 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, own_ptr, band_lo_ptr, ba
         shift, total = _add_exp2(shift, total, z, hard)
     lse_pos = shift + tl.log2(total)
 
-    bad = tl.load(bad_ptr + rows, mask=row_ok, other=0)
-    loss = tl.where(bad != 0, float("nan"), lse_pos / alpha2 + lse_neg / beta2)
+    bad = tl.load(bad_ptr + rows, mask=row_ok, other=0) != 0
+    lse_pos = tl.where(bad, float("nan"), lse_pos)
+    lse_neg = tl.where(bad, float("nan"), lse_neg)
+    loss = lse_pos / alpha2 + lse_neg / beta2
     input_row = tl.load(a_perm_ptr + rows, mask=row_ok, other=0)
     tl.store(loss_ptr + input_row, loss, mask=row_ok)
     tl.store(max_neg_ptr + rows, max_neg, mask=row_ok)
@@ -285,15 +294,17 @@ def _weights(S, pos, neg, valid, g, min_pos, max_neg, lse_pos, lse_neg, bad, alp
     d = S - base
     z = tl.where(hard_pos, d * (-alpha2) - lse_pos, d * beta2 - lse_neg)
     w = tl.exp2(tl.where(hard_pos | hard_neg, z, -INF)) * tl.where(hard_pos, -g, g)
-    return tl.where(valid & (bad != 0), float("nan"), w)
+    return tl.where(valid & bad, float("nan"), w)
 
 
 @triton.jit
-def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, idx, ok):
-    """What the forward saved for the sorted anchors `idx`, and their upstream gradient g."""
+def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, idx, ok):
+    """What the forward saved for the sorted anchors `idx`, their upstream gradient g, and whether they are
+    bad (saved A2 NaN)."""
+    lse_pos = tl.load(lse_pos_ptr + idx, mask=ok, other=0.0)
     return (tl.load(g_ptr + idx, mask=ok, other=0.0), tl.load(min_pos_ptr + idx, mask=ok, other=INF),
-            tl.load(max_neg_ptr + idx, mask=ok, other=-INF), tl.load(lse_pos_ptr + idx, mask=ok, other=0.0),
-            tl.load(lse_neg_ptr + idx, mask=ok, other=0.0), tl.load(bad_ptr + idx, mask=ok, other=0))
+            tl.load(max_neg_ptr + idx, mask=ok, other=-INF), lse_pos,
+            tl.load(lse_neg_ptr + idx, mask=ok, other=0.0), lse_pos != lse_pos)
 
 
 @triton.jit
@@ -335,13 +346,13 @@ def _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
-def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, own_rows_ptr, band_lo_ptr, band_hi_ptr,
-                    b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, own_cols_ptr,
-                    g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr,
+def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_index_rows_ptr, band_lo_ptr, band_hi_ptr,
+                    b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, ref_self_index_cols_ptr,
+                    g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr,
                     out_ptr, part_ptr, x_dot_dx_part_ptr,
                     NA, NB, D, stride_a, stride_b, stride_out, cols_per_split,
                     alpha2, beta2, base, eps, norm_eps,
-                    ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, OWN_MODE: tl.constexpr,
+                    ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, REF_SELF_INDEX_MODE: tl.constexpr,
                     MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     SCALE_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, SKIP_ZERO_TILES: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr):
@@ -358,13 +369,13 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, own_rows_p
     dout_ok = douts < D
     a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
-    if OWN_MODE == OWN_OF_ROWS:
-        own_rows = tl.load(own_rows_ptr + rows, mask=row_ok, other=-1)
+    if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_ROWS:
+        ref_self_index_rows = tl.load(ref_self_index_rows_ptr + rows, mask=row_ok, other=-1)
     else:
-        own_rows = rows
+        ref_self_index_rows = rows
     if ANCHOR_ROWS:
         g_r, min_pos_r, max_neg_r, lse_pos_r, lse_neg_r, bad_r = _anchor_stats(
-            g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, rows, row_ok)
+            g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, rows, row_ok)
 
     acc = tl.zeros([BLOCK_N, BLOCK_DOUT], dtype=tl.float32)
     x_dot_dx = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -375,19 +386,19 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, own_rows_p
                                                          yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
                                                          BLOCK_D, NORMALIZE, DOT_F32)
         valid = row_ok[:, None] & col_ok[None, :]
-        if OWN_MODE == OWN_OF_COLS:
-            own_cols = tl.load(own_cols_ptr + cols, mask=col_ok, other=-1)
+        if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_COLS:
+            ref_self_index_cols = tl.load(ref_self_index_cols_ptr + cols, mask=col_ok, other=-1)
         else:
-            own_cols = cols
-        pos, neg = _pair_masks(ya, yb, rows, cols, own_rows, own_cols, valid,
-                               (start < hi) & (start + BLOCK_M > lo), OWN_MODE)
+            ref_self_index_cols = cols
+        pos, neg = _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, valid,
+                               (start < hi) & (start + BLOCK_M > lo), REF_SELF_INDEX_MODE)
         W = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if ANCHOR_ROWS:
             W += _weights(S, pos, neg, valid, g_r[:, None], min_pos_r[:, None], max_neg_r[:, None],
                           lse_pos_r[:, None], lse_neg_r[:, None], bad_r[:, None], alpha2, beta2, base, eps, MINING)
         if ANCHOR_COLS:
             g_c, min_pos_c, max_neg_c, lse_pos_c, lse_neg_c, bad_c = _anchor_stats(
-                g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, bad_ptr, cols, col_ok)
+                g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, cols, col_ok)
             W += _weights(S, pos, neg, valid, g_c[None, :], min_pos_c[None, :], max_neg_c[None, :],
                           lse_pos_c[None, :], lse_neg_c[None, :], bad_c[None, :], alpha2, beta2, base, eps, MINING)
         if SKIP_ZERO_TILES:

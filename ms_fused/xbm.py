@@ -145,13 +145,14 @@ class CrossBatchMemory(nn.Module):
             self.to(x.device)
         return self.score(x, y, self.enqueue(x, y))
 
-    def score(self, embeddings: torch.Tensor, labels: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The loss of these anchors against the memory as it is now, each anchor's own copy at `slots`."""
+    def score(self, embeddings: torch.Tensor, labels: torch.Tensor, ref_self_index: torch.Tensor) -> torch.Tensor:
+        """The loss of these anchors against the memory as it is now, each anchor's own copy at its slot
+        `ref_self_index[i]` (what `enqueue` returned)."""
         filled = int(self.filled)
         anchors = embeddings.to(self.memory.dtype)
         with torch.autograd.graph.saved_tensors_hooks(self._save, _unpack):
-            return self.loss(anchors, labels, self.memory[:filled], self.memory_labels[:filled], ref_self_index=slots,
-                             ref_normalized=self.loss.kwargs["normalize"])
+            return self.loss(anchors, labels, self.memory[:filled], self.memory_labels[:filled],
+                             ref_self_index=ref_self_index, ref_normalized=self.loss.kwargs["normalize"])
 
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, embedding_dim={self.memory.shape[1]}, dtype={self.memory.dtype}"

@@ -5,7 +5,7 @@ import torch
 from helpers import device_of
 from ms_fused import available_backends, backends
 
-ALL_BACKENDS = ("reference", "torch", "cpp", "triton")
+ALL_BACKENDS = backends.BACKEND_NAMES
 # the CPU backends that the larger parity tests run on: every built one except the slow interpreted triton
 CPU_BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
 FAST_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]

@@ -33,7 +33,7 @@ def clustered(n: int, d: int, n_classes: int, gen: torch.Generator, spread: floa
     return x, labels
 
 
-def threshold_gap(q, yq, r=None, yr=None, self_index=None, epsilon: float = 0.1, normalize: bool = True) -> float:
+def threshold_gap(q, yq, r=None, yr=None, ref_self_index=None, epsilon: float = 0.1, normalize: bool = True) -> float:
     """Smallest distance (float64) between any S ± ε and the mining extreme it is compared with."""
     self_mode = r is None
     q = q.double()
@@ -44,7 +44,7 @@ def threshold_gap(q, yq, r=None, yr=None, self_index=None, epsilon: float = 0.1,
     S = q @ r.T
     same = yq[:, None] == yr[None, :]
     pos = same.clone()
-    idx = torch.arange(q.shape[0]) if self_mode else self_index
+    idx = torch.arange(q.shape[0]) if self_mode else ref_self_index
     if idx is not None:
         rows = torch.nonzero(idx >= 0).flatten()
         pos[rows, idx[rows]] = False
@@ -100,10 +100,10 @@ def memory_bank_batch(n: int, m_extra: int, d: int, n_classes: int, seed: int, m
     for _ in range(200):
         x, y, extra, y_extra = same_centres(n, m_extra, d, n_classes, gen)
         r, yr = torch.cat([x, extra]), torch.cat([y, y_extra])
-        own = torch.arange(n)
-        own[::5] = -1
-        if threshold_gap(x, y, r, yr, self_index=own) > margin:
-            return x, y, r, yr, own
+        ref_self_index = torch.arange(n)
+        ref_self_index[::5] = -1
+        if threshold_gap(x, y, r, yr, ref_self_index=ref_self_index) > margin:
+            return x, y, r, yr, ref_self_index
     raise RuntimeError("could not draw a batch away from the mining thresholds; lower the margin")
 
 

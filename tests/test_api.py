@@ -1,7 +1,12 @@
 """Public API: backend registry, "auto", the module, graph attachment of a zero loss."""
+import sys
+import types
+
+import pytest
 import torch
 
 import ms_fused
+from ms_fused import backends
 from helpers import TOLERANCE, clustered_batch, rel_err
 from ms_fused import MultiSimilarityLoss, available_backends, multi_similarity_loss
 
@@ -20,6 +25,35 @@ def test_available_backends_on_cpu_fastest_first():
     assert available_backends() == names  # torch's default device is the CPU here
 
 
+def test_every_backend_module_provides_the_protocol():
+    for name in backends.BACKEND_NAMES:
+        module = backends._module(name)
+        if not isinstance(module, str):  # str: could not be imported here
+            assert isinstance(module, backends.Backend)
+
+
+def test_registry_refuses_a_module_without_per_anchor_loss(monkeypatch):
+    fake = types.ModuleType("fake_backend")
+    fake.unavailable_reason = lambda device, dtype=None: None
+    monkeypatch.setitem(sys.modules, "fake_backend", fake)
+    monkeypatch.setitem(backends._MODULES, "fake", "fake_backend")
+    with pytest.raises(TypeError, match=r"backend 'fake' \(module 'fake_backend'\) does not provide per_anchor_loss,"):
+        backends._module("fake")
+    fake.per_anchor_loss = lambda problem, count_pairs=False: None
+    del fake.unavailable_reason
+    with pytest.raises(TypeError, match="does not provide unavailable_reason,"):
+        backends.check_backend_module("fake", fake)
+    fake.unavailable_reason = lambda device, dtype=None: None
+    backends.check_backend_module("fake", fake)
+
+
+def test_backend_names_are_defined_once():
+    from ms_fused._inputs import BACKENDS
+    assert BACKENDS == ("auto",) + backends.BACKEND_NAMES
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'cpp', 'torch', 'reference'\)"):
+        multi_similarity_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), backend="cuda")
+
+
 def test_auto_picks_the_first_available_backend_and_agrees_with_reference():
     x, y = clustered_batch(40, 8, 5, 1)
     auto = multi_similarity_loss(x, y)
@@ -36,7 +70,7 @@ def test_zero_loss_is_attached_to_the_graph():
     assert torch.equal(x.grad, torch.zeros_like(x))
 
 
-def test_module_forward_with_reference_set_and_self_index():
+def test_module_forward_with_reference_set_and_ref_self_index():
     x, y, r, yr = clustered_batch(20, 6, 4, 2, m=30)
     r[:20], yr[:20] = x, y
     idx = torch.arange(20)

@@ -56,12 +56,12 @@ def test_functional_reference_mode_per_anchor(backend):
 def test_functional_memory_with_own_copies(backend):
     q, yq, r, yr = clustered_batch(24, 16, 5, seed=2, dtype=torch.float32, m=40)
     # a memory that holds 16 of the anchors (rows 8..23 at columns 0..15) besides other rows
-    own = torch.full((24,), -1)
-    own[8:] = torch.arange(16)
+    ref_self_index = torch.full((24,), -1)
+    ref_self_index[8:] = torch.arange(16)
     r[:16], yr[:16] = q[8:], yq[8:]
 
     def fn(q, yq, r, yr, **_):
-        return multi_similarity_loss(q, yq, r, yr, reduction="none", backend=backend, ref_self_index=own)
+        return multi_similarity_loss(q, yq, r, yr, reduction="none", backend=backend, ref_self_index=ref_self_index)
 
     batch = (q, yq, r, yr)
     assert_close(loss_and_grads(compile_full(fn), *batch, grad_ref=False), loss_and_grads(fn, *batch, grad_ref=False),

@@ -23,8 +23,8 @@ def test_parity_with_reference(backend, dtype, mode):
         x, y, r, yr = clustered_batch(45, 40, 6, seed=2, m=70)
         assert_matches_reference(backend, x, y, r, yr, dtype=dtype)
     else:
-        x, y, r, yr, own = memory_bank_batch(40, 30, 40, 6, seed=3)
-        assert_matches_reference(backend, x, y, r, yr, dtype=dtype, ref_self_index=own)
+        x, y, r, yr, ref_self_index = memory_bank_batch(40, 30, 40, 6, seed=3)
+        assert_matches_reference(backend, x, y, r, yr, dtype=dtype, ref_self_index=ref_self_index)
 
 
 @pytest.mark.parametrize("mining,normalize", [(False, True), (True, False), (False, False)])
@@ -51,6 +51,6 @@ def test_more_seeds_and_hyper_parameters(backend, seed):
 
 
 def test_frozen_reference_set_gets_no_gradient(backend):
-    x, y, r, yr, own = memory_bank_batch(25, 20, 16, 4, seed=13)
-    _, (dx, dr) = assert_matches_reference(backend, x, y, r, yr, grad_ref=False, ref_self_index=own)
+    x, y, r, yr, ref_self_index = memory_bank_batch(25, 20, 16, 4, seed=13)
+    _, (dx, dr) = assert_matches_reference(backend, x, y, r, yr, grad_ref=False, ref_self_index=ref_self_index)
     assert dr is None and dx.abs().sum() > 0

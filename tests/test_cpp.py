@@ -76,14 +76,14 @@ def test_reference_mode_float32():
 def test_ref_self_index(seed):
     m = 50
     x, y, r, yr = clustered_batch(40, 6, 4, seed, m=m, margin=1e-9)
-    own = torch.randint(0, m, (40,), generator=torch.Generator().manual_seed(seed))
-    own[::3] = -1  # anchors without a copy in r
-    own[1] = own[2]  # two anchors naming the same row
+    ref_self_index = torch.randint(0, m, (40,), generator=torch.Generator().manual_seed(seed))
+    ref_self_index[::3] = -1  # anchors without a copy in r
+    ref_self_index[1] = ref_self_index[2]  # two anchors naming the same row
     # five more anchors that are exact copies of r's first rows (a memory bank holding the batch) ...
-    x, y, own = torch.cat([x, r[:5]]), torch.cat([y, yr[:5]]), torch.cat([own, torch.arange(5)])
+    x, y, ref_self_index = torch.cat([x, r[:5]]), torch.cat([y, yr[:5]]), torch.cat([ref_self_index, torch.arange(5)])
     # ... one of them labelled differently from its copy: removed from P_i only, so that pair stays a negative
     y[-1] = yr[4] + 1000
-    assert_matches_reference("cpp", x, y, r, yr, ref_self_index=own)
+    assert_matches_reference("cpp", x, y, r, yr, ref_self_index=ref_self_index)
 
 
 @pytest.mark.parametrize("grad_of", ["q", "r"])
@@ -156,8 +156,8 @@ def _op_inputs(dtype, reference_mode):
     q = F.normalize(q, dim=1).requires_grad_(True)
     if not reference_mode:
         return (q, None, y, None, None, *HP)
-    own = torch.randint(-1, 30, (40,), generator=torch.Generator().manual_seed(0))
-    return (q, F.normalize(r, dim=1).requires_grad_(True), y, yr, own, *HP)
+    ref_self_index = torch.randint(-1, 30, (40,), generator=torch.Generator().manual_seed(0))
+    return (q, F.normalize(r, dim=1).requires_grad_(True), y, yr, ref_self_index, *HP)
 
 
 @pytest.mark.parametrize("reference_mode", [False, True])

@@ -19,10 +19,10 @@ def test_reference_second_derivative_matches_finite_differences(mode):
         inputs, fn = (x,), lambda x: multi_similarity_loss(x, y, backend="reference", reduction="none")
     else:
         x, y, r, yr = clustered_batch(8, 4, 3, seed=1, m=9, margin=1e-4)
-        own = torch.tensor([0, -1, 2, 3, -1, 5, 6, 7]) if mode == "memory_bank" else None
+        ref_self_index = torch.tensor([0, -1, 2, 3, -1, 5, 6, 7]) if mode == "memory_bank" else None
         inputs = (x, r)
-        fn = lambda x, r: multi_similarity_loss(x, y, r, yr, ref_self_index=own, backend="reference",  # noqa: E731
-                                                reduction="none")
+        fn = lambda x, r: multi_similarity_loss(x, y, r, yr, ref_self_index=ref_self_index,  # noqa: E731
+                                                backend="reference", reduction="none")
     inputs = tuple(t.clone().requires_grad_(True) for t in inputs)
     assert torch.autograd.gradcheck(fn, inputs)
     assert torch.autograd.gradgradcheck(fn, inputs)

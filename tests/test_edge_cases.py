@@ -78,8 +78,8 @@ def test_odd_shapes_and_tall_reference(backend, n, d, m):
 
 
 def test_tall_memory_bank_with_own_copies(backend):
-    x, y, r, yr, own = memory_bank_batch(6, 250, 8, 4, seed=13)
-    assert_matches_reference(backend, x, y, r, yr, ref_self_index=own)
+    x, y, r, yr, ref_self_index = memory_bank_batch(6, 250, 8, 4, seed=13)
+    assert_matches_reference(backend, x, y, r, yr, ref_self_index=ref_self_index)
 
 
 def test_non_contiguous_inputs(backend):

@@ -25,20 +25,21 @@ def batch(backend, mode, seed, dtype=torch.float64):
         x, y = clustered_batch(s["n"], s["d"], s["classes"], seed, dtype=dtype)
         return x, y, None, None, None
     x, y, r, yr = clustered_batch(s["n"], s["d"], s["classes"], seed, dtype=dtype, m=s["m"])
-    if mode == "own":  # the batch is part of the reference set, as in a memory bank (rows 5 .. 5 + n)
+    if mode == "ref_self_index":  # the batch is part of the reference set, as in a memory bank (rows 5 .. 5 + n)
         r, yr = torch.cat([r[:5], x, r[5:]]), torch.cat([yr[:5], y, yr[5:]])
         return x, y, r, yr, torch.arange(5, 5 + x.shape[0])
     return x, y, r, yr, None
 
 
-def expected(x, y, r, yr, own, mining):
+def expected(x, y, r, yr, ref_self_index, mining):
     """Counts from the reference's own masks, in float64."""
     xh = torch.nn.functional.normalize(x.double(), dim=1)
     rh = xh if r is None else torch.nn.functional.normalize(r.double(), dim=1)
     yr_ = y if r is None else yr
-    own_ = torch.arange(x.shape[0]) if r is None else own
+    if r is None:
+        ref_self_index = torch.arange(x.shape[0])
     S = xh @ rh.T
-    pos, neg = pair_masks(y, yr_, own_)
+    pos, neg = pair_masks(y, yr_, ref_self_index)
     hard_pos, hard_neg = mined_masks(S, pos, neg, HyperParams(mining=mining))
     return (int(hard_pos.sum()), int(hard_neg.sum()), int((hard_pos | hard_neg).any(dim=1).sum()))
 
@@ -59,19 +60,19 @@ def pml_counts(x, y, r, yr, mining):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("mode", ["self", "ref", "own"])
+@pytest.mark.parametrize("mode", ["self", "ref", "ref_self_index"])
 @pytest.mark.parametrize("mining", [True, False])
 def test_counts_match_reference_and_pml(backend, mode, mining):
     dtype = torch.float32 if backend == "triton" else torch.float64
     for seed in range(2):
-        x, y, r, yr, own = batch(backend, mode, seed, dtype)
-        loss, stats = multi_similarity_loss(x, y, r, yr, ref_self_index=own, mining=mining, backend=backend,
+        x, y, r, yr, ref_self_index = batch(backend, mode, seed, dtype)
+        loss, stats = multi_similarity_loss(x, y, r, yr, ref_self_index=ref_self_index, mining=mining, backend=backend,
                                             return_stats=True)
-        want = expected(x, y, r, yr, own, mining)
+        want = expected(x, y, r, yr, ref_self_index, mining)
         assert as_ints(stats) == want
-        if mode != "own":  # pml knows no own copies in reference mode
+        if mode != "ref_self_index":  # pml knows no own copies in reference mode
             assert as_ints(stats)[:2] == pml_counts(x.double(), y, None if r is None else r.double(), yr, mining)
-        plain = multi_similarity_loss(x, y, r, yr, ref_self_index=own, mining=mining, backend=backend)
+        plain = multi_similarity_loss(x, y, r, yr, ref_self_index=ref_self_index, mining=mining, backend=backend)
         assert torch.equal(loss, plain)
 
 
@@ -80,11 +81,11 @@ def test_module_keeps_the_last_calls_stats(backend):
     dtype = torch.float32 if backend == "triton" else torch.float64
     loss_fn = MultiSimilarityLoss(backend=backend)
     assert loss_fn.num_pos_pairs is None
-    for mode in ("self", "own"):
-        x, y, r, yr, own = batch(backend, mode, 3, dtype)
-        loss_fn(x.requires_grad_(True), y, r, yr, ref_self_index=own).backward()
+    for mode in ("self", "ref_self_index"):
+        x, y, r, yr, ref_self_index = batch(backend, mode, 3, dtype)
+        loss_fn(x.requires_grad_(True), y, r, yr, ref_self_index=ref_self_index).backward()
         got = (loss_fn.num_pos_pairs, loss_fn.num_neg_pairs, loss_fn.num_anchors_with_pairs)
-        assert as_ints(PairStats(*got)) == expected(x.detach(), y, r, yr, own, True)
+        assert as_ints(PairStats(*got)) == expected(x.detach(), y, r, yr, ref_self_index, True)
         assert all(t.device == x.device for t in got)
 
 

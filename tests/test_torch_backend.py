@@ -47,7 +47,7 @@ def test_ref_self_index_removes_exactly_those_pairs():
         assert not torch.allclose(plain, loss)  # the exclusion changes the answer
 
 
-def test_self_mode_equals_reference_mode_with_self_index():
+def test_self_mode_equals_reference_mode_with_ref_self_index():
     x, y = clustered_batch(50, 6, 5, 11)
     ref = loss_and_grads("reference", x, y)
     loss, (dx, dr) = loss_and_grads("torch", x, y, x, y, ref_self_index=torch.arange(50))

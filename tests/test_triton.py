@@ -48,9 +48,9 @@ def two_runs_are_bitwise_identical_in(dtype, *batch, **kw):
 
 
 def test_two_runs_are_bitwise_identical():
-    x, y, r, yr, own = memory_bank_batch(30, 20, 24, 5, seed=17)
+    x, y, r, yr, ref_self_index = memory_bank_batch(30, 20, 24, 5, seed=17)
     for dtype in (torch.float32, torch.float16):
-        two_runs_are_bitwise_identical_in(dtype, x, y, r, yr, ref_self_index=own)
+        two_runs_are_bitwise_identical_in(dtype, x, y, r, yr, ref_self_index=ref_self_index)
     two_runs_are_bitwise_identical_in(torch.bfloat16, *clustered_batch(30, 24, 5, seed=18))
 
 
@@ -63,9 +63,9 @@ def direct(**options):
 
 def direct_run(batch, **options):
     """Losses and gradients of triton_backend.per_anchor_loss(**options) on `batch` in float32 on DEVICE."""
-    x, y, r, yr, own = (*batch, None, None, None)[:5]
+    x, y, r, yr, ref_self_index = (*batch, None, None, None)[:5]
     x, r = x.float().to(DEVICE), None if r is None else r.float().to(DEVICE)
-    loss, grads = loss_and_grads(direct(**options), x, y, r, yr, ref_self_index=own)
+    loss, grads = loss_and_grads(direct(**options), x, y, r, yr, ref_self_index=ref_self_index)
     return (loss, *grads)
 
 
@@ -251,8 +251,8 @@ def test_gpu_parity_at_a_larger_size(dtype):
     assert_matches_reference("triton", x, y, dtype=dtype)
     x, y, r, yr = clustered_batch(900, 200, 50, seed=22, m=1700, shared_centres=True)
     assert_matches_reference("triton", x, y, r, yr, dtype=dtype)
-    x, y, r, yr, own = memory_bank_batch(700, 1300, 192, 50, seed=23)
-    assert_matches_reference("triton", x, y, r, yr, dtype=dtype, ref_self_index=own)
+    x, y, r, yr, ref_self_index = memory_bank_batch(700, 1300, 192, 50, seed=23)
+    assert_matches_reference("triton", x, y, r, yr, dtype=dtype, ref_self_index=ref_self_index)
 
 
 @needs_cuda

@@ -73,7 +73,7 @@ constexpr int64_t kCastRows = 4096;
 struct Inputs {
   at::Tensor q, r;                  // contiguous; r is q in self mode, and may be narrower (see scores)
   at::Tensor q_ids, r_ids;          // labels as dense int32 ids (equal labels <=> equal ids)
-  std::optional<at::Tensor> own;    // reference mode: int64 (N,) column of each anchor's own copy or -1
+  std::optional<at::Tensor> ref_self_index;  // reference mode: int64 (N,) column of each anchor's own copy or -1
   bool self_mode;
 };
 
@@ -85,13 +85,13 @@ void check_labels(const at::Tensor& y, int64_t rows, const char* name) {
 }
 
 Inputs prepare(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat, const at::Tensor& labels,
-               const std::optional<at::Tensor>& ref_labels, const std::optional<at::Tensor>& self_index) {
+               const std::optional<at::Tensor>& ref_labels, const std::optional<at::Tensor>& ref_self_index) {
   TORCH_CHECK(q_hat.dim() == 2 && q_hat.size(0) > 0 && q_hat.size(1) > 0,
               "ms_fused: q_hat must be a non-empty (N, D) matrix, got ", q_hat.sizes());
   TORCH_CHECK(q_hat.scalar_type() == at::kFloat || q_hat.scalar_type() == at::kDouble,
               "ms_fused: q_hat must be float32 or float64, got ", q_hat.scalar_type());
   TORCH_CHECK(r_hat.has_value() == ref_labels.has_value(), "ms_fused: r_hat and ref_labels go together");
-  TORCH_CHECK(r_hat.has_value() || !self_index.has_value(), "ms_fused: self_index needs r_hat");
+  TORCH_CHECK(r_hat.has_value() || !ref_self_index.has_value(), "ms_fused: ref_self_index needs r_hat");
   Inputs in;
   in.self_mode = !r_hat.has_value();
   in.q = q_hat.contiguous();
@@ -117,9 +117,9 @@ Inputs prepare(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat, 
   in.q_ids = ids.narrow(0, 0, n).contiguous();
   in.r_ids = in.self_mode ? in.q_ids : ids.narrow(0, n, m).contiguous();
 
-  if (self_index.has_value()) {
-    check_labels(*self_index, n, "self_index");
-    in.own = self_index->to(at::kLong).contiguous();
+  if (ref_self_index.has_value()) {
+    check_labels(*ref_self_index, n, "ref_self_index");
+    in.ref_self_index = ref_self_index->to(at::kLong).contiguous();
   }
   return in;
 }
@@ -156,15 +156,15 @@ Hyper<T> hyper(double alpha, double beta, double base, double epsilon, bool mini
   return {static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(base), static_cast<T>(epsilon), mining};
 }
 
-// The column of anchor i's own copy (removed from P_i), or -1.
-int32_t own_column(const Inputs& in, const int64_t* own, int64_t i) {
+// Anchor i's entry of ref_self_index: the column of its own copy (removed from P_i), or -1.
+int32_t anchor_ref_self_index(const Inputs& in, const int64_t* ref_self_index, int64_t i) {
   if (in.self_mode) return static_cast<int32_t>(i);
-  return own == nullptr ? -1 : static_cast<int32_t>(own[i]);
+  return ref_self_index == nullptr ? -1 : static_cast<int32_t>(ref_self_index[i]);
 }
 
 template <typename T>
-RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (4, N): min_pos, max_neg, A, B
-  return {stats[i], stats[n + i], stats[2 * n + i], stats[3 * n + i]};
+RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (kNumStats, N), rows as in StatRow
+  return {stats[kMinPos * n + i], stats[kMaxNeg * n + i], stats[kLsePos * n + i], stats[kLseNeg * n + i]};
 }
 
 template <typename T>
@@ -172,7 +172,7 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
   const int64_t n = in.q.size(0), m = in.r.size(0);
   const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
   const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
-  const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
+  const int64_t* ref_self_index = in.ref_self_index ? in.ref_self_index->data_ptr<int64_t>() : nullptr;
   T* loss_out = loss.data_ptr<T>();
   T* st = stats.data_ptr<T>();
   int64_t* pairs = counts.data_ptr<int64_t>();  // (2, N): mined positives, mined negatives
@@ -183,11 +183,12 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t i = start + k;
-        const RowStats<T> rs = forward_row(s + k * m, r_ids, m, q_ids[i], own_column(in, own, i), hp);
-        st[i] = rs.min_pos;
-        st[n + i] = rs.max_neg;
-        st[2 * n + i] = rs.A;
-        st[3 * n + i] = rs.B;
+        const RowStats<T> rs =
+            forward_row(s + k * m, r_ids, m, q_ids[i], anchor_ref_self_index(in, ref_self_index, i), hp);
+        st[kMinPos * n + i] = rs.min_pos;
+        st[kMaxNeg * n + i] = rs.max_neg;
+        st[kLsePos * n + i] = rs.A;
+        st[kLseNeg * n + i] = rs.B;
         pairs[i] = rs.n_pos;
         pairs[n + i] = rs.n_neg;
         loss_out[i] = rs.A / hp.alpha + rs.B / hp.beta;  // docs/semantics.md "Loss"; NaN for a non-finite row
@@ -204,7 +205,7 @@ void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* 
   const int64_t n = in.q.size(0), m = in.r.size(0);
   const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
   const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
-  const int64_t* own = in.own ? in.own->data_ptr<int64_t>() : nullptr;
+  const int64_t* ref_self_index = in.ref_self_index ? in.ref_self_index->data_ptr<int64_t>() : nullptr;
   for_each_block(row_blocks(n, m, sizeof(T)), m, in.q.options(), /*spread=*/!need_r,
                  [&](int64_t start, int64_t count, at::Tensor sim) {
     const at::Tensor q_block = in.q.narrow(0, start, count);
@@ -213,7 +214,7 @@ void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* 
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t i = start + k;
-        weight_row(s + k * m, r_ids, m, q_ids[i], own_column(in, own, i),
+        weight_row(s + k * m, r_ids, m, q_ids[i], anchor_ref_self_index(in, ref_self_index, i),
                    pair_weights(row_stats(st, n, i), hp, g[i]), hp);
       }
     });
@@ -264,12 +265,12 @@ void symmetric_backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat,
                                                   const at::Tensor& labels,
                                                   const std::optional<at::Tensor>& ref_labels,
-                                                  const std::optional<at::Tensor>& self_index, double alpha,
+                                                  const std::optional<at::Tensor>& ref_self_index, double alpha,
                                                   double beta, double base, double epsilon, bool mining) {
-  const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, self_index);
+  const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, ref_self_index);
   const int64_t n = in.q.size(0);
   at::Tensor loss = at::empty({n}, in.q.options());
-  at::Tensor stats = at::empty({4, n}, in.q.options());
+  at::Tensor stats = at::empty({kNumStats, n}, in.q.options());
   at::Tensor counts = at::empty({2, n}, in.q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ms_forward_cpu", [&] {
     forward_blocks<scalar_t>(in, hyper<scalar_t>(alpha, beta, base, epsilon, mining), loss, stats, counts);
@@ -280,14 +281,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const at::Tensor& q_hat,
                                                    const std::optional<at::Tensor>& r_hat, const at::Tensor& labels,
                                                    const std::optional<at::Tensor>& ref_labels,
-                                                   const std::optional<at::Tensor>& self_index,
+                                                   const std::optional<at::Tensor>& ref_self_index,
                                                    const at::Tensor& stats, double alpha, double beta, double base,
                                                    double epsilon, bool mining, bool need_q, bool need_r) {
-  const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, self_index);
+  const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, ref_self_index);
   const int64_t n = in.q.size(0);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n, "ms_fused: grad must have shape (", n, ",)");
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == 4 && stats.size(1) == n, "ms_fused: stats must have shape (4, ",
-              n, ")");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == kNumStats && stats.size(1) == n,
+              "ms_fused: stats must have shape (", static_cast<int64_t>(kNumStats), ", ", n, ")");
   const at::Tensor g = grad.to(in.q.scalar_type()).contiguous();
   const at::Tensor st = stats.to(in.q.scalar_type()).contiguous();
   need_r = need_r && !in.self_mode;  // in self mode the one input gets the whole gradient through q

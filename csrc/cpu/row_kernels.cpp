@@ -88,7 +88,7 @@ T log1p_shifted(T shift, T sum) {
 
 template <typename T>
 MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int64_t m, int32_t yq,
-                                             int32_t own_col, const Hyper<T>& hp) {
+                                             int32_t ref_self_index, const Hyper<T>& hp) {
   constexpr T inf = std::numeric_limits<T>::infinity();
   constexpr T nan = std::numeric_limits<T>::quiet_NaN();
   T min_pos = inf, max_neg = -inf, nonfinite = 0;
@@ -96,7 +96,7 @@ MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int6
   for (int64_t j = 0; j < m; ++j) {
     const T v = s[j];
     const bool same = yr[j] == yq;
-    const bool pos = same & (static_cast<int32_t>(j) != own_col);
+    const bool pos = same & (static_cast<int32_t>(j) != ref_self_index);
     const T as_pos = pos ? v : inf;
     const T as_neg = same ? -inf : v;
     min_pos = as_pos < min_pos ? as_pos : min_pos;
@@ -125,7 +125,7 @@ MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int6
     for (int64_t j = 0; j < m; ++j) {
       const T v = s[j];
       const bool same = yr[j] == yq;
-      const bool pos = same & (static_cast<int32_t>(j) != own_col);
+      const bool pos = same & (static_cast<int32_t>(j) != ref_self_index);
       const T e = vec_exp(same ? -alpha * v + pos_shift : beta * v + neg_shift);
       const bool hard_pos = pos & (v - eps < pos_limit), hard_neg = !same & (v + eps > neg_limit);
       sum_pos += hard_pos ? e : T(0);
@@ -156,7 +156,7 @@ void fill_nan(T* s, int64_t m) {
 // The loops below read the weights and hyper-parameters from local copies: through a reference they
 // might alias s (same type), which stops the vectoriser.
 template <typename T>
-MS_FUSED_INLINE void weight_row_impl(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+MS_FUSED_INLINE void weight_row_impl(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                                      const PairWeights<T>& weights, const Hyper<T>& hp) {
   const PairWeights<T> w = weights;
   if (!(w.pos_shift == w.pos_shift && w.neg_shift == w.neg_shift)) return fill_nan(s, m);  // A or B NaN
@@ -164,7 +164,7 @@ MS_FUSED_INLINE void weight_row_impl(T* s, const int32_t* yr, int64_t m, int32_t
 #pragma omp simd
   for (int64_t j = 0; j < m; ++j) {
     const bool same = yr[j] == yq;
-    const bool pos = same & (static_cast<int32_t>(j) != own_col);
+    const bool pos = same & (static_cast<int32_t>(j) != ref_self_index);
     s[j] = pair_weight(s[j], same, pos, w.pos_limit, w.neg_limit, w.pos_shift, w.neg_shift, w.pos_coef,
                        w.neg_coef, alpha, beta, eps);
   }
@@ -193,23 +193,23 @@ MS_FUSED_INLINE void symmetric_weight_row_impl(T* s, const int32_t* y, int64_t n
 
 // One copy of the entry points per variant, compiled for its instruction set (the always-inline passes
 // above are vectorised for it where they are inlined).
-#define MS_FUSED_VARIANT(name, target)                                                                       \
-  namespace name {                                                                                           \
-  template <typename T>                                                                                      \
-  target RowStats<T> forward_row(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,       \
-                                 const Hyper<T>& hp) {                                                       \
-    return forward_row_impl(s, yr, m, yq, own_col, hp);                                                      \
-  }                                                                                                          \
-  template <typename T>                                                                                      \
-  target void weight_row(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,                    \
-                         const PairWeights<T>& w, const Hyper<T>& hp) {                                      \
-    weight_row_impl(s, yr, m, yq, own_col, w, hp);                                                           \
-  }                                                                                                          \
-  template <typename T>                                                                                      \
-  target void symmetric_weight_row(T* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<T>& row,  \
-                                   const ColumnWeights<T>& cols, const Hyper<T>& hp) {                       \
-    symmetric_weight_row_impl(s, y, n, i, row, cols, hp);                                                    \
-  }                                                                                                          \
+#define MS_FUSED_VARIANT(name, target)                                                                               \
+  namespace name {                                                                                                   \
+  template <typename T>                                                                                              \
+  target RowStats<T> forward_row(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,       \
+                                 const Hyper<T>& hp) {                                                               \
+    return forward_row_impl(s, yr, m, yq, ref_self_index, hp);                                                       \
+  }                                                                                                                  \
+  template <typename T>                                                                                              \
+  target void weight_row(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,                     \
+                         const PairWeights<T>& w, const Hyper<T>& hp) {                                              \
+    weight_row_impl(s, yr, m, yq, ref_self_index, w, hp);                                                            \
+  }                                                                                                                  \
+  template <typename T>                                                                                              \
+  target void symmetric_weight_row(T* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<T>& row,          \
+                                   const ColumnWeights<T>& cols, const Hyper<T>& hp) {                               \
+    symmetric_weight_row_impl(s, y, n, i, row, cols, hp);                                                            \
+  }                                                                                                                  \
   }
 
 MS_FUSED_VARIANT(baseline, )
@@ -261,24 +261,24 @@ Isa active_isa() {
 
 const char* cpu_capability() { return kIsaNames[static_cast<int>(active_isa())]; }
 
-RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                             const Hyper<float>& hp) {
-  MS_FUSED_DISPATCH(forward_row, s, yr, m, yq, own_col, hp)
+  MS_FUSED_DISPATCH(forward_row, s, yr, m, yq, ref_self_index, hp)
 }
 
-RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                              const Hyper<double>& hp) {
-  MS_FUSED_DISPATCH(forward_row, s, yr, m, yq, own_col, hp)
+  MS_FUSED_DISPATCH(forward_row, s, yr, m, yq, ref_self_index, hp)
 }
 
-void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col, const PairWeights<float>& w,
-                const Hyper<float>& hp) {
-  MS_FUSED_DISPATCH(weight_row, s, yr, m, yq, own_col, w, hp)
+void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
+                const PairWeights<float>& w, const Hyper<float>& hp) {
+  MS_FUSED_DISPATCH(weight_row, s, yr, m, yq, ref_self_index, w, hp)
 }
 
-void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                 const PairWeights<double>& w, const Hyper<double>& hp) {
-  MS_FUSED_DISPATCH(weight_row, s, yr, m, yq, own_col, w, hp)
+  MS_FUSED_DISPATCH(weight_row, s, yr, m, yq, ref_self_index, w, hp)
 }
 
 void symmetric_weight_row(float* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<float>& row,

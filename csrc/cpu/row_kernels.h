@@ -20,8 +20,13 @@ struct Hyper {  // the hyper-parameters, in the compute dtype
   bool mining;
 };
 
+// Rows of the (kNumStats, N) statistics tensor that ms_forward returns and ms_backward takes, as
+// ms_fused/_autograd.py numbers them (MIN_POS .. LSE_NEG): min_pos, max_neg, A, B of each anchor.
+// A = B = NaN marks an anchor whose row of S is not finite, and only such an anchor.
+enum StatRow : int64_t { kMinPos = 0, kMaxNeg = 1, kLsePos = 2, kLseNeg = 3, kNumStats = 4 };
+
 template <typename T>
-struct RowStats {  // what the forward saves per anchor; A = B = NaN marks a row with a non-finite S
+struct RowStats {  // what the forward saves per anchor (see StatRow)
   T min_pos, max_neg, A, B;
   int64_t n_pos = 0, n_neg = 0;  // mined positives and negatives (0 for a non-finite row)
 };
@@ -50,17 +55,17 @@ PairWeights<T> pair_weights(const RowStats<T>& st, const Hyper<T>& hp, T g) {
           -hp.beta * hp.base - st.B, -g, g};
 }
 
-// Forward of one anchor row s[0..m): mining statistics, then both log-sum-exps. `own_col` is the column of
+// Forward of one anchor row s[0..m): mining statistics, then both log-sum-exps. `ref_self_index` is the column of
 // the anchor's own copy (removed from P_i), or -1.
-RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+RowStats<float> forward_row(const float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                             const Hyper<float>& hp);
-RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+RowStats<double> forward_row(const double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                              const Hyper<double>& hp);
 
 // Overwrites s[0..m) (anchor i's similarities) with G_i.
-void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col, const PairWeights<float>& w,
-                const Hyper<float>& hp);
-void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t own_col,
+void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
+                const PairWeights<float>& w, const Hyper<float>& hp);
+void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                 const PairWeights<double>& w, const Hyper<double>& hp);
 
 // Self mode: overwrites s[0..n) (row i of the symmetric S) with G_ij + G_ji, so that one product with X
