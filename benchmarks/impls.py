@@ -94,7 +94,7 @@ def make_memory_bank(n: int, m: int, d: int, dtype: torch.dtype, device, seed: i
     class centres, whose first n rows are the batch itself, normalised (anchor i's own copy is memory
     row i), as `CrossBatchMemory` holds them.
 
-    Returns (batch, labels, memory, memory_labels, own) with own = arange(n)."""
+    Returns (batch, labels, memory, memory_labels, ref_self_index) with ref_self_index = arange(n)."""
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(seed)
     spread = cluster_spread(d)
@@ -105,8 +105,8 @@ def make_memory_bank(n: int, m: int, d: int, dtype: torch.dtype, device, seed: i
     batch = centres[labels] + spread * torch.randn(n, d, generator=gen, device=device)
     memory[:n], memory_labels[:n] = batch, labels  # the batch was just enqueued
     memory = F.normalize(memory, dim=1)
-    own = torch.arange(n, device=device)
-    return batch.to(dtype), labels, memory.to(dtype), memory_labels, own
+    ref_self_index = torch.arange(n, device=device)
+    return batch.to(dtype), labels, memory.to(dtype), memory_labels, ref_self_index
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,10 +119,10 @@ def ms_fused_loss(backend: str) -> Callable:
     def loss(x, y, bank=None):
         if bank is None:
             return ms_fused.multi_similarity_loss(x, y, backend=backend, **HYPER_PARAMS)
-        memory, memory_labels, own = bank
+        memory, memory_labels, ref_self_index = bank
         # the step CrossBatchMemory makes: its memory holds unit rows, used as they are
-        return ms_fused.multi_similarity_loss(x, y, memory, memory_labels, ref_self_index=own, ref_normalized=True,
-                                              backend=backend, **HYPER_PARAMS)
+        return ms_fused.multi_similarity_loss(x, y, memory, memory_labels, ref_self_index=ref_self_index,
+                                              ref_normalized=True, backend=backend, **HYPER_PARAMS)
 
     return loss
 
@@ -202,10 +202,11 @@ def mm_yardstick(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
 def ms_fused_backends(device: torch.device) -> List[str]:
     """The package's backends on `device` at run time, less the dense oracle and interpreted Triton."""
     import ms_fused
+    from ms_fused.backends import REFERENCE, TRITON
 
-    names = [b for b in ms_fused.available_backends(device) if b != "reference"]
+    names = [b for b in ms_fused.available_backends(device) if b != REFERENCE]
     if device.type != "cuda":
-        names = [b for b in names if b != "triton"]  # on the CPU Triton only runs in its interpreter
+        names = [b for b in names if b != TRITON]  # on the CPU Triton only runs in its interpreter
     return [f"ms_fused:{b}" for b in names]
 
 
@@ -234,7 +235,7 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, memo
 
 def build(impl: str) -> Callable:
     """The callable (embeddings, labels, bank=None) -> output that one timed step runs; `bank` is
-    (memory, memory_labels, own) for a memory-bank step."""
+    (memory, memory_labels, ref_self_index) for a memory-bank step."""
     if impl.startswith("ms_fused:"):
         return ms_fused_loss(impl.split(":", 1)[1])
     return {"pml": pml_loss, "dense_torch": lambda: dense_torch_loss, "loop": lambda: loop_loss,

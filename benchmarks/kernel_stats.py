@@ -46,8 +46,6 @@ REGS_PER_SM, REG_ALLOC_UNIT, SMEM_PER_SM, SMEM_PER_CTA_RESERVED, MAX_WARPS, MAX_
 # ---- 1 and 2: counted under the interpreter --------------------------------------------------------------
 
 def _inputs(mode, n, m, d, dtype, k, grad_ref):
-    import torch
-
     import impls
     dt = impls.DTYPES[dtype]
     if mode == "self":
@@ -62,7 +60,6 @@ def _inputs(mode, n, m, d, dtype, k, grad_ref):
 
 def count_work(case) -> dict:
     """Similarity passes and launches of one case, forward and forward + backward (interpreter)."""
-    import torch
     from triton.runtime import interpreter
 
     import ms_fused

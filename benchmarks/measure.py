@@ -100,13 +100,13 @@ def _timed_step(fn, x, y, bank, mode, yardstick, device) -> float:
 
 
 def _inputs(spec: dict, n: int, device: torch.device, yardstick: bool, m: Optional[int] = None):
-    """(x, y, bank): a P x K batch, and with spec["memory"] a memory bank (memory, labels, own) of `m` rows
+    """(x, y, bank): a P x K batch, and with spec["memory"] a memory bank (memory, labels, ref_self_index) of `m` rows
     (default spec["memory"]) without grad."""
     dtype = impls.DTYPES[spec["dtype"]]
     if spec.get("memory"):
-        x, y, memory, memory_labels, own = impls.make_memory_bank(n, m or spec["memory"], spec["d"], dtype, device,
-                                                                  seed=spec.get("seed", 0))
-        return x.requires_grad_(not yardstick), y, (memory, memory_labels, own)
+        x, y, memory, memory_labels, ref_self_index = impls.make_memory_bank(
+            n, m or spec["memory"], spec["d"], dtype, device, seed=spec.get("seed", 0))
+        return x.requires_grad_(not yardstick), y, (memory, memory_labels, ref_self_index)
     x, y = impls.make_batch(n, spec["d"], dtype, device, seed=spec.get("seed", 0))
     return x.requires_grad_(not yardstick), y, None
 

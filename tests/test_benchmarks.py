@@ -80,11 +80,12 @@ def test_goals_table_reads_each_goal_against_its_record():
 
 def test_every_preset_names_known_implementations_and_goals():
     import impls
+    from ms_fused.backends import BACKEND_NAMES
 
     for (device, name), preset in sweep.PRESETS.items():
         assert name in sweep.PRESET_NAMES
         for impl in preset.get("impls", []):
-            assert impl in impls.BASELINES or impl.split(":", 1)[1] in ("triton", "cpp", "torch")
+            assert impl in impls.BASELINES or impl.split(":", 1)[1] in BACKEND_NAMES
         for g in preset.get("goals", []):
             assert g["impl"] in preset["impls"] and g["n"] in preset["n"]
             assert g["metric"] in report.AT_LEAST + report.AT_MOST + ("completes",)
