@@ -95,8 +95,8 @@ def section_table(rows: List[dict]) -> List[str]:
 def headline_table(doc) -> List[str]:
     """Per section, at the largest N that pml completed: the fastest ms_fused backend against pml and mm."""
     lines = ["| configuration | N | fastest ms_fused backend | speed-up vs pml | memory vs pml | time / mm | "
-             "largest N run: ms_fused / pml |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+             "memory / mm | largest N run: ms_fused / pml |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
     for key, rows in sections(doc["records"]).items():
         by = _index(rows)
         ok = [r for r in rows if r["status"] == OK]
@@ -110,7 +110,8 @@ def headline_table(doc) -> List[str]:
         best = min((r for r in fused if r["n"] == at_n), key=lambda r: r["median_ms"])
         q = ratios(best, by)
         lines.append(f"| {section_title(key)} | {at_n} | {best['impl']} | {fmt(q['speedup_vs_pml'])} | "
-                     f"{fmt(q['memory_vs_pml'])} | {fmt(q['time_per_mm'])} | {max_fused} / {max_pml} |")
+                     f"{fmt(q['memory_vs_pml'])} | {fmt(q['time_per_mm'])} | {fmt(q['memory_per_mm'])} | "
+                     f"{max_fused} / {max_pml} |")
     return lines
 
 
