@@ -94,9 +94,7 @@ def run_record(runner: Runner, method: str, batch: int, args, chunk: Optional[in
     """One record in a fresh child process (measure.Runner: time-out, out-of-memory and killed children recorded)."""
     spec = dict(method=method, batch=batch, chunk=chunk or args.chunk, dim=args.dim,
                 guard_bytes=int(args.guard_gib * GIB), threads=args.threads)
-    record = {k: v for k, v in runner.run(spec, args.timeout).items() if k not in ("median_ms", "peak_mb")}
-    record.update(chunk=spec["chunk"] if method == "cached" else None)
-    return record
+    return dict(runner.run(spec, args.timeout), chunk=spec["chunk"] if method == "cached" else None)
 
 
 def predict_peak(done, batch: int) -> Optional[float]:

@@ -100,7 +100,8 @@ def measure(impl: str, n: int, d: int, seed: int, target_s: float, threads: int)
         fn(x, y)
         times.append(time.perf_counter() - start)
     return dict(impl=impl, n=n, d=d, dtype="float32", status="ok", **time_summary(times, "s"), times_s=times,
-                peak_growth_bytes=call.growth_bytes, peak_reset=call.reset_ok, input_bytes=n * d * 4, dense_bytes=n * n * 4,
+                peak_growth_bytes=call.growth_bytes, peak_reset=call.reset_ok, input_bytes=n * d * 4,
+                dense_bytes=n * n * 4,
                 threads=torch.get_num_threads(), torch=torch.__version__,
                 **json.loads(json.dumps(result)))  # K as the JSON file will hold it (a string)
 
@@ -117,9 +118,7 @@ def run_record(runner: Runner, impl: str, n: int, args) -> dict:
         return dict(impl=impl, n=n, d=args.d, status=SKIPPED, dense_bytes=n * n * 4,
                     note=f"N x N float32 matrix {n * n * 4 / GIB:.1f} GiB > --dense-limit-gb {args.dense_limit_gb}")
     spec = dict(impl=impl, n=n, d=args.d, seed=args.seed, target_s=args.target_s, threads=args.threads)
-    result = runner.run(spec, args.timeout)
-    result = {k: v for k, v in result.items() if k not in ("median_ms", "peak_mb")}
-    return dict(dict(impl=impl, n=n, d=args.d), **result)
+    return dict(dict(impl=impl, n=n, d=args.d), **runner.run(spec, args.timeout))
 
 
 def agreement(records) -> None:

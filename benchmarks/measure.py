@@ -27,7 +27,8 @@ OK, OOM, TIMEOUT, ERROR, KILLED, SKIPPED, UNAVAILABLE = (
 
 
 def failure(status: str, note: str) -> dict:
-    return {"status": status, "median_ms": None, "peak_mb": None, "note": note}
+    """A record that did not run to the end: its status and why."""
+    return {"status": status, "note": note}
 
 
 # a warm-up at this size first loads lazily-initialised code (kernels, extensions, JIT) outside the measurement
@@ -121,7 +122,7 @@ def measure(spec: dict) -> dict:
         _cap_cpu_memory(spec["mem_cap_bytes"])
 
     small = min(n, SMALL_N)
-    xs, ys, bank_s = _inputs(spec, small, device, yardstick, m=spec.get("memory") and max(small, SMALL_N))
+    xs, ys, bank_s = _inputs(spec, small, device, yardstick, m=spec.get("memory") and SMALL_N)
     _timed_step(fn, xs, ys, bank_s, mode, yardstick, device)
     del xs, ys, bank_s
     x, y, bank = _inputs(spec, n, device, yardstick)
@@ -224,7 +225,8 @@ class Runner:
     """Runs job(spec) in child processes with a time-out; a fresh child per record unless `reuse`.
 
     `job` is a module-level function, or "module:function" for one in a script run as __main__ (the child
-    imports it by that name); it returns a dict with a "status" and never raises. A child that dies or times out is recorded as oom / killed / timeout."""
+    imports it by that name); it returns a dict with a "status" and never raises. A child that dies or
+    times out is recorded as oom / killed / timeout (`failure`)."""
 
     def __init__(self, reuse: bool, preload=("torch", "impls", "measure"), job=run_in_child):
         self.reuse, self.job = reuse, job

@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                 if result["status"] == TIMEOUT and allowed < settings["timeout_s"]:
                     result.update(status=SKIPPED, note=f"global deadline reached after {allowed:.0f} s of this record")
             record = {"impl": key.impl, "n": key.n, "d": key.d, "dtype": key.dtype, "mode": key.mode,
-                      "median_ms": result.pop("median_ms"), "peak_mb": result.pop("peak_mb"),
+                      "median_ms": result.pop("median_ms", None), "peak_mb": result.pop("peak_mb", None),
                       **result, **env["per_record"]}
             guard.record(key, record)
             doc["records"].append(record)
