@@ -37,12 +37,26 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 LOG2E = 1.0 / math.log(2.0)
 SMS_WITHOUT_GPU = 132  # an H200's SM count: the split plan when no GPU answers
+ARCH_WITHOUT_GPU = "sm_90"  # the target whose configurations run when no GPU answers (interpreter, compile stubs)
 WAVES = 2              # programs per SM the column split aims for
 
 
 def _interpreted() -> bool:
     """True when the kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1 before import)."""
     return os.environ.get("TRITON_INTERPRET") == "1" and type(kernels.sweep_kernel).__name__ == "InterpretedFunction"
+
+
+def target_arch(device) -> str:
+    """The compile target whose configuration list a launch on `device` uses: "sm_XY" for an NVIDIA GPU of
+    compute capability X.Y, the gfx name ("gfx942") for an AMD GPU under ROCm, and for CPU tensors (the
+    interpreter, or compiling against a stub driver) $MS_FUSED_TRITON_ARCH or ARCH_WITHOUT_GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        if torch.version.hip is not None:
+            return props.gcnArchName.split(":")[0]
+        return f"sm_{props.major}{props.minor}"
+    return os.environ.get("MS_FUSED_TRITON_ARCH", ARCH_WITHOUT_GPU)
 
 
 def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
@@ -93,7 +107,7 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, int(x) - 1).bit_length()))
 
 
-def tile_configs(d: int, dtype: torch.dtype) -> list:
+def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> list:
     """Candidate configurations, first choice first: the interpreter runs the first one too, so that tests
     on the CPU run what a GPU runs. Every first choice compiles for sm_90 without register spills
     (benchmarks/kernel_stats.py reports them)."""
@@ -319,7 +333,7 @@ def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileC
     if refs is not None and (not hp.normalize or ref_normalized):  # unit rows already: used as they are
         ones = torch.ones_like(refs.norm)
         refs = refs._replace(norm=ones, inv=ones)
-    cfg = cfg or tile_configs(q.shape[1], q.dtype)[0]
+    cfg = cfg or tile_configs(q.shape[1], q.dtype, target_arch(q.device))[0]
     return Plan(hp, cfg, anchors, refs, ref_self_index_sorted, bad.to(torch.int8).contiguous(), splits)
 
 
@@ -426,7 +440,7 @@ def _tuned_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[Til
         key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.ref_self_index_mode, hp.mining,
                hp.normalize)
         r_ = q if r is None else r
-        plan.cfg = _choose_config(key, tile_configs(q.shape[1], q.dtype),
+        plan.cfg = _choose_config(key, tile_configs(q.shape[1], q.dtype, target_arch(q.device)),
                                   lambda c: _forward(Plan(hp, c, plan.anchors, plan.refs, plan.ref_self_index, plan.bad,
                                                           splits), q, r_))
     return plan
@@ -492,5 +506,5 @@ def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, split
     return (loss, counts) if count_pairs else loss
 
 
-__all__ = ["unavailable_reason", "per_anchor_loss", "FusedMultiSimilarity", "TileConfig", "tile_configs",
+__all__ = ["unavailable_reason", "per_anchor_loss", "FusedMultiSimilarity", "TileConfig", "tile_configs", "target_arch",
            "column_splits", "record_launches", "dense_labels", "make_plan"]
