@@ -164,7 +164,7 @@ def compile_stats() -> list:
     jitmod.JITFunction.run = compile_only
 
     from ms_fused import triton_backend as tb
-    from ms_fused._inputs import HyperParams
+    from ms_fused._inputs import HyperParams, check_inputs
 
     ptxas = _ptxas()
     if not ptxas:
@@ -182,8 +182,9 @@ def compile_stats() -> list:
             ref_self_index = torch.arange(n) if mode == "memory" else None
         for count in (False, True):  # the default kernels, and those that count mined pairs (return_stats)
             compiled.clear()
-            loss, _ = tb.FusedMultiSimilarity.apply(q, r, y, yr, ref_self_index, HyperParams(), None, None, False,
-                                                    count)
+            problem = check_inputs(q, y, r, yr, ref_self_index, HyperParams())
+            # apply() directly: per_anchor_loss would refuse CPU tensors outside the interpreter
+            loss, _ = tb.FusedMultiSimilarity.apply(problem, problem.q, problem.ref, None, None, count)
             loss.sum().backward()
             cfg = tb.tile_configs(d, dt)[0]
             for name, kernel in compiled:

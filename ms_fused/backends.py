@@ -68,6 +68,13 @@ def unavailable_reason(name: str, device: torch.device, dtype: Optional[torch.dt
     return mod.unavailable_reason(device, dtype)
 
 
+@torch.compiler.assume_constant_result
+def _auto_skip_reason(name: str, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Why "auto" passes over a backend that could run (a backend module may say so), else None."""
+    skip = getattr(_module(name), "auto_skip_reason", None)
+    return None if skip is None else skip(device, dtype)
+
+
 def _device(device: Union[None, str, torch.device]) -> torch.device:
     if device is None:
         return torch.empty(0).device
@@ -89,6 +96,6 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype):
             raise ValueError(f"backend={backend!r} cannot serve {dtype} tensors on {device}: {reason}")
         return _module(backend)
     for name in _ORDER.get(device.type, _GENERIC_ORDER):
-        if unavailable_reason(name, device, dtype) is None:
+        if unavailable_reason(name, device, dtype) is None and _auto_skip_reason(name, device, dtype) is None:
             return _module(name)
     raise ValueError(f"backend='auto' found no backend for {dtype} tensors on {device}")

@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -68,7 +69,13 @@ def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[
                 "use backend='torch' (or 'auto', which routes it there)")
     device = torch.device(device)
     if device.type == "cuda":
-        return None if torch.cuda.is_available() else "CUDA is not available to torch"
+        if not torch.cuda.is_available():
+            return "CUDA is not available to torch"
+        arch = target_arch(device)
+        if dtype == torch.bfloat16 and arch_family(arch) == "turing":
+            return (f"the triton backend does not take bfloat16 on {arch} (no bfloat16 arithmetic before sm_80); "
+                    "it takes float16 and float32 there, and backend='torch' takes bfloat16")
+        return None
     if device.type == "cpu":
         if _interpreted():
             return None
@@ -77,17 +84,28 @@ def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[
     return f"the triton backend runs on CUDA devices, not {device.type}"
 
 
+def auto_skip_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """Why backend="auto" passes over this backend on `device` although it can run there, else None: on
+    targets where Triton's compiler has no tensor-core path (sm_75 and older) the torch backend is faster."""
+    device = torch.device(device)
+    if device.type == "cuda" and arch_family(target_arch(device)) == "turing":
+        return f"Triton compiles no tensor-core instructions for {target_arch(device)}"
+    return None
+
+
 # ---- tile configurations -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class TileConfig:
     """One tile shape for every kernel of a loss call, forward and backward alike, so that each pair's S
-    is computed by the same tile shape and K order everywhere (the forward's mining is the backward's).
+    is computed by dots of the same shape and K order everywhere (the forward's mining is the backward's).
 
-    block_n anchors (rows) per program, block_m columns per tile, block_d the K step over D; the backward
-    holds a (block_n, min(D, max_dout)) float32 accumulator, so D <= max_dout needs no D-slices, and runs
-    with its own warps and pipeline depth (they spread the same products over more threads and change
-    neither the tile shape nor the K order)."""
+    block_n anchors (rows) per dot, block_m columns per tile, block_d the K step over D. With `resident`
+    the K step is all of D (rounded up to a power of two): a program holds its anchor rows while column
+    tiles stream past, and the backward uses each column tile for both of its products. The forward's sweep
+    stacks `row_groups` anchor blocks on every column tile. The backward holds a (block_n, min(D, max_dout))
+    float32 accumulator (all of D when resident), and runs with its own warps and pipeline depth (they
+    spread the same products over more threads and change neither the dot shape nor the K order)."""
 
     block_n: int
     block_m: int
@@ -98,28 +116,82 @@ class TileConfig:
     bwd_stages: int
     max_dout: int = 512
     skip_zero_tiles: bool = True
+    row_groups: int = 1
+    resident: bool = False
+
+    def k_step(self, d: int) -> int:
+        return _pow2(d, 16, 1 << 16) if self.resident else self.block_d
 
     def block_dout(self, d: int) -> int:
-        return _pow2(d, 16, self.max_dout)
+        return self.k_step(d) if self.resident else _pow2(d, 16, self.max_dout)
 
 
 def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, int(x) - 1).bit_length()))
 
 
+def arch_family(arch: str) -> str:
+    """The configuration list a target uses: "hopper" (sm_90: wgmma, 227 KB of shared memory per block),
+    "ampere" (sm_80: mma, 163 KB), "ampere_small" (sm_86/sm_89 and newer consumer parts: mma, 99 KB),
+    "turing" (sm_75 and older: no tensor-core path in Triton's compiler, 64 KB), "cdna" (AMD gfx9 Instinct:
+    MFMA, 64 KB of LDS) or "rdna" (other AMD targets, treated like cdna but without MFMA)."""
+    if arch.startswith("gfx"):
+        return "cdna" if arch.startswith("gfx9") else "rdna"
+    cc = int(arch.split("_")[1].rstrip("a"))
+    if cc in (90, 100, 103):  # datacenter Hopper and Blackwell: 227 KB per block
+        return "hopper"
+    if cc == 80:
+        return "ampere"
+    if cc >= 86:
+        return "ampere_small"
+    return "turing"
+
+
+# Hopper, bfloat16 / float16, D <= 512: the anchor rows stay resident and each column tile is loaded once.
+# The backward's (64, D) float32 accumulator takes 128 of 255 registers at D = 512, so the column tile
+# narrows as D grows (32 columns up to D = 256, 16 up to 512): the widest that compiles
+# without spills under Triton 3.6 and 3.9. Skipping zero tiles is off there: the branch around the
+# second product costs the registers the narrow tile saves.
+_RESIDENT_BLOCK_M = ((256, 32), (512, 16))
+
+
+def _resident_block_m(d: int) -> Optional[int]:
+    return next((bm for widest, bm in _RESIDENT_BLOCK_M if d <= widest), None)
+
+
 def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> list:
-    """Candidate configurations, first choice first: the interpreter runs the first one too, so that tests
-    on the CPU run what a GPU runs. Every first choice compiles for sm_90 without register spills
-    (benchmarks/kernel_stats.py reports them)."""
-    if dtype == torch.float32:  # "ieee" float32 dots run on the CUDA cores: smaller tiles
-        return [TileConfig(32, 64, 32, 4, 2, bwd_warps=8, bwd_stages=1, max_dout=256),
-                TileConfig(32, 32, 32, 4, 2, bwd_warps=8, bwd_stages=2, max_dout=128)]
+    """Candidate configurations for `arch` (target_arch's names), first choice first: the interpreter runs
+    the first one too, so that tests on the CPU run what a GPU runs. Every first choice compiles for its
+    target without register spills, within its shared memory, and (bfloat16, float16) to the target's
+    matrix instructions: benchmarks/kernel_stats.py reports them, tests/test_kernel_compile.py checks them."""
+    family = arch_family(arch)
     bd = _pow2(d, 16, 64)
-    # (64, 32): the widest tile whose backward holds a 512-wide accumulator without spilling
-    return [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2),
-            TileConfig(64, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
-            TileConfig(64, 32, bd, 4, 3, bwd_warps=8, bwd_stages=2, skip_zero_tiles=False),
-            TileConfig(128, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128)]
+    if dtype == torch.float32:  # "ieee" float32 dots run on the CUDA cores: smaller tiles
+        if family in ("hopper", "ampere"):
+            return [TileConfig(32, 64, 32, 4, 2, bwd_warps=8, bwd_stages=1, max_dout=256),
+                    TileConfig(32, 32, 32, 4, 2, bwd_warps=8, bwd_stages=2, max_dout=128)]
+        return [TileConfig(32, 32, 32, 4, 2, bwd_warps=4, bwd_stages=1, max_dout=128),
+                TileConfig(16, 32, 32, 4, 1, bwd_warps=4, bwd_stages=1, max_dout=64)]
+    if family == "hopper":
+        chunked = [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
+                   TileConfig(64, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128),
+                   TileConfig(128, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128)]
+        bm = _resident_block_m(d)
+        if bm is None:
+            return chunked
+        return [TileConfig(64, bm, bd, 8, 2, bwd_warps=8, bwd_stages=2, row_groups=2, resident=True,
+                           skip_zero_tiles=False)] + chunked
+    if family == "ampere":
+        return [TileConfig(32, 64, bd, 4, 3, bwd_warps=4, bwd_stages=2, max_dout=256),
+                TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
+                TileConfig(32, 32, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=128)]
+    if family == "ampere_small":
+        return [TileConfig(32, 64, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=256),
+                TileConfig(32, 32, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=128)]
+    if family in ("cdna", "rdna"):
+        return [TileConfig(32, 64, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=256),
+                TileConfig(32, 32, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=128)]
+    return [TileConfig(32, 32, min(bd, 32), 4, 1, bwd_warps=4, bwd_stages=1, max_dout=128)]  # turing
 
 
 def _autotune_enabled() -> bool:
@@ -176,7 +248,7 @@ def _launch(kernel, grid: tuple, cfg: Optional[TileConfig], backward: bool = Fal
     if cfg is not None:
         warps, stages = (cfg.bwd_warps, cfg.bwd_stages) if backward else (cfg.num_warps, cfg.num_stages)
         options.update(num_warps=warps, num_stages=stages)
-        args.update(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d)
+        args.update(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.k_step(args["D"]), RESIDENT=cfg.resident)
     if not _interpreted():
         options["enable_fp_fusion"] = False  # S +- eps and beta2 (S - base) round alike in every kernel
     kernel[grid](**args, **options)
@@ -198,16 +270,27 @@ def _n_sms(device: torch.device) -> int:
     return SMS_WITHOUT_GPU
 
 
+# A resident program loads its anchor rows once per column split, a column tile once per tile: per
+# multiply-add, elem / columns_per_split against elem / rows_per_program. At least this many columns per
+# anchor row keep the first below 2/3 of the second.
+MIN_SPLIT_COLUMNS_PER_ROW = 1.5
+
+
 def column_splits(n_rows: int, n_cols: int, cfg: TileConfig, device: torch.device, other_programs: int = 1,
-                  splits: Optional[int] = None) -> tuple:
+                  splits: Optional[int] = None, rows_per_program: Optional[int] = None) -> tuple:
     """(number of splits, columns per split): enough programs for WAVES waves on the GPU's SMs when the
-    row blocks alone are too few (a memory bank), else 1. `splits` forces a count (tests)."""
-    row_blocks = triton.cdiv(n_rows, cfg.block_n) * other_programs
+    row blocks (of `rows_per_program`, default block_n) alone are too few (a memory bank), else 1; a
+    resident configuration keeps MIN_SPLIT_COLUMNS_PER_ROW columns per row in a split. `splits` forces a
+    count (tests)."""
+    rows_per_program = rows_per_program or cfg.block_n
+    row_blocks = triton.cdiv(n_rows, rows_per_program) * other_programs
     col_tiles = triton.cdiv(n_cols, cfg.block_m)
     if splits is None:
         target = WAVES * _n_sms(device)
         want = 1 if row_blocks >= target else triton.cdiv(target, row_blocks)
         tiles_per_split = max(1, col_tiles // want)
+        if cfg.resident:
+            tiles_per_split = max(tiles_per_split, math.ceil(MIN_SPLIT_COLUMNS_PER_ROW * rows_per_program / cfg.block_m))
     else:
         tiles_per_split = triton.cdiv(col_tiles, max(1, splits))
     return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_m
@@ -346,7 +429,8 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     dev = q.device
     # unread unless REF_SELF_INDEX_OF_ROWS
     ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
-    n_splits, cols_per_split = column_splits(n, m, cfg, dev, splits=plan.splits)
+    sweep_rows = cfg.block_n * cfg.row_groups
+    n_splits, cols_per_split = column_splits(n, m, cfg, dev, splits=plan.splits, rows_per_program=sweep_rows)
     loss = torch.empty(n, dtype=torch.float32, device=dev)
     stats = torch.full((N_STATS, n), float("inf"), dtype=torch.float32, device=dev)
     parts = torch.empty(3, n_splits * n, dtype=torch.float32, device=dev)
@@ -361,10 +445,10 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     if hp.mining:
         _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index,
                 min_pos_ptr=stats[MIN_POS], REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
-    _launch(kernels.sweep_kernel, (row_blocks, n_splits), cfg, **rows, min_pos_ptr=stats[MIN_POS],
+    _launch(kernels.sweep_kernel, (triton.cdiv(n, sweep_rows), n_splits), cfg, **rows, min_pos_ptr=stats[MIN_POS],
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
-            COUNT_PAIRS=plan.count)
+            COUNT_PAIRS=plan.count, ROW_GROUPS=cfg.row_groups)
     _launch(kernels.finish_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index, bad_ptr=plan.bad,
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             loss_ptr=loss, max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
@@ -432,35 +516,110 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _tuned_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
-                ref_normalized: bool) -> Plan:
-    plan = make_plan(q, r, yq, yr, ref_self_index, hp, cfg, splits, ref_normalized)
-    if cfg is None:
-        m = q.shape[0] if r is None else r.shape[0]
-        key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.ref_self_index_mode, hp.mining,
-               hp.normalize)
-        r_ = q if r is None else r
-        plan.cfg = _choose_config(key, tile_configs(q.shape[1], q.dtype, target_arch(q.device)),
-                                  lambda c: _forward(Plan(hp, c, plan.anchors, plan.refs, plan.ref_self_index, plan.bad,
-                                                          splits), q, r_))
+def _candidates(q: torch.Tensor, cfg: Optional[TileConfig]) -> list:
+    """A forced configuration alone, else the target's list, first choice first."""
+    return [cfg] if cfg is not None else tile_configs(q.shape[1], q.dtype, target_arch(q.device))
+
+
+def _backward_all(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], g: torch.Tensor, needs: tuple) -> tuple:
+    """(dq, dr) of the loss call that `plan` holds the statistics of, for upstream gradient g (None where
+    `needs` says no gradient is wanted)."""
+    g_unit, g_scale = _unit_upstream(g)
+    g_sorted = g_unit[plan.anchors.perm.long()]
+    dq = dr = None
+    if plan.self_mode:
+        if needs[0]:  # dX_i = sum_j (G_ij + G_ji) X_hat_j in one launch
+            dq = _backward(plan, q, q, plan.anchors, plan.anchors, g_sorted, g_scale,
+                           anchor_rows=True, anchor_cols=True, ref_self_index_mode=REF_SELF_INDEX_DIAGONAL)
+        return dq, None
+    if needs[0]:
+        dq = _backward(plan, q, r, plan.anchors, plan.refs, g_sorted, g_scale,
+                       anchor_rows=True, anchor_cols=False, ref_self_index_mode=plan.ref_self_index_mode)
+    if needs[1]:  # skipped when the reference set is a frozen memory bank
+        dr = _backward(plan, r, q, plan.refs, plan.anchors, g_sorted, g_scale, anchor_rows=False,
+                       anchor_cols=True, ref_self_index_mode=REF_SELF_INDEX_NONE
+                       if plan.ref_self_index is None else REF_SELF_INDEX_OF_COLS)
+    return dq, dr
+
+
+def _choose_plan(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], candidates: list, needs: tuple) -> Plan:
+    """Sets plan.cfg: the first candidate, or on a GPU the one whose forward and backward together run
+    fastest, timed once per key (the problem's switches, dtype, D and the log2 buckets of N and M). A
+    candidate whose launch fails (too much shared memory, say) is never chosen."""
+    m = q.shape[0] if r is None else r.shape[0]
+    key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.ref_self_index_mode,
+           plan.hp.mining, plan.hp.normalize, needs)
+    r_ = q if r is None else r
+    g = torch.ones(q.shape[0], dtype=torch.float32, device=q.device)
+
+    def trial(cfg: TileConfig) -> None:
+        step = Plan(plan.hp, cfg, plan.anchors, plan.refs, plan.ref_self_index, plan.bad, plan.splits)
+        _forward(step, q, r_)
+        _backward_all(step, q, r, g, needs)
+
+    plan.cfg = _choose_config(key, candidates, trial)
     return plan
 
 
+class NoConfigurationFits(RuntimeError):
+    """Every candidate configuration failed to launch for want of GPU resources."""
+
+
+def _first_that_launches(plan: Plan, candidates: list, run):
+    """run() with plan.cfg set to plan.cfg, then to each later candidate, until one launches without
+    Triton's out-of-resources error; raises NoConfigurationFits after the last."""
+    start = candidates.index(plan.cfg) if plan.cfg in candidates else 0
+    errors = []
+    for cfg in candidates[start:]:
+        plan.cfg = cfg
+        try:
+            return run()
+        except triton.runtime.errors.OutOfResources as exc:
+            errors.append(f"{cfg}: {exc}")
+    raise NoConfigurationFits("; ".join(errors))
+
+
+def _fallback_warning(exc: Exception) -> None:
+    warnings.warn(f"ms_fused: no triton configuration fits this GPU ({exc}); the torch backend computes this "
+                  f"loss instead (same results, slower)", RuntimeWarning, stacklevel=3)
+
+
+def _torch_gradients(problem: Problem, g: torch.Tensor, needs: tuple) -> tuple:
+    """(dq, dr) from the torch backend, for when no triton configuration launches."""
+    from . import torch_backend
+    with torch.enable_grad():
+        q = problem.q.detach().requires_grad_(needs[0])
+        r = None if problem.ref is None else problem.ref.detach().requires_grad_(needs[1])
+        loss = torch_backend.per_anchor_loss(Problem(q, problem.labels, r, problem.ref_labels, problem.ref_self_index,
+                                                     problem.hp, problem.ref_normalized))
+        inputs = [t for t, need in ((q, needs[0]), (r, needs[1])) if need and t is not None]
+        grads = iter(torch.autograd.grad(loss, inputs, g.to(loss.dtype)))
+    return (next(grads) if needs[0] else None, next(grads) if needs[1] and r is not None else None)
+
+
 class FusedMultiSimilarity(torch.autograd.Function):
-    """(q, r or None in self mode) -> (per-anchor losses (float32), counts); counts is the (2, N) int32
-    number of mined positives and negatives per anchor (sorted order) with `count`, else empty."""
+    """(problem, q, r or None in self mode) -> (per-anchor losses (float32), counts); counts is the (2, N)
+    int32 number of mined positives and negatives per anchor (sorted order) with `count`, else empty.
+    Raises NoConfigurationFits when no candidate configuration launches (per_anchor_loss then runs the
+    torch backend); a backward that no configuration launches takes the torch backend's gradients."""
 
     @staticmethod
-    def forward(ctx, q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
-                ref_normalized: bool, count: bool):
+    def forward(ctx, problem: Problem, q, r, cfg: Optional[TileConfig], splits: Optional[int], count: bool):
         q = _unit_stride_rows(q.detach())
         r_ = None if r is None else _unit_stride_rows(r.detach())
+        yq = problem.labels.contiguous()
+        yr = None if r is None else problem.ref_labels.contiguous()
+        ref_self_index = None if r is None or problem.ref_self_index is None else problem.ref_self_index.contiguous()
+        needs = tuple(ctx.needs_input_grad[1:3])
         with _on_device(q.device):
-            plan = _tuned_plan(q, r_, yq, yr, ref_self_index, hp, cfg, splits, ref_normalized)
+            plan = make_plan(q, r_, yq, yr, ref_self_index, problem.hp, cfg, splits, problem.ref_normalized)
+            candidates = _candidates(q, cfg)
+            if cfg is None:
+                _choose_plan(plan, q, r_, candidates, needs)
             plan.count = count
-            loss = _forward(plan, q, q if r_ is None else r_)
+            loss = _first_that_launches(plan, candidates, lambda: _forward(plan, q, q if r_ is None else r_))
         ctx.save_for_backward(q, r_)
-        ctx.plan = plan
+        ctx.plan, ctx.problem, ctx.candidates = plan, problem, candidates
         counts = plan.counts if count else loss.new_empty((2, 0), dtype=torch.int32)
         ctx.mark_non_differentiable(counts)
         return loss, counts
@@ -470,40 +629,47 @@ class FusedMultiSimilarity(torch.autograd.Function):
     def backward(ctx, g, _counts_grad):
         q, r = ctx.saved_tensors
         plan = ctx.plan
+        needs = tuple(ctx.needs_input_grad[1:3])
+        forward_cfg = plan.cfg
+
+        def run():
+            if plan.cfg != forward_cfg:  # the forward's statistics again, mined by this configuration's tiles
+                _forward(plan, q, q if r is None else r)
+            return _backward_all(plan, q, r, g, needs)
+
         with _on_device(g.device):
-            g_unit, g_scale = _unit_upstream(g)
-            g_sorted = g_unit[plan.anchors.perm.long()]
-            dq = dr = None
-            if plan.self_mode:
-                if ctx.needs_input_grad[0]:  # dX_i = sum_j (G_ij + G_ji) X_hat_j in one launch
-                    dq = _backward(plan, q, q, plan.anchors, plan.anchors, g_sorted, g_scale,
-                                   anchor_rows=True, anchor_cols=True, ref_self_index_mode=REF_SELF_INDEX_DIAGONAL)
-                return dq, None, None, None, None, None, None, None, None, None
-            if ctx.needs_input_grad[0]:
-                dq = _backward(plan, q, r, plan.anchors, plan.refs, g_sorted, g_scale,
-                               anchor_rows=True, anchor_cols=False, ref_self_index_mode=plan.ref_self_index_mode)
-            if ctx.needs_input_grad[1]:  # skipped when the reference set is a frozen memory bank
-                dr = _backward(plan, r, q, plan.refs, plan.anchors, g_sorted, g_scale, anchor_rows=False,
-                               anchor_cols=True, ref_self_index_mode=REF_SELF_INDEX_NONE
-                               if plan.ref_self_index is None else REF_SELF_INDEX_OF_COLS)
-        return dq, dr, None, None, None, None, None, None, None, None
+            try:
+                dq, dr = _first_that_launches(plan, ctx.candidates, run)
+            except NoConfigurationFits as exc:
+                _fallback_warning(exc)
+                dq, dr = _torch_gradients(ctx.problem, g, needs)
+        return None, dq, dr, None, None, None
+
+
+def _with_torch_fallback(problem: Problem, count_pairs: bool, run):
+    try:
+        return run()
+    except NoConfigurationFits as exc:
+        _fallback_warning(exc)
+        from . import torch_backend
+        return torch_backend.per_anchor_loss(problem, count_pairs=count_pairs)
 
 
 def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, splits: Optional[int] = None,
                     count_pairs: bool = False):
     """(N,) float32 per-anchor losses attached to autograd. `config` fixes the tile configuration and
     `splits` the number of column splits (tests); by default both are planned. With `count_pairs` also the
-    (2, N) mined positives and negatives per anchor (kernels compiled with COUNT_PAIRS)."""
+    (2, N) mined positives and negatives per anchor (kernels compiled with COUNT_PAIRS). When no candidate
+    configuration launches on this GPU, the torch backend computes the loss, with a warning that says why."""
     reason = unavailable_reason(problem.q.device, problem.q.dtype)
     if reason is not None:
         raise ValueError(f"backend='triton' cannot serve {problem.q.dtype} tensors on {problem.q.device}: {reason}")
-    yq = problem.labels.contiguous()
-    yr = None if problem.self_mode else problem.ref_labels.contiguous()
-    ref_self_index = None if problem.self_mode or problem.ref_self_index is None \
-        else problem.ref_self_index.contiguous()
-    loss, counts = FusedMultiSimilarity.apply(problem.q, problem.ref, yq, yr, ref_self_index, problem.hp, config,
-                                              splits, problem.ref_normalized, count_pairs)
-    return (loss, counts) if count_pairs else loss
+
+    def run():
+        loss, counts = FusedMultiSimilarity.apply(problem, problem.q, problem.ref, config, splits, count_pairs)
+        return (loss, counts) if count_pairs else loss
+
+    return _with_torch_fallback(problem, count_pairs, run)
 
 
 __all__ = ["unavailable_reason", "per_anchor_loss", "FusedMultiSimilarity", "TileConfig", "tile_configs", "target_arch",

@@ -7,10 +7,17 @@ block of consecutive anchors lie in one band of columns [band_lo, band_hi) (`ban
 row's own range; a block's band runs from its first row's lo to its last row's hi). Tiles outside the band
 hold negatives only, and skip the label compares.
 
-Similarities. Every S tile is dot(a, b) accumulated in float32 over BLOCK_D-wide K steps in increasing
-order, then multiplied by (inv_a * inv_b) when normalising: the same rounding in every kernel, so the
-forward and the backward mine the same pairs. The launchers run every kernel of one loss with one tile
-shape and without floating-point contraction.
+Similarities. Every S tile is built from dots of one shape, (BLOCK_N rows) x (BLOCK_M columns), accumulated
+in float32 over BLOCK_D-wide K steps in increasing order, then multiplied by (inv_a * inv_b) when
+normalising: the same rounding in every kernel, so the forward and the backward mine the same pairs. The
+launchers run every kernel of one loss with one tile shape and without floating-point contraction.
+
+Bytes. With RESIDENT, BLOCK_D covers all of D in one K step: a program loads its anchor block once and
+keeps it while the column tiles stream past, and loads each column tile once; the backward then uses that
+one column tile for both the S recompute and W @ b_hat. The sweep stacks ROW_GROUPS anchor blocks on each
+column tile (one dot per block, the tiles joined), so a column tile serves ROW_GROUPS * BLOCK_N anchors.
+Without RESIDENT (D too wide for the target's shared memory), anchor and column K-chunks are re-read per
+tile.
 
 Exponentials are in base 2: with alpha2 = alpha * log2(e), exp(-alpha (S - base)) = exp2(-alpha2 (S - base)).
 Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = A * log2(e)); an anchor whose
@@ -58,20 +65,52 @@ def row_stats_kernel(x_ptr, norm_ptr, inv_ptr, bad_ptr, n_rows, D, stride_n, nor
 
 
 @triton.jit
-def _similarities(a_ptr, a_off, a_ok, inv_a, b_ptr, b_off, b_ok, inv_b, D,
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr):
-    """(BLOCK_N, BLOCK_M) float32 tile of <a_hat, b_hat>; `*_off` are the rows' element offsets."""
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k in range(0, D, BLOCK_D):
-        ks = k + tl.arange(0, BLOCK_D)
-        k_ok = ks < D
-        a = tl.load(a_ptr + a_off[:, None] + ks[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptr + b_off[None, :] + ks[:, None], mask=k_ok[:, None] & b_ok[None, :], other=0.0)
-        if DOT_F32:  # float32 inputs, and the interpreter, whose bfloat16 dot is wrong
-            a = a.to(tl.float32)
+def _whole_rows(ptr, off, ok, D, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr):
+    """(rows, BLOCK_D) tile of whole rows (BLOCK_D >= D), upcast to float32 for DOT_F32 dots."""
+    ks = tl.arange(0, BLOCK_D)
+    t = tl.load(ptr + off[:, None] + ks[None, :], mask=ok[:, None] & (ks < D)[None, :], other=0.0)
+    if DOT_F32:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _dot_rows(a_ptr, a_off, a_ok, a_res, b_ptr, b_off, b_ok, b_res, D,
+              BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_F32: tl.constexpr, RESIDENT: tl.constexpr):
+    """(BLOCK_N, BLOCK_M) float32 tile of <a, b>: RESIDENT takes the loaded whole rows a_res, b_res (one K
+    step), else K-chunks are loaded here."""
+    if RESIDENT:
+        b = b_res
+        if DOT_F32:
             b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a_res, tl.trans(b), input_precision="ieee")
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k in range(0, D, BLOCK_D):
+            ks = k + tl.arange(0, BLOCK_D)
+            k_ok = ks < D
+            a = tl.load(a_ptr + a_off[:, None] + ks[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(b_ptr + b_off[None, :] + ks[:, None], mask=k_ok[:, None] & b_ok[None, :], other=0.0)
+            if DOT_F32:  # float32 inputs, and the interpreter, whose bfloat16 dot is wrong
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _similarities(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_off, b_ok, b_res, inv_b, D,
+                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_GROUPS: tl.constexpr,
+                  NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, RESIDENT: tl.constexpr):
+    """(ROW_GROUPS * BLOCK_N, BLOCK_M) float32 tile of <a_hat, b_hat>: one (BLOCK_N, BLOCK_M) dot per anchor
+    block (a0, then a1 when ROW_GROUPS == 2), stacked in row order."""
+    acc = _dot_rows(a_ptr, a0_off, a0_ok, a0_res, b_ptr, b_off, b_ok, b_res, D, BLOCK_N, BLOCK_M, BLOCK_D,
+                    DOT_F32, RESIDENT)
+    if ROW_GROUPS == 2:
+        acc1 = _dot_rows(a_ptr, a1_off, a1_ok, a1_res, b_ptr, b_off, b_ok, b_res, D, BLOCK_N, BLOCK_M, BLOCK_D,
+                         DOT_F32, RESIDENT)
+        acc = tl.reshape(tl.permute(tl.join(acc, acc1), (2, 0, 1)), (2 * BLOCK_N, BLOCK_M))
     if NORMALIZE:
         # one product inv_a * inv_b (commutative), so S_ij and S_ji round alike
         acc = acc * (inv_a[:, None] * inv_b[None, :])
@@ -86,17 +125,38 @@ def _rows(perm_ptr, inv_ptr, y_ptr, idx, ok, stride):
 
 
 @triton.jit
-def _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, stride_b, start, end, D,
-                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr):
+def _column_tile(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+                 stride_b, start, end, D,
+                 BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_GROUPS: tl.constexpr,
+                 NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, RESIDENT: tl.constexpr):
     """Sorted columns [start, start + BLOCK_M) below `end`: their indices, in-range mask, element offsets,
-    inverse norms and labels, and the rows' S tile against them."""
+    inverse norms and labels, the rows' S tile against them, and (RESIDENT) the whole column rows loaded
+    for it (else 0)."""
     cols = start + tl.arange(0, BLOCK_M)
     col_ok = cols < end
     b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
-    S = _similarities(a_ptr, a_off, row_ok, inv_a, b_ptr, b_off, col_ok, inv_b, D,
-                      BLOCK_N, BLOCK_M, BLOCK_D, NORMALIZE, DOT_F32)
-    return cols, col_ok, b_off, inv_b, yb, S
+    if RESIDENT:
+        b_res = _whole_rows(b_ptr, b_off, col_ok, D, BLOCK_D, False)
+    else:
+        b_res = 0
+    S = _similarities(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_off, col_ok, b_res, inv_b,
+                      D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
+    return cols, col_ok, b_off, inv_b, yb, S, b_res
+
+
+@triton.jit
+def _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_F32: tl.constexpr, RESIDENT: tl.constexpr):
+    """Element offsets and in-range mask of the BLOCK_N sorted anchors from row0, and (RESIDENT) their whole
+    rows, loaded once for the program (else 0)."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    ok = rows < NA
+    off = tl.load(a_perm_ptr + rows, mask=ok, other=0).to(tl.int64) * stride_a
+    if RESIDENT:
+        res = _whole_rows(a_ptr, off, ok, D, BLOCK_D, DOT_F32)
+    else:
+        res = 0
+    return off, ok, res
 
 
 @triton.jit
@@ -142,19 +202,21 @@ def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, ba
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
                     NA, NB, D, stride_a, stride_b,
                     REF_SELF_INDEX_MODE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    RESIDENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 1, one program per anchor block: min_pos_i = min over P_i of S_ip (INF when P_i is empty)."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
-    a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
+    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
+    ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
+    a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
     ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     min_pos = tl.full([BLOCK_N], INF, tl.float32)
     for start in range(lo, hi, BLOCK_M):
-        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
-                                                         yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
-                                                         BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
+            a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+            stride_b, start, hi, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
         pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
                              True, REF_SELF_INDEX_MODE)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
@@ -167,29 +229,39 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                  NA, NB, D, stride_a, stride_b, cols_per_split, beta2, base, eps,
                  MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
+                 RESIDENT: tl.constexpr, ROW_GROUPS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Forward stage 2, program (anchor block, column split): over the split's columns, max_neg and the
-    hard-negative sum of exp2(beta2 (S - base) - shift) with an online shift (starting at 0, so the final
-    shift is max(0, max z)). Hard negatives: S + eps > min_pos, tested as written."""
-    row0 = tl.program_id(0) * BLOCK_N
+    """Forward stage 2, program (ROW_GROUPS anchor blocks, column split): over the split's columns, max_neg
+    and the hard-negative sum of exp2(beta2 (S - base) - shift) with an online shift (starting at 0, so the
+    final shift is max(0, max z)). Hard negatives: S + eps > min_pos, tested as written."""
+    ROWS: tl.constexpr = ROW_GROUPS * BLOCK_N
+    row0 = tl.program_id(0) * ROWS
     split = tl.program_id(1)
-    rows = row0 + tl.arange(0, BLOCK_N)
+    rows = row0 + tl.arange(0, ROWS)
     row_ok = rows < NA
-    a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
-    lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
+    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
+    ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
+    a0_off, a0_ok, a0_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32,
+                                          RESIDENT)
+    if ROW_GROUPS == 2:
+        a1_off, a1_ok, a1_res = _anchor_block(a_ptr, a_perm_ptr, row0 + BLOCK_N, NA, D, stride_a, BLOCK_N, BLOCK_D,
+                                              DOT_F32, RESIDENT)
+    else:
+        a1_off, a1_ok, a1_res = a0_off, a0_ok, a0_res
+    lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, ROWS)
     if MINING:
         min_pos = tl.load(min_pos_ptr + rows, mask=row_ok, other=INF)
-    max_neg = tl.full([BLOCK_N], -INF, tl.float32)
-    shift = tl.zeros([BLOCK_N], dtype=tl.float32)
-    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    max_neg = tl.full([ROWS], -INF, tl.float32)
+    shift = tl.zeros([ROWS], dtype=tl.float32)
+    total = tl.zeros([ROWS], dtype=tl.float32)
     if COUNT_PAIRS:
-        n_hard = tl.zeros([BLOCK_N], dtype=tl.int32)
+        n_hard = tl.zeros([ROWS], dtype=tl.int32)
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, NB)
     for start in range(c0, c1, BLOCK_M):
-        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
-                                                         yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
-                                                         BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
+            a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+            stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
         _, neg = _pair_masks(ya, yb, rows, cols, rows, cols, row_ok[:, None] & col_ok[None, :],
                              (start < hi) & (start + BLOCK_M > lo), REF_SELF_INDEX_NONE)
         if MINING:
@@ -216,7 +288,7 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
                   loss_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
                   NA, NB, D, stride_a, stride_b, n_splits, alpha2, beta2, base, eps,
                   REF_SELF_INDEX_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr,
-                  DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
+                  DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr, RESIDENT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 3, one program per anchor block: the splits combined in split order (deterministic),
     with the "1" of log(1 + sum) as exp2(0); then the hard positives over the band (S - eps < max_neg) and
@@ -245,15 +317,17 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
         shift = new_shift
     lse_neg = shift + tl.log2(total)
 
-    a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
+    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
+    ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
+    a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
     ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     shift = tl.zeros([BLOCK_N], dtype=tl.float32)
     total = tl.full([BLOCK_N], 1.0, tl.float32)
     for start in range(lo, hi, BLOCK_M):
-        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
-                                                         yb_ptr, stride_b, start, hi, D, BLOCK_N, BLOCK_M,
-                                                         BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
+            a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+            stride_b, start, hi, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
         pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
                              True, REF_SELF_INDEX_MODE)
         if MINING:
@@ -308,15 +382,19 @@ def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, idx
 
 
 @triton.jit
-def _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok,
-                NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, SCALE_WEIGHTS: tl.constexpr):
+def _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok, b_res,
+                NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, SCALE_WEIGHTS: tl.constexpr, RESIDENT: tl.constexpr):
     """acc += W @ b_hat[cols, douts]; x_dot_dx += sum_j W_ij S_ij (= x_hat_i . dx_hat_i once all tiles are in).
+    RESIDENT reuses the column rows that S was computed from (douts is all of D then).
 
     SCALE_WEIGHTS folds inv_b into W (W_ij inv_j b_j = W_ij b_hat_j) instead of scaling the (BLOCK_M,
     BLOCK_DOUT) b tile; float16 keeps the scaled tile, since W inv_b can pass its range."""
     if NORMALIZE:
         x_dot_dx += tl.sum(W * S, axis=1)
-    b = tl.load(b_ptr + b_off[:, None] + douts[None, :], mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
+    if RESIDENT:
+        b = b_res
+    else:
+        b = tl.load(b_ptr + b_off[:, None] + douts[None, :], mask=col_ok[:, None] & dout_ok[None, :], other=0.0)
     if SCALE_WEIGHTS:
         W = W * inv_b[None, :]
     else:
@@ -329,14 +407,18 @@ def _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok
 
 
 @triton.jit
-def _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
-                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE: tl.constexpr):
+def _finish_rows(acc, x_dot_dx, a_ptr, a_off, a_res, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
+                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE: tl.constexpr, RESIDENT: tl.constexpr):
     """dx = (dx_hat - x_hat (x_hat . dx_hat)) / max(|x|, eps), times the upstream scale, stored at the
-    input rows; rows with |x| < eps get dx_hat / eps (F.normalize clamps the norm there)."""
+    input rows; rows with |x| < eps get dx_hat / eps (F.normalize clamps the norm there). RESIDENT takes
+    x from the anchor rows the program already holds."""
     if NORMALIZE:
         norm_a = tl.load(norm_a_ptr + rows, mask=row_ok, other=1.0)
-        a_hat = tl.load(a_ptr + a_off[:, None] + douts[None, :],
-                        mask=row_ok[:, None] & dout_ok[None, :], other=0.0).to(tl.float32) * inv_a[:, None]
+        if RESIDENT:
+            a = a_res
+        else:
+            a = tl.load(a_ptr + a_off[:, None] + douts[None, :], mask=row_ok[:, None] & dout_ok[None, :], other=0.0)
+        a_hat = a.to(tl.float32) * inv_a[:, None]
         x_dot_dx = tl.where(norm_a >= norm_eps, x_dot_dx, 0.0)
         acc = (acc - a_hat * x_dot_dx[:, None]) * inv_a[:, None]
     acc = acc * tl.load(g_scale_ptr)
@@ -355,19 +437,23 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
                     ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, REF_SELF_INDEX_MODE: tl.constexpr,
                     MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     SCALE_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, SKIP_ZERO_TILES: tl.constexpr,
+                    RESIDENT: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr):
     """dA for BLOCK_N sorted rows of A, output columns [pid(2) * BLOCK_DOUT, +BLOCK_DOUT), over the columns
     of one split: dA_hat_i = sum_j W_ij b_hat_j with W = G (ANCHOR_ROWS), G^T (ANCHOR_COLS) or G + G^T
     (self mode), each tile of S computed once. No atomics: a program owns its rows; with SPLIT the
     partial sums go to `part_ptr` and combine_grad_kernel adds them in split order.
-    x_hat_i . dx_hat_i = sum_j W_ij S_ij, so the normalisation chain needs no other D-slice."""
+    x_hat_i . dx_hat_i = sum_j W_ij S_ij, so the normalisation chain needs no other D-slice.
+    RESIDENT: one D-slice (BLOCK_DOUT = BLOCK_D >= D); each column tile is loaded once, for S and for W @ b."""
     row0 = tl.program_id(0) * BLOCK_N
     split = tl.program_id(1)
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
     douts = tl.program_id(2) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)
     dout_ok = douts < D
-    a_off, inv_a, ya = _rows(a_perm_ptr, inv_a_ptr, ya_ptr, rows, row_ok, stride_a)
+    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
+    ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
+    a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_ROWS:
         ref_self_index_rows = tl.load(ref_self_index_rows_ptr + rows, mask=row_ok, other=-1)
@@ -382,9 +468,9 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, NB)
     for start in range(c0, c1, BLOCK_M):
-        cols, col_ok, b_off, inv_b, yb, S = _column_tile(a_ptr, a_off, row_ok, inv_a, b_ptr, b_perm_ptr, inv_b_ptr,
-                                                         yb_ptr, stride_b, start, c1, D, BLOCK_N, BLOCK_M,
-                                                         BLOCK_D, NORMALIZE, DOT_F32)
+        cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
+            a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+            stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
         valid = row_ok[:, None] & col_ok[None, :]
         if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_COLS:
             ref_self_index_cols = tl.load(ref_self_index_cols_ptr + cols, mask=col_ok, other=-1)
@@ -404,11 +490,11 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
         if SKIP_ZERO_TILES:
             # a tile without mined pairs adds nothing: its second product is skipped (NaN != 0 is kept)
             if tl.sum((W != 0).to(tl.int32)) > 0:
-                acc, x_dot_dx = _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok,
-                                            NORMALIZE, DOT_F32, SCALE_WEIGHTS)
+                acc, x_dot_dx = _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok, b_res,
+                                            NORMALIZE, DOT_F32, SCALE_WEIGHTS, RESIDENT)
         else:
-            acc, x_dot_dx = _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok,
-                                        NORMALIZE, DOT_F32, SCALE_WEIGHTS)
+            acc, x_dot_dx = _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok, b_res,
+                                        NORMALIZE, DOT_F32, SCALE_WEIGHTS, RESIDENT)
 
     if SPLIT:
         part = (split * NA + rows).to(tl.int64)
@@ -416,8 +502,8 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
         if tl.program_id(2) == 0:
             tl.store(x_dot_dx_part_ptr + part, x_dot_dx, mask=row_ok)
     else:
-        _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
-                     g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE)
+        _finish_rows(acc, x_dot_dx, a_ptr, a_off, a_res, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
+                     g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE, False)
 
 
 @triton.jit(do_not_specialize=["NA", "n_splits"])
@@ -438,5 +524,5 @@ def combine_grad_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, g_scale_ptr, p
         x_dot_dx += tl.load(x_dot_dx_part_ptr + part, mask=row_ok, other=0.0)
     a_off = tl.load(a_perm_ptr + rows, mask=row_ok, other=0).to(tl.int64) * stride_a
     inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
-    _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
-                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE)
+    _finish_rows(acc, x_dot_dx, a_ptr, a_off, 0, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
+                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE, False)

@@ -278,3 +278,147 @@ def test_gpu_autotuned_run_uses_o_of_n_extra_memory(monkeypatch):
     extra = torch.cuda.max_memory_allocated() - base - x.grad.numel() * x.grad.element_size()
     assert extra < 0.01 * n * n * 4, f"{extra} bytes beyond inputs and gradients"
     assert math.isfinite(float(x.grad.float().abs().sum()))
+
+
+# ---- one S for every kernel: the forward's and the backward's tiles --------------------------------------
+
+if triton_backend.kernels is not None:
+    import triton
+    import triton.language as tl
+
+    from ms_fused import triton_kernels as K
+
+    @triton.jit
+    def s_tiles_kernel(a_ptr, a_perm_ptr, inv_a_ptr, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, out_ptr,
+                       NA, NB, D, stride_a, stride_b, col_start,
+                       ROW_GROUPS: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
+                       RESIDENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Writes every S tile that the kernels' own helpers compute for ROW_GROUPS stacked anchor blocks
+        against the columns from col_start on (the sweep: ROW_GROUPS = cfg.row_groups, columns from a split
+        start; the band, finish and backward kernels: one block, columns from a band start)."""
+        ROWS: tl.constexpr = ROW_GROUPS * BLOCK_N
+        row0 = tl.program_id(0) * ROWS
+        rows = row0 + tl.arange(0, ROWS)
+        row_ok = rows < NA
+        inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
+        a0_off, a0_ok, a0_res = K._anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32,
+                                                RESIDENT)
+        if ROW_GROUPS == 2:
+            a1_off, a1_ok, a1_res = K._anchor_block(a_ptr, a_perm_ptr, row0 + BLOCK_N, NA, D, stride_a, BLOCK_N,
+                                                    BLOCK_D, DOT_F32, RESIDENT)
+        else:
+            a1_off, a1_ok, a1_res = a0_off, a0_ok, a0_res
+        for start in range(col_start, NB, BLOCK_M):
+            cols, col_ok, b_off, inv_b, yb, S, b_res = K._column_tile(
+                a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+                stride_b, start, NB, D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
+            tl.store(out_ptr + rows[:, None].to(tl.int64) * NB + cols[None, :], S, mask=row_ok[:, None] & col_ok[None, :])
+
+
+def s_tiles(x, cfg, row_groups, col_start):
+    n, d = x.shape
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3)).to(torch.int32).to(x.device)
+    inv = (1.0 / x.float().norm(dim=1))[perm.long()].contiguous()
+    out = torch.full((n, n), float("nan"), device=x.device)
+    rows = cfg.block_n * row_groups
+    triton_backend._launch(s_tiles_kernel, (triton.cdiv(n, rows),), cfg, a_ptr=x, a_perm_ptr=perm, inv_a_ptr=inv,
+                           b_ptr=x, b_perm_ptr=perm, inv_b_ptr=inv, yb_ptr=perm, out_ptr=out, NA=n, NB=n, D=d,
+                           stride_a=x.stride(0), stride_b=x.stride(0), col_start=col_start, ROW_GROUPS=row_groups,
+                           NORMALIZE=True, DOT_F32=triton_backend._dot_f32(x.dtype))
+    return out
+
+
+ARCHS = ("sm_90", "sm_80", "sm_86", "sm_89", "sm_75", "gfx942")
+
+
+def every_config(d, dtype):
+    configs = []
+    for arch in ARCHS:
+        configs += [c for c in triton_backend.tile_configs(d, dtype, arch) if c not in configs]
+    return configs
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [40, 144])
+def test_forward_and_backward_tiles_compute_the_same_s(dtype, d):
+    """The forward mines with S from the sweep's stacked tiles (and the band kernels' tiles), the backward
+    re-mines with S from its own tiles, whose columns start elsewhere: for every configuration of every
+    target list, every S entry they share is bitwise the same, so both mine the same pairs."""
+    x = torch.randn(150, d, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
+    for cfg in every_config(d, dtype):
+        sweep = s_tiles(x, cfg, cfg.row_groups, 0)
+        for start in (0, 7):
+            single = s_tiles(x, cfg, 1, start)
+            assert not torch.isnan(single[:, start:]).any() and not torch.isnan(sweep).any()
+            assert torch.equal(sweep[:, start:], single[:, start:]), cfg
+
+
+# ---- configurations per target, and launches that do not fit ------------------------------------------
+
+def test_every_target_list_starts_with_a_first_choice():
+    for arch in ARCHS:
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            for d in (1, 96, 128, 512, 513, 2048):
+                configs = triton_backend.tile_configs(d, dtype, arch)
+                assert configs and all(isinstance(c, triton_backend.TileConfig) for c in configs)
+                resident = [c for c in configs if c.resident]
+                assert all(c.k_step(d) >= d and c.block_dout(d) == c.k_step(d) for c in resident)
+    assert triton_backend.arch_family("sm_90") == "hopper" and triton_backend.arch_family("sm_89") == "ampere_small"
+    assert triton_backend.arch_family("sm_75") == "turing" and triton_backend.arch_family("gfx942") == "cdna"
+
+
+def fake_gpu(monkeypatch, arch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton_backend, "target_arch", lambda device: arch)
+
+
+def test_auto_takes_torch_where_triton_has_no_tensor_cores(monkeypatch):
+    from ms_fused import backends
+    fake_gpu(monkeypatch, "sm_75")
+    cuda = torch.device("cuda")
+    assert backends.resolve("auto", cuda, torch.float16).__name__ == "ms_fused.torch_backend"
+    assert backends.resolve("triton", cuda, torch.float16).__name__ == "ms_fused.triton_backend"
+    with pytest.raises(ValueError, match="float16 and float32"):
+        backends.resolve("triton", cuda, torch.bfloat16)
+    fake_gpu(monkeypatch, "sm_80")
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+
+
+def out_of_resources_at(monkeypatch, fails):
+    """Make `fails(kernel name, cfg)` launches raise Triton's out-of-resources error; returns the log of
+    (kernel, cfg) launches that went through."""
+    real = triton_backend._launch
+    ran = []
+
+    def launch(kernel, grid, cfg, backward=False, **args):
+        if cfg is not None and fails(kernel.fn.__name__, cfg):
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        ran.append((kernel.fn.__name__, cfg))
+        return real(kernel, grid, cfg, backward, **args)
+
+    monkeypatch.setattr(triton_backend, "_launch", launch)
+    return ran
+
+
+@pytest.mark.parametrize("where", ["everywhere", "first forward", "first backward"])
+def test_a_launch_that_does_not_fit_falls_back(monkeypatch, where):
+    """Out of resources: the next candidate configuration runs (the backward re-mines with the forward of
+    the configuration it runs); after the last, the torch backend, with one warning."""
+    import warnings
+    x, y, r, yr = clustered_batch(60, 24, 5, seed=36, m=50)
+    first = triton_backend.tile_configs(24, torch.float32, triton_backend.target_arch(torch.device(DEVICE)))[0]
+    fails = {"everywhere": lambda name, cfg: True,
+             "first forward": lambda name, cfg: cfg == first and name != "backward_kernel",
+             "first backward": lambda name, cfg: cfg == first and name == "backward_kernel"}[where]
+    ran = out_of_resources_at(monkeypatch, fails)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_matches_reference("triton", x, y, dtype=torch.float32)
+        assert_matches_reference("triton", x, y, r, yr, dtype=torch.float32)
+    ours = [w for w in caught if "no triton configuration fits" in str(w.message)]
+    if where == "everywhere":
+        # one warning per loss call; only the configuration-free row statistics launched
+        assert len(ours) == 2 and all(cfg is None for _, cfg in ran)
+    else:
+        assert not ours and ran and all(cfg != first for name, cfg in ran if cfg is not None and
+                                        (name == "backward_kernel" or where == "first forward"))
