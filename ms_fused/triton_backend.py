@@ -167,11 +167,13 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
     family = arch_family(arch)
     bd = _pow2(d, 16, 64)
     if dtype == torch.float32:  # "ieee" float32 dots run on the CUDA cores: smaller tiles
-        if family in ("hopper", "ampere"):
+        if family == "hopper":
             return [TileConfig(32, 64, 32, 4, 2, bwd_warps=8, bwd_stages=1, max_dout=256),
                     TileConfig(32, 32, 32, 4, 2, bwd_warps=8, bwd_stages=2, max_dout=128)]
-        return [TileConfig(32, 32, 32, 4, 2, bwd_warps=4, bwd_stages=1, max_dout=128),
-                TileConfig(16, 32, 32, 4, 1, bwd_warps=4, bwd_stages=1, max_dout=64)]
+        small = TileConfig(16, 32, 32, 4, 1, bwd_warps=4, bwd_stages=1, max_dout=64)
+        if family in ("cdna", "rdna"):  # a warp is 64 lanes there: half the warps for as many threads
+            return [TileConfig(32, 32, 32, 4, 2, bwd_warps=4, bwd_stages=1, max_dout=128), small]
+        return [TileConfig(32, 32, 32, 4, 2, bwd_warps=8, bwd_stages=1, max_dout=128), small]
     if family == "hopper":
         chunked = [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
                    TileConfig(64, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128),
@@ -191,7 +193,8 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
     if family in ("cdna", "rdna"):
         return [TileConfig(32, 64, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=256),
                 TileConfig(32, 32, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=128)]
-    return [TileConfig(32, 32, min(bd, 32), 4, 1, bwd_warps=4, bwd_stages=1, max_dout=128)]  # turing
+    # turing: float16 dots lower to CUDA-core FMAs there, so the float32 tile shape
+    return [TileConfig(32, 32, min(bd, 32), 4, 2, bwd_warps=8, bwd_stages=1, max_dout=128)]
 
 
 def _autotune_enabled() -> bool:

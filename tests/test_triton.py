@@ -126,9 +126,12 @@ def test_degenerate_label_distributions(labels, mode):
 
 def test_memory_bank_plans_two_waves_of_programs():
     cfg = triton_backend.tile_configs(128, torch.bfloat16)[0]
-    splits, cols = triton_backend.column_splits(256, 32768, cfg, torch.device("cpu"))
-    programs = math.ceil(256 / cfg.block_n) * splits
-    assert programs >= 2 * 132 and (splits - 1) * cols < 32768 <= splits * cols
+    for rows in (cfg.block_n, cfg.block_n * cfg.row_groups):  # the backward's programs, the sweep's
+        splits, cols = triton_backend.column_splits(256, 32768, cfg, torch.device("cpu"), rows_per_program=rows)
+        programs = math.ceil(256 / rows) * splits
+        assert programs >= 2 * 132 and (splits - 1) * cols < 32768 <= splits * cols
+        # a resident program's anchor rows are loaded once per split: at least 1.5 columns per row
+        assert not cfg.resident or cols >= 1.5 * rows
     assert triton_backend.column_splits(32768, 32768, cfg, torch.device("cpu"))[0] == 1
 
 
