@@ -149,9 +149,10 @@ def arch_family(arch: str) -> str:
 
 # Hopper, bfloat16 / float16, D <= 512: the anchor rows stay resident and each column tile is loaded once.
 # The backward's (64, D) float32 accumulator takes 128 of 255 registers at D = 512, so the column tile
-# narrows as D grows (32 columns up to D = 256, 16 up to 512): the widest that compiles
-# without spills under Triton 3.6 and 3.9. Skipping zero tiles is off there: the branch around the
-# second product costs the registers the narrow tile saves.
+# narrows as D grows (32 columns up to D = 256, 16 up to 512): the widest that compiles without spills
+# under Triton 3.6 and 3.9. The backward keeps 8 warps (two warpgroups share the accumulator's D); the
+# forward runs 4, so that each 64-row dot is one warpgroup's (8 would compute it twice). Skipping zero
+# tiles is off there: the branch around the second product costs registers the narrow tile saves.
 _RESIDENT_BLOCK_M = ((256, 32), (512, 16))
 
 
@@ -181,7 +182,7 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
         bm = _resident_block_m(d)
         if bm is None:
             return chunked
-        return [TileConfig(64, bm, bd, 8, 2, bwd_warps=8, bwd_stages=2, row_groups=2, resident=True,
+        return [TileConfig(64, bm, bd, 4, 2, bwd_warps=8, bwd_stages=2, row_groups=2, resident=True,
                            skip_zero_tiles=False)] + chunked
     if family == "ampere":
         return [TileConfig(32, 64, bd, 4, 3, bwd_warps=4, bwd_stages=2, max_dout=256),
@@ -476,7 +477,9 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     d_slices = triton.cdiv(d, block_dout)
     row_blocks = triton.cdiv(na, cfg.block_n)
     n_splits, cols_per_split = column_splits(na, nb, cfg, dev, other_programs=d_slices, splits=plan.splits)
-    split = n_splits > 1
+    # a resident program's whole-D accumulator leaves no registers for the normalisation chain: it stores
+    # its sums and combine_grad_kernel finishes them in narrow D-slices, as for split columns
+    split = n_splits > 1 or cfg.resident
     part = torch.empty((n_splits * na, d) if split else (1, 1), dtype=torch.float32, device=dev)
     x_dot_dx = torch.empty(n_splits * na if split else 1, dtype=torch.float32, device=dev)
     # unread unless a REF_SELF_INDEX_OF_* mode
@@ -484,7 +487,7 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     stats = plan.stats
     _launch(kernels.backward_kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
             a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
-            ref_self_index_rows_ptr=ref_self_index, band_lo_ptr=a.band_lo, band_hi_ptr=a.band_hi,
+            ref_self_index_rows_ptr=ref_self_index,
             b_ptr=b_rows, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels, ref_self_index_cols_ptr=ref_self_index,
             g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG],
             lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
@@ -493,7 +496,7 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
             cols_per_split=cols_per_split, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base,
             eps=hp.epsilon, norm_eps=NORM_EPS,
             ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode, MINING=hp.mining,
-            NORMALIZE=hp.normalize, DOT_F32=_dot_f32(a_rows.dtype), SCALE_WEIGHTS=a_rows.dtype != torch.float16,
+            NORMALIZE=hp.normalize, DOT_F32=_dot_f32(a_rows.dtype), SCALE_WEIGHTS=_scale_weights(a_rows.dtype, cfg),
             SPLIT=split, SKIP_ZERO_TILES=cfg.skip_zero_tiles, BLOCK_DOUT=block_dout)
     if split:  # no recompute here: narrow D-slices cost nothing and keep the accumulator small
         combine_n, combine_dout = 32, min(block_dout, 128)
@@ -503,6 +506,13 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
                 stride_out=out.stride(0), n_splits=n_splits, norm_eps=NORM_EPS, NORMALIZE=hp.normalize,
                 BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
     return out
+
+
+def _scale_weights(dtype: torch.dtype, cfg: TileConfig) -> bool:
+    """Fold the column norms into the weights (W inv_b) rather than scale the column tile (b inv_b)? Not for
+    float16, where W inv_b can pass its range; not for a resident tile, whose scaled copy costs fewer
+    registers on the compilers we check than the folded weights (kernel_stats.py)."""
+    return dtype != torch.float16 and not cfg.resident
 
 
 def _unit_upstream(g: torch.Tensor):

@@ -407,18 +407,14 @@ def _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok
 
 
 @triton.jit
-def _finish_rows(acc, x_dot_dx, a_ptr, a_off, a_res, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
-                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE: tl.constexpr, RESIDENT: tl.constexpr):
+def _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
+                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE: tl.constexpr):
     """dx = (dx_hat - x_hat (x_hat . dx_hat)) / max(|x|, eps), times the upstream scale, stored at the
-    input rows; rows with |x| < eps get dx_hat / eps (F.normalize clamps the norm there). RESIDENT takes
-    x from the anchor rows the program already holds."""
+    input rows; rows with |x| < eps get dx_hat / eps (F.normalize clamps the norm there)."""
     if NORMALIZE:
         norm_a = tl.load(norm_a_ptr + rows, mask=row_ok, other=1.0)
-        if RESIDENT:
-            a = a_res
-        else:
-            a = tl.load(a_ptr + a_off[:, None] + douts[None, :], mask=row_ok[:, None] & dout_ok[None, :], other=0.0)
-        a_hat = a.to(tl.float32) * inv_a[:, None]
+        a_hat = tl.load(a_ptr + a_off[:, None] + douts[None, :],
+                        mask=row_ok[:, None] & dout_ok[None, :], other=0.0).to(tl.float32) * inv_a[:, None]
         x_dot_dx = tl.where(norm_a >= norm_eps, x_dot_dx, 0.0)
         acc = (acc - a_hat * x_dot_dx[:, None]) * inv_a[:, None]
     acc = acc * tl.load(g_scale_ptr)
@@ -428,7 +424,7 @@ def _finish_rows(acc, x_dot_dx, a_ptr, a_off, a_res, rows, row_ok, inv_a, norm_a
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
-def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_index_rows_ptr, band_lo_ptr, band_hi_ptr,
+def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_index_rows_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, ref_self_index_cols_ptr,
                     g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr,
                     out_ptr, part_ptr, x_dot_dx_part_ptr,
@@ -444,7 +440,8 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
     (self mode), each tile of S computed once. No atomics: a program owns its rows; with SPLIT the
     partial sums go to `part_ptr` and combine_grad_kernel adds them in split order.
     x_hat_i . dx_hat_i = sum_j W_ij S_ij, so the normalisation chain needs no other D-slice.
-    RESIDENT: one D-slice (BLOCK_DOUT = BLOCK_D >= D); each column tile is loaded once, for S and for W @ b."""
+    RESIDENT: one D-slice (BLOCK_DOUT = BLOCK_D >= D); each column tile is loaded once, for S and for W @ b;
+    the launcher always stores partial sums then (SPLIT), the normalisation chain needs registers."""
     row0 = tl.program_id(0) * BLOCK_N
     split = tl.program_id(1)
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -454,7 +451,6 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
     inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
     ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
     a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
-    lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
     if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_ROWS:
         ref_self_index_rows = tl.load(ref_self_index_rows_ptr + rows, mask=row_ok, other=-1)
     else:
@@ -476,8 +472,9 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
             ref_self_index_cols = tl.load(ref_self_index_cols_ptr + cols, mask=col_ok, other=-1)
         else:
             ref_self_index_cols = cols
+        # every tile compares labels: a branch on the band here costs the registers the accumulator needs
         pos, neg = _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, valid,
-                               (start < hi) & (start + BLOCK_M > lo), REF_SELF_INDEX_MODE)
+                               True, REF_SELF_INDEX_MODE)
         W = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if ANCHOR_ROWS:
             W += _weights(S, pos, neg, valid, g_r[:, None], min_pos_r[:, None], max_neg_r[:, None],
@@ -502,8 +499,8 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
         if tl.program_id(2) == 0:
             tl.store(x_dot_dx_part_ptr + part, x_dot_dx, mask=row_ok)
     else:
-        _finish_rows(acc, x_dot_dx, a_ptr, a_off, a_res, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
-                     g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE, False)
+        _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
+                     g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE)
 
 
 @triton.jit(do_not_specialize=["NA", "n_splits"])
@@ -524,5 +521,5 @@ def combine_grad_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, g_scale_ptr, p
         x_dot_dx += tl.load(x_dot_dx_part_ptr + part, mask=row_ok, other=0.0)
     a_off = tl.load(a_perm_ptr + rows, mask=row_ok, other=0).to(tl.int64) * stride_a
     inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
-    _finish_rows(acc, x_dot_dx, a_ptr, a_off, 0, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
-                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE, False)
+    _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a_perm_ptr, douts, dout_ok,
+                 g_scale_ptr, out_ptr, stride_out, norm_eps, NORMALIZE)

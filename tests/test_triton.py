@@ -292,13 +292,15 @@ if triton_backend.kernels is not None:
     from ms_fused import triton_kernels as K
 
     @triton.jit
-    def s_tiles_kernel(a_ptr, a_perm_ptr, inv_a_ptr, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, out_ptr,
+    def s_tiles_kernel(a_ptr, a_perm_ptr, inv_a_ptr, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, out_ptr, sink_ptr,
                        NA, NB, D, stride_a, stride_b, col_start,
-                       ROW_GROUPS: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
-                       RESIDENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                       ROW_GROUPS: tl.constexpr, CHAINED: tl.constexpr, NORMALIZE: tl.constexpr,
+                       DOT_F32: tl.constexpr, RESIDENT: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """Writes every S tile that the kernels' own helpers compute for ROW_GROUPS stacked anchor blocks
         against the columns from col_start on (the sweep: ROW_GROUPS = cfg.row_groups, columns from a split
-        start; the band, finish and backward kernels: one block, columns from a band start)."""
+        start; the band, finish and backward kernels: one block, columns from a band start). CHAINED feeds
+        S to a second product, as the backward does (on a GPU that gives the S dot another layout)."""
         ROWS: tl.constexpr = ROW_GROUPS * BLOCK_N
         row0 = tl.program_id(0) * ROWS
         rows = row0 + tl.arange(0, ROWS)
@@ -316,18 +318,27 @@ if triton_backend.kernels is not None:
                 a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
                 stride_b, start, NB, D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
             tl.store(out_ptr + rows[:, None].to(tl.int64) * NB + cols[None, :], S, mask=row_ok[:, None] & col_ok[None, :])
+            if CHAINED:
+                ks = tl.arange(0, BLOCK_D)
+                b = tl.load(b_ptr + b_off[:, None] + ks[None, :], mask=col_ok[:, None] & (ks < D)[None, :], other=0.0)
+                out = tl.sum(tl.dot(S.to(tl.float32 if DOT_F32 else b.dtype), b.to(tl.float32) if DOT_F32 else b))
+                tl.store(sink_ptr + tl.program_id(0), out)
 
 
-def s_tiles(x, cfg, row_groups, col_start):
+def s_tiles(x, cfg, row_groups, col_start, backward=False):
+    """S as the forward's sweep (row_groups = cfg.row_groups) or, with `backward`, as the backward computes
+    it (one block, the backward's warps and stages, S feeding a second product)."""
     n, d = x.shape
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(3)).to(torch.int32).to(x.device)
     inv = (1.0 / x.float().norm(dim=1))[perm.long()].contiguous()
     out = torch.full((n, n), float("nan"), device=x.device)
+    sink = torch.zeros(n, device=x.device)
     rows = cfg.block_n * row_groups
-    triton_backend._launch(s_tiles_kernel, (triton.cdiv(n, rows),), cfg, a_ptr=x, a_perm_ptr=perm, inv_a_ptr=inv,
-                           b_ptr=x, b_perm_ptr=perm, inv_b_ptr=inv, yb_ptr=perm, out_ptr=out, NA=n, NB=n, D=d,
-                           stride_a=x.stride(0), stride_b=x.stride(0), col_start=col_start, ROW_GROUPS=row_groups,
-                           NORMALIZE=True, DOT_F32=triton_backend._dot_f32(x.dtype))
+    triton_backend._launch(s_tiles_kernel, (triton.cdiv(n, rows),), cfg, backward=backward, a_ptr=x, a_perm_ptr=perm,
+                           inv_a_ptr=inv, b_ptr=x, b_perm_ptr=perm, inv_b_ptr=inv, yb_ptr=perm, out_ptr=out,
+                           sink_ptr=sink, NA=n, NB=n, D=d, stride_a=x.stride(0), stride_b=x.stride(0),
+                           col_start=col_start, ROW_GROUPS=row_groups, CHAINED=backward, NORMALIZE=True,
+                           DOT_F32=triton_backend._dot_f32(x.dtype))
     return out
 
 
@@ -350,10 +361,10 @@ def test_forward_and_backward_tiles_compute_the_same_s(dtype, d):
     x = torch.randn(150, d, generator=torch.Generator().manual_seed(4)).to(dtype).to(DEVICE)
     for cfg in every_config(d, dtype):
         sweep = s_tiles(x, cfg, cfg.row_groups, 0)
-        for start in (0, 7):
-            single = s_tiles(x, cfg, 1, start)
+        for start, backward in ((7, False), (0, True)):  # the band kernels' tiles, the backward's
+            single = s_tiles(x, cfg, 1, start, backward)
             assert not torch.isnan(single[:, start:]).any() and not torch.isnan(sweep).any()
-            assert torch.equal(sweep[:, start:], single[:, start:]), cfg
+            assert torch.equal(sweep[:, start:], single[:, start:]), (cfg, backward)
 
 
 # ---- configurations per target, and launches that do not fit ------------------------------------------
