@@ -12,8 +12,12 @@
 #
 # Needs only what a bare GPU image has (python, torch, triton): nothing is installed. The repository goes
 # on PYTHONPATH (the C++ extension is not built; it is a CPU backend). pml, pytest, tqdm and matplotlib
-# are used when importable and recorded as missing when not. Extra pure-Python packages can be put in
-# $VENDOR_DIR (default benchmarks/.vendor), which is added to PYTHONPATH when it exists.
+# are used when importable and recorded as missing when not. The GPU machine reaches no registry, so pml
+# comes as wheels in $VENDOR_DIR (default benchmarks/.vendor), filled beforehand where a registry is reached:
+#   make vendor      # pytorch-metric-learning and what its losses and miners import (tqdm, scipy), Python 3.12
+# and carried with the run (the device tool's carry: ["benchmarks/.vendor"]). Unless pml already imports,
+# the wheels are unpacked into $VENDOR_SITE (default /tmp/ms_fused_vendor_site), on PYTHONPATH as is
+# $VENDOR_DIR itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,7 +33,8 @@ DRY_RUN=0
 
 PY=${PYTHON:-$(command -v python3 || command -v python)}
 VENDOR_DIR=${VENDOR_DIR:-$PWD/benchmarks/.vendor}
-export PYTHONPATH="$PWD${VENDOR_DIR:+:$VENDOR_DIR}${PYTHONPATH:+:$PYTHONPATH}"
+VENDOR_SITE=${VENDOR_SITE:-${TMPDIR:-/tmp}/ms_fused_vendor_site}
+export PYTHONPATH="$PWD${VENDOR_DIR:+:$VENDOR_DIR:$VENDOR_SITE}${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
 if ! $PY -c 'import torch' 2>/dev/null; then
@@ -41,10 +46,45 @@ if [[ $DRY_RUN == 0 ]] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.
     echo "no CUDA device here; use --dry-run to exercise the script on a CPU" >&2
     exit 2
 fi
+# pml: the image's own when its losses and miners import, else the vendored wheels (make vendor), unpacked
+# outside the repository (a wheel is a zip file, and scipy's compiled modules cannot be imported from one)
+pml_imports() { $PY -c 'import pytorch_metric_learning.losses, pytorch_metric_learning.miners' 2>/dev/null; }
+rm -rf "$VENDOR_SITE"
+wheels=()
+if [[ -n "$VENDOR_DIR" && -d "$VENDOR_DIR" ]]; then
+    shopt -s nullglob
+    wheels=("$VENDOR_DIR"/*.whl)
+    shopt -u nullglob
+fi
+if (( ${#wheels[@]} )) && ! pml_imports; then
+    if $PY -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+            "$VENDOR_SITE" "${wheels[@]}"; then
+        echo "== vendored: ${#wheels[@]} wheels of $VENDOR_DIR unpacked into $VENDOR_SITE"
+    else
+        echo "== vendored: unpacking $VENDOR_DIR/*.whl FAILED" >&2
+    fi
+    if ! pml_imports; then
+        # a pml that is found but does not import would fail every pml record: recorded as not installed instead
+        rm -rf "$VENDOR_SITE"
+        echo "== vendored wheels set aside: pml does not import from them with this Python"
+    fi
+fi
 $PY - <<'EOF'
 import importlib.util
-for name in ("triton", "pytest", "pytorch_metric_learning", "tqdm", "matplotlib"):
+import sys
+for name in ("triton", "pytest", "tqdm", "matplotlib"):
     print(f"   {name}: {'found' if importlib.util.find_spec(name) else 'MISSING'}")
+try:  # what impls.pml_loss imports: the package alone is not enough (its losses import scipy and tqdm)
+    import pytorch_metric_learning
+    import pytorch_metric_learning.losses, pytorch_metric_learning.miners  # noqa: E401
+    print(f"   pytorch_metric_learning: found {pytorch_metric_learning.__version__} "
+          f"({pytorch_metric_learning.__file__.rsplit('/pytorch_metric_learning/', 1)[0]})")
+except Exception as exc:
+    py = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    print(f"   pytorch_metric_learning: MISSING ({type(exc).__name__}: {exc})\n"
+          "== pml MISSING: the target point is timed WITHOUT pml (its goal unchecked). This machine reaches no\n"
+          f"   registry: run `make vendor VENDOR_PYTHON={py}` beforehand where one is reached (wheels into\n"
+          "   benchmarks/.vendor) and carry benchmarks/.vendor with this run. The rest runs as usual.")
 EOF
 
 # each step is a run.py sweep bounded by its own share of the budget: "benchmark STEP SECONDS ARGS..."
