@@ -184,12 +184,14 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
             return chunked
         return [TileConfig(64, bm, bd, 4, 2, bwd_warps=8, bwd_stages=2, row_groups=2, resident=True,
                            skip_zero_tiles=False)] + chunked
+    # mma targets: 8 warps share the backward's (32, 256) accumulator, leaving the registers that the
+    # normalisation chain at the end needs when the columns are not split
     if family == "ampere":
-        return [TileConfig(32, 64, bd, 4, 3, bwd_warps=4, bwd_stages=2, max_dout=256),
-                TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
+        return [TileConfig(32, 32, bd, 4, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
+                TileConfig(32, 64, bd, 4, 3, bwd_warps=8, bwd_stages=1, max_dout=256),
                 TileConfig(32, 32, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=128)]
     if family == "ampere_small":
-        return [TileConfig(32, 64, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=256),
+        return [TileConfig(32, 32, bd, 4, 2, bwd_warps=8, bwd_stages=2, max_dout=256),
                 TileConfig(32, 32, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=128)]
     if family in ("cdna", "rdna"):
         return [TileConfig(32, 64, bd, 4, 2, bwd_warps=4, bwd_stages=2, max_dout=256),
