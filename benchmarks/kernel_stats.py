@@ -444,8 +444,11 @@ def compile_stats(arch_name: str) -> list:
             return 0
 
     driver.set_active(StubDriver())
+    tool = ""
     if arch.vendor == "cuda":
         _tee_ptxas_logs()
+        version = subprocess.run([_ptxas(arch.capability), "--version"], capture_output=True, text=True).stdout
+        tool = "ptxas " + (re.findall(r"V(\d+\.\d+\.\d+)", version) or ["?"])[-1]
     compiled = []
     real_run = jitmod.JITFunction.run
 
@@ -484,7 +487,8 @@ def compile_stats(arch_name: str) -> list:
                     (out[0] if count else out).backward()
                 except Exception as exc:  # a target the kernels do not compile for: reported, not fatal
                     error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-                base = dict(arch=arch.name, triton=triton.__version__, mode=mode, dtype=dtype, d=d, count_pairs=count)
+                base = dict(arch=arch.name, triton=triton.__version__, tool=tool, mode=mode, dtype=dtype, d=d,
+                            count_pairs=count)
                 for name, kernel, config in compiled:
                     key = (name, dtype, kernel.hash if hasattr(kernel, "hash") else id(kernel))
                     if key in seen:
@@ -601,9 +605,11 @@ def arch_summary_rows(compiled: list) -> list:
         missing = [r for r in dots if not r["matrix_count"]]
         fewest = min(good, key=lambda r: r["ctas_per_sm"], default=None)
         failing = [r for r in rows if r["problems"]]
-        out.append(dict(arch=arch_name, gpus=arch.gpus, triton=triton_version, variants=len(good),
-                        compile_errors=len(failed), spilled=spilled, most_shared=most, dots=len(dots),
-                        missing_matrix=missing, fewest=fewest, failing=failing, asserted=arch.asserted))
+        tool = rows[0].get("tool", "")
+        out.append(dict(arch=arch_name, gpus=arch.gpus, triton=triton_version + (f" ({tool})" if tool else ""),
+                        variants=len(good), compile_errors=len(failed), spilled=spilled, most_shared=most,
+                        dots=len(dots), missing_matrix=missing, fewest=fewest, failing=failing,
+                        asserted=arch.asserted))
     return out
 
 
@@ -715,7 +721,8 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
         for triton_version, python, arch_name, rows in _groups(compiled):
             arch = ARCHS[arch_name]
             how = sorted({r.get("ptxas", "") for r in rows if r.get("ptxas")})
-            lines += [f"### {arch_name} ({arch.gpus}): Triton {triton_version}"
+            tool = rows[0].get("tool", "")
+            lines += [f"### {arch_name} ({arch.gpus}): Triton {triton_version}" + (f", {tool}" if tool else "")
                       + (f" ({python})" if python else ""), "",
                       f"Per-block shared memory limit {arch.smem_per_block} B; matrix instruction `{arch.matrix}`"
                       + (f"; registers and spills from {', '.join(how)}" if how else "")
