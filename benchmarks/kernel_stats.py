@@ -125,12 +125,15 @@ OCCUPANCY_FORMULAS = [
 ]
 
 
+def amd_waves_per_simd(vgprs: int) -> int:
+    """Waves one SIMD holds at once as far as VGPRs go (gfx942)."""
+    return min(AMD_MAX_WAVES, AMD_VGPRS // (-(-max(1, vgprs) // AMD_VGPR_GRANULE) * AMD_VGPR_GRANULE))
+
+
 def occupancy(arch: Arch, registers: int, warps: int, shared: int) -> int:
     """CTAs per SM (NVIDIA) or workgroups per CU (AMD) that the target's limits allow; 0 = does not fit."""
     if arch.vendor == "hip":
-        alloc = -(-max(1, registers) // AMD_VGPR_GRANULE) * AMD_VGPR_GRANULE
-        waves_per_simd = min(AMD_MAX_WAVES, AMD_VGPRS // alloc)
-        by_regs = waves_per_simd // -(-warps // AMD_SIMDS)
+        by_regs = amd_waves_per_simd(registers) // -(-warps // AMD_SIMDS)
         by_smem = arch.smem_per_sm // shared if shared else by_regs
         return min(by_regs, by_smem) if shared <= arch.smem_per_block else 0
     if shared > arch.smem_per_block:
@@ -393,7 +396,8 @@ def _amd_stats(kernel, arch: Arch) -> dict:
     return dict(registers=vgprs, sgprs=_num(r"\.sgpr_count:\s+(\d+)", asm), vgpr_spills=vgpr_spills,
                 sgpr_spills=_num(r"\.sgpr_spill_count:\s+(\d+)", asm), scratch_bytes=scratch,
                 spills=bool(vgpr_spills or scratch),
-                compiler_occupancy=_num(r"^; Occupancy: (\d+)", asm), gpu_name=arch.name,
+                waves_per_simd=amd_waves_per_simd(vgprs), compiler_occupancy=_num(r"^; Occupancy: (\d+)", asm),
+                gpu_name=arch.name,
                 matrix_count=len(re.findall(arch.matrix_pattern, asm)))
 
 
@@ -731,8 +735,9 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
             if arch.vendor == "hip":
                 lines += ["| kernel | mode | dtype | D | pairs counted | configuration | warps | VGPRs | SGPRs | "
                           "VGPR spills | SGPR spills (to VGPR lanes) | scratch (B) | LDS (B) | v_mfma | "
-                          "workgroups per CU | compiler occupancy | CI problems |",
-                          "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                          "waves per SIMD (VGPRs) | the compiler's occupancy (waves per SIMD) | workgroups per CU | "
+                          "CI problems |",
+                          "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
             else:
                 lines += ["| kernel | mode | dtype | D | pairs counted | configuration | warps | registers | "
                           "spill stores (B) | spill loads (B) | shared memory (B) | " + arch.matrix + " | CTAs per SM | "
@@ -750,7 +755,8 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
                     lines.append(f"| {c['kernel']} | {c['mode']} | {c['dtype']} | {c['d']} | {c['count_pairs']} | "
                                  f"{c['config']} | {c['num_warps']} | {c['registers']} | {c['sgprs']} | "
                                  f"{c['vgpr_spills']} | {c['sgpr_spills']} | {c['scratch_bytes']} | {c['shared_bytes']} | "
-                                 f"{matrix} | {c['ctas_per_sm']} | {c['compiler_occupancy']} | {probs} |")
+                                 f"{matrix} | {c['waves_per_simd']} | {c['compiler_occupancy']} | {c['ctas_per_sm']} | "
+                                 f"{probs} |")
                 else:
                     lines.append(f"| {c['kernel']} | {c['mode']} | {c['dtype']} | {c['d']} | {c['count_pairs']} | "
                                  f"{c['config']} | {c['num_warps']} | {c['registers']} | {c['spill_stores']} | "
@@ -822,12 +828,13 @@ def main(argv=None) -> None:
     if json_path:
         with open(json_path, "w") as f:
             json.dump(dict(params=params, work=work, roofline=roof, compiled=compiled), f, indent=1)
-    if args.compile_only:
-        print("\n".join(which_gpus_lines(compiled)))
+    command = "python benchmarks/kernel_stats.py" + (" --compile-only" if args.compile_only else "") + \
+        (f" --arch {args.arch}" if args.arch != DEFAULT_ARCHS else "") + \
+        (f" --readme {args.readme}" if args.readme else "") + "".join(f" --compile-with {s}" for s in args.compile_with)
+    if args.compile_only:  # the per-target tables, printed only
+        print(markdown([], compiled, [], command, args.peak_tflops, args.l2_tbps))
         print(f"({params['seconds']} s)")
         return
-    command = "python benchmarks/kernel_stats.py" + (f" --readme {args.readme}" if args.readme else "") + \
-        "".join(f" --compile-with {s}" for s in args.compile_with)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         f.write(markdown(work, compiled, roof, command, args.peak_tflops, args.l2_tbps))
