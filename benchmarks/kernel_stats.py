@@ -50,7 +50,8 @@ CASES = [
 # where each counted case is predicted (roofline): name, N, M, D, dtype
 TARGETS = {
     "self mode": ("N = 32768, D = 512, bf16", 32768, 32768, 512, "bfloat16"),
-    "memory bank": ("memory-bank point: N = 256 against M = 100 000, D = 128, bf16", 256, 100_000, 128, "bfloat16"),
+    "memory bank": ("N = 256 against M = 100 000, D = 128, bf16 (the memory-bank point)", 256, 100_000, 128,
+                    "bfloat16"),
 }
 # the kernel variants compiled per target: each dtype's first configuration, in every mode, default kernels and
 # those that count mined pairs
@@ -558,8 +559,8 @@ def _f(x, digits=3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.4g}"
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:.2f}"
 
 
 def _groups(compiled: list) -> list:
@@ -591,7 +592,7 @@ def roofline_goal_lines(lines_for: list) -> list:
                        f"{r['step_per_mm']:.2f}× ({'meets' if r['step_per_mm'] <= STEP_GOAL else 'misses'} ≤ {STEP_GOAL})")
         else:
             out.append(f"{r['point']}: forward {r['forward_per_mm']:.2f}× one mm, step {r['step_per_mm']:.2f}× "
-                       "(no goal stated for this point here)")
+                       "(no roofline bound is set for this point)")
     return out
 
 
@@ -701,16 +702,16 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
                   "X·memoryᵀ for the bank) at the peak rate. Loads are assumed to hit L2 (re-reads of rows other "
                   "programs loaded); first reads from HBM and stores are not counted.", "", SCALING_METHOD, ""]
         for r in roof:
-            lines += [f"### {r['case']}: {r['point']} (one mm: {_ms(r['mm_seconds'])} ms)", "",
-                      "| phase | kernel | similarity passes | bytes per MAC | tensor-core ms | load ms | predicted ms | "
+            lines += [f"### {r['case']}: {r['point']} (one mm: {_us(r['mm_seconds'])} µs)", "",
+                      "| phase | kernel | similarity passes | bytes per MAC | tensor-core µs | load µs | predicted µs | "
                       "bound by | / one mm |",
                       "|---|---|---:|---:|---:|---:|---:|---|---:|"]
             for k in r["kernels"]:
                 lines.append(f"| {k['phase']} | {k['kernel']} | {k['passes']:.4f} | {_f(k['bytes_per_mac'], 4)} | "
-                             f"{_ms(k['mac_s'])} | {_ms(k['load_s'])} | {_ms(k['seconds'])} | {k['bound']} | "
+                             f"{_us(k['mac_s'])} | {_us(k['load_s'])} | {_us(k['seconds'])} | {k['bound']} | "
                              f"{k['per_mm']:.3f} |")
-            lines += [f"| forward | (all) | | | | | {_ms(r['forward_seconds'])} | | {r['forward_per_mm']:.3f} |",
-                      f"| forward + backward | (all) | | | | | {_ms(r['step_seconds'])} | | {r['step_per_mm']:.3f} |", ""]
+            lines += [f"| forward | (all) | | | | | {_us(r['forward_seconds'])} | | {r['forward_per_mm']:.3f} |",
+                      f"| forward + backward | (all) | | | | | {_us(r['step_seconds'])} | | {r['step_per_mm']:.3f} |", ""]
         lines += [f"- {x}" for x in roofline_goal_lines(roof)] + [""]
     if compiled:
         lines += ["## Which GPUs: compile statistics per target", "",
@@ -781,6 +782,17 @@ def readme_summary(work: list, roof: list) -> list:
     return lines
 
 
+def _json_lines(doc: dict) -> str:
+    """JSON with one line per list entry (a kernel variant, a case): readable diffs, no 10 000-line file."""
+    parts = []
+    for key, value in doc.items():
+        if isinstance(value, list) and value:
+            parts.append(f" {json.dumps(key)}: [\n  " + ",\n  ".join(json.dumps(x) for x in value) + "\n ]")
+        else:
+            parts.append(f" {json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(parts) + "\n}\n"
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(BENCH_DIR, "results", "kernel_stats.md"))
@@ -827,7 +839,7 @@ def main(argv=None) -> None:
     json_path = args.json or (None if args.compile_only else os.path.splitext(args.out)[0] + ".json")
     if json_path:
         with open(json_path, "w") as f:
-            json.dump(dict(params=params, work=work, roofline=roof, compiled=compiled), f, indent=1)
+            f.write(_json_lines(dict(params=params, work=work, roofline=roof, compiled=compiled)))
     command = "python benchmarks/kernel_stats.py" + (" --compile-only" if args.compile_only else "") + \
         (f" --arch {args.arch}" if args.arch != DEFAULT_ARCHS else "") + \
         (f" --readme {args.readme}" if args.readme else "") + "".join(f" --compile-with {s}" for s in args.compile_with)
