@@ -1,0 +1,118 @@
+"""The Triton kernels compiled for every GPU family the project lists, without a GPU.
+
+benchmarks/kernel_stats.py --compile-only runs Triton's real compiler against a stub driver that answers each
+target (nothing is launched), through the backend's own launch code with MS_FUSED_TRITON_ARCH=<target>, for
+each dtype's first configuration in every mode (kernel_stats.COMPILE_CASES), one process per target. Every
+target must compile every kernel variant with no register spill, with shared memory within the target's
+per-block limit, and with the target's matrix instruction (wgmma, mma.sync, v_mfma) in every bfloat16 and
+float16 kernel that calls tl.dot. sm_75 (T4) is held to the shared memory limit only: its bf16 dots have no
+tensor-core instruction and its large tiles spill, so the backend's "auto" routing decides what runs there.
+
+Catches what the interpreter lets through: non-constexpr globals, dot dtype rules, loop-carried types, register
+allocation, shared memory. Runs the targets in parallel processes (one per core); a few minutes on 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from kernel_stats import ARCHS  # noqa: E402  (benchmarks/ is on sys.path through conftest)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# every target by default; MS_FUSED_COMPILE_TARGETS=sm_90 (comma-separated) narrows it, e.g. for a second Triton
+TARGETS = [a for a in os.environ.get("MS_FUSED_COMPILE_TARGETS", ",".join(ARCHS)).split(",") if a]
+assert set(TARGETS) <= set(ARCHS), f"MS_FUSED_COMPILE_TARGETS: unknown targets {set(TARGETS) - set(ARCHS)}"
+ASSERTED = [a for a in TARGETS if ARCHS[a].asserted]
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
+                                reason="on a GPU machine the GPU tests compile and run the kernels themselves")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict:
+    """{target: [one row per kernel variant]} from one kernel_stats --compile-only run over TARGETS."""
+    out = tmp_path_factory.mktemp("kernel_compile") / "compiled.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "kernel_stats.py"), "--compile-only",
+                           "--arch", ",".join(TARGETS), "--json", str(out)], env=env, capture_output=True, text=True,
+                          timeout=1500, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-2000:]
+    rows = json.load(open(out))["compiled"]
+    return {a: [r for r in rows if r["arch"] == a] for a in TARGETS}
+
+
+def _name(r: dict) -> str:
+    return (f"{r['kernel']} ({r['mode']}, {r['dtype']}, D = {r['d']}, pairs counted: {r['count_pairs']}, "
+            f"{r.get('config', '')})")
+
+
+@pytest.mark.parametrize("arch", TARGETS)
+def test_triton_kernels_compile(compiled, arch):
+    rows = compiled[arch]
+    errors = [f"{_name(r)}: {r['error']}" for r in rows if not r.get("ok")]
+    assert not errors, "\n".join(errors)
+    assert rows, f"nothing compiled for {arch}"
+    assert all(r["registers"] > 0 for r in rows), "a register count was not read"
+
+
+@pytest.mark.parametrize("arch", TARGETS)
+def test_triton_shared_memory_within_the_per_block_limit(compiled, arch):
+    limit = ARCHS[arch].smem_per_block
+    over = [f"{_name(r)}: {r['shared_bytes']} B" for r in compiled[arch] if r.get("ok") and r["shared_bytes"] > limit]
+    assert not over, f"over {limit} B of shared memory per block on {arch}:\n" + "\n".join(over)
+
+
+@pytest.mark.parametrize("arch", ASSERTED)
+def test_triton_no_register_spills(compiled, arch):
+    spilled = [f"{_name(r)}: " + (f"{r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads"
+                                  if "spill_stores" in r else f"{r['vgpr_spills']} VGPRs spilled, "
+                                  f"{r['scratch_bytes']} B scratch")
+               for r in compiled[arch] if r.get("ok") and r["spills"]]
+    assert not spilled, f"register spills on {arch}:\n" + "\n".join(spilled)
+
+
+@pytest.mark.parametrize("arch", ASSERTED)
+def test_triton_matrix_instructions_in_every_half_precision_dot_kernel(compiled, arch):
+    rows = [r for r in compiled[arch] if r.get("ok") and r["needs_matrix"]]
+    assert rows, f"no bf16/fp16 kernel with a tl.dot compiled for {arch}"
+    missing = [_name(r) for r in rows if not r["matrix_count"]]
+    assert not missing, f"no {ARCHS[arch].matrix} instruction on {arch} in:\n" + "\n".join(missing)
+
+
+# ---- the interpreter counts behind bytes per multiply-add ---------------------------------------------------
+
+def test_triton_interpreter_counter_counts_loaded_bytes_and_multiply_adds_per_launch():
+    """kernel_stats' hooks: a load's bytes leave out the elements its mask switches off, a dot's multiply-adds
+    are M*N*K, and both go to the launch (kernel name, programs, tile arguments) they happen in."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts under Triton's interpreter (TRITON_INTERPRET=1, set by conftest without a GPU)")
+    import triton
+    import triton.language as tl
+
+    from kernel_stats import _InterpreterCounter
+
+    @triton.jit
+    def tile_product(x_ptr, y_ptr, out_ptr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        r = tl.arange(0, BLOCK)
+        offs = r[:, None] * BLOCK + r[None, :]
+        a = tl.load(x_ptr + offs, mask=(r < ROWS)[:, None], other=0.0)  # ROWS of BLOCK rows
+        b = tl.load(y_ptr + offs)                                         # every element
+        tl.store(out_ptr + offs, tl.dot(a, b))
+
+    x, y, out = torch.randn(16, 16), torch.randn(16, 16), torch.empty(16, 16)
+    with _InterpreterCounter() as counter:
+        tile_product[(3,)](x, y, out, ROWS=10, BLOCK=16)
+        counter.phase = "backward"
+        tile_product[(1,)](x, y, out, ROWS=16, BLOCK=16)
+    assert counter.launches == [
+        dict(kernel="tile_product", phase="forward", programs=3, config="BLOCK=16", macs=3 * 16 ** 3,
+             load_bytes=3 * (10 * 16 + 16 * 16) * 4),
+        dict(kernel="tile_product", phase="backward", programs=1, config="BLOCK=16", macs=16 ** 3,
+             load_bytes=(16 * 16 + 16 * 16) * 4)]
+    torch.testing.assert_close(out, x @ y)
