@@ -147,7 +147,8 @@ def arch_family(arch: str) -> str:
     return "turing"
 
 
-# Hopper, bfloat16 / float16, D <= 512: the anchor rows stay resident and each column tile is loaded once.
+# Hopper, bfloat16 / float16, D <= resident_widest_d(): the anchor rows stay resident and each column tile
+# is loaded once.
 # The backward's (64, D) float32 accumulator takes 128 of 255 registers at D = 512, so the column tile
 # narrows as D grows (32 columns up to D = 256, 16 up to 512): the widest that compiles without spills
 # under Triton 3.6 and 3.9. The backward keeps 8 warps (two warpgroups share the accumulator's D); the
@@ -156,7 +157,23 @@ def arch_family(arch: str) -> str:
 _RESIDENT_BLOCK_M = ((256, 32), (512, 16))
 
 
+def triton_version() -> tuple:
+    """(major, minor) of the Triton in use, (0, 0) without one."""
+    if triton is None:
+        return (0, 0)
+    return tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def resident_widest_d() -> int:
+    """The widest D a resident configuration takes. At D = 512 the backward fits its 255 registers only
+    under Triton 3.6's ptxas options; from 3.9 on, Triton calls ptxas with --regAllocOptLevel=2, which
+    spills it (kernel_stats.py shows both), and 3.7 / 3.8 are unchecked: there D <= 256."""
+    return 512 if triton_version() <= (3, 6) else 256
+
+
 def _resident_block_m(d: int) -> Optional[int]:
+    if d > resident_widest_d():
+        return None
     return next((bm for widest, bm in _RESIDENT_BLOCK_M if d <= widest), None)
 
 
@@ -176,6 +193,7 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
             return [TileConfig(32, 32, 32, 4, 2, bwd_warps=4, bwd_stages=1, max_dout=128), small]
         return [TileConfig(32, 32, 32, 4, 2, bwd_warps=8, bwd_stages=1, max_dout=128), small]
     if family == "hopper":
+        # wider D: K-chunks re-read; a (64, 256) accumulator, two D-slices at D = 512
         chunked = [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
                    TileConfig(64, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128),
                    TileConfig(128, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128)]
