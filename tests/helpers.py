@@ -134,12 +134,16 @@ TOLERANCE = {
 
 
 # Bounds outside the loss, each with its reason:
-# |computed − exact| cosine similarity of two rows normalised inside and multiplied in the compute dtype, u its
-# unit roundoff: normalisation ≤ (D/2 + 2)·u per row, the dot product of unit rows ≤ D·u (Higham's γ_D), so
-# ≤ (2D + 4)·u ≤ 1.5e-14 (float64) and 7.9e-6 (float32) for the D ≤ 64 of the tests, whatever the CPU, BLAS,
-# tiling or summation order. Two rows whose exact similarities to a query differ by more than twice this rank
-# the same way in every implementation; closer ones are near-ties (docs/semantics.md "Retrieval ranking").
-SIMILARITY_ROUNDING = {torch.float64: 1e-13, torch.float32: 1e-5}
+def similarity_rounding(dtype: torch.dtype, d: int) -> float:
+    """|computed − exact| cosine similarity of two D-dim rows normalised inside and multiplied in the compute
+    dtype `dtype`, u its unit roundoff: normalisation ≤ (D/2 + 2)·u per row, the dot product of unit rows
+    ≤ D·u (Higham's γ_D), so ≤ (2D + 4)·u, whatever the CPU, BLAS, tiling or summation order. Two rows whose
+    exact similarities to a query differ by more than twice this rank the same way in every implementation
+    (closer ones are near-ties, docs/semantics.md "Retrieval ranking"); a pair farther than twice this (plus
+    the rounding of S ± ε) from a mining threshold is mined alike everywhere."""
+    return (2 * d + 4) * torch.finfo(dtype).eps / 2
+
+
 # a retrieval metric computed in float64 from one ranking by two implementations (or two tilings): sums of
 # the same ≤ M terms of size ≤ 1 grouped differently differ by ≲ M·2^-53 ≈ 1e-13 for M ≤ 1000
 METRIC_ROUNDING = 1e-12
@@ -149,7 +153,7 @@ def similarity_gap(q, r=None, exclude_self: bool = True, normalize: bool = True)
     """Smallest difference (float64) between the similarities of two reference rows that are not exact copies
     of one another, over every query. Copies count once: they tie exactly by design (docs/semantics.md
     "Retrieval ranking"). Self mode (r None): the query's own row is left out when `exclude_self`, its copies
-    stay. A test that compares rankings exactly asserts that this exceeds 2 · SIMILARITY_ROUNDING[dtype]."""
+    stay. A test that compares rankings exactly asserts that this exceeds 2 · similarity_rounding(dtype, D)."""
     self_mode = r is None
     r = q if self_mode else r
     rows, inverse = torch.unique(r.double(), dim=0, return_inverse=True)  # one column per set of copies

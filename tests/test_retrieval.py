@@ -7,7 +7,7 @@ Three kinds of data:
   documented tie rule, and metrics are computed from it in plain numpy by their definitions.
 - clustered float data with duplicated rows: copies tie exactly by design (docs/semantics.md "Retrieval
   ranking"), and every other pair of rows is asserted farther apart than any rounding (helpers.similarity_gap
-  against helpers.SIMILARITY_ROUNDING), so the rankings compare exactly whatever the CPU, BLAS or tiling.
+  against helpers.similarity_rounding), so the rankings compare exactly whatever the CPU, BLAS or tiling.
 - copies whose product is rounded by position: by a product that the test makes round each column
   differently, on every CPU, and by this CPU's own matrix product where it is found to do so.
 """
@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import METRIC_ROUNDING, SIMILARITY_ROUNDING, similarity_gap
+from helpers import METRIC_ROUNDING, similarity_gap, similarity_rounding
 from ms_fused import _topk
 from ms_fused.retrieval import map_at_r, nearest_neighbors, recall_at_k
 
@@ -140,7 +140,7 @@ def test_clustered_with_duplicates_match_sklearn(self_mode, tiling):
     x, y = with_duplicates(*clustered(200, 16, 25, gen), gen, 40)
     q, yq, r, yr = (x, y, None, None) if self_mode else (x[:70], y[:70], x[50:], y[50:])
     # copies tie exactly by design; every other pair of rows is farther apart than rounding can move them
-    assert similarity_gap(q, r) > 2 * SIMILARITY_ROUNDING[torch.float64]
+    assert similarity_gap(q, r) > 2 * similarity_rounding(torch.float64, 16)
     ranking = sklearn_ranking(q, x if self_mode else r, self_mode)
     _, idx = nearest_neighbors(q, 8, ref_emb=r, chunk_bytes=tiling)
     assert np.array_equal(idx.numpy(), ranking[:, :8])
@@ -156,13 +156,13 @@ def test_random_data_matches_sklearn_kneighbors(self_mode):
     x = torch.randn(300, 24, generator=gen, dtype=torch.float64)
     q, r = (x, None) if self_mode else (x[:100], x[100:])
     # no copies and no near-ties: scikit-learn's order (which has no tie rule) is the only one
-    assert similarity_gap(q, r) > 2 * SIMILARITY_ROUNDING[torch.float64]
+    assert similarity_gap(q, r) > 2 * similarity_rounding(torch.float64, 24)
     model = sklearn_neighbors.NearestNeighbors(n_neighbors=8, algorithm="brute", metric="cosine").fit(
         (x if self_mode else r).numpy())
     dist, idx = model.kneighbors() if self_mode else model.kneighbors(q.numpy())
     sims, ours = nearest_neighbors(q, 8, ref_emb=r)
     assert np.array_equal(ours.numpy(), idx)
-    np.testing.assert_allclose(sims.numpy(), 1 - dist, atol=2 * SIMILARITY_ROUNDING[torch.float64])
+    np.testing.assert_allclose(sims.numpy(), 1 - dist, atol=2 * similarity_rounding(torch.float64, 24))
 
 
 # ---- copies whose matrix product is rounded differently by position ---------------------------------------
@@ -274,7 +274,7 @@ class TestPml:
     @staticmethod
     def assert_no_deciding_near_tie(q, yq, r, yr, self_mode):
         """pml ranks in float32 with its own product and topk: two rows can swap where their similarities are
-        within rounding (helpers.SIMILARITY_ROUNDING, twice). Such a swap changes precision_at_1 or MAP@R
+        within rounding (helpers.similarity_rounding, twice). Such a swap changes precision_at_1 or MAP@R
         only when the two rows differ in relevance and sit within the first R_i + 1 places: assert none does,
         so both metrics compare exactly."""
         S = F.normalize(q.double(), dim=1) @ F.normalize(r.double(), dim=1).T
@@ -284,7 +284,7 @@ class TestPml:
         rel = yr[order] == yq[:, None]
         places = torch.arange(S.shape[1] - 1)
         within = places[None, :] < rel.sum(dim=1, keepdim=True).clamp(min=1)  # pairs (a, a+1), a < max(R_i, 1)
-        near = S[:, :-1] - S[:, 1:] <= 2 * SIMILARITY_ROUNDING[torch.float32]
+        near = S[:, :-1] - S[:, 1:] <= 2 * similarity_rounding(torch.float32, q.shape[1])
         assert not (near & (rel[:, :-1] != rel[:, 1:]) & within).any()
 
     def test_self_mode(self, calculator, tiling):
