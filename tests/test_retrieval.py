@@ -196,8 +196,8 @@ def test_copies_tie_exactly_when_the_product_rounds_by_position(monkeypatch, til
     product is replaced by one that rounds every column by its position, so copies at different positions
     would get different similarities; the expected ranking takes each copy's value from its first copy."""
     gen = torch.Generator().manual_seed(6)
-    x, _ = with_duplicates(exact_rows(120, gen), torch.zeros(120, dtype=torch.long), gen, 50)
-    q, r = (x, None) if self_mode else (exact_rows(30, gen), x)
+    x, _ = with_duplicates(exact_rows(64, gen), torch.zeros(64, dtype=torch.long), gen, 30)
+    q, r = (x, None) if self_mode else (exact_rows(20, gen), x)
     q, r = q.to(dtype), None if r is None else r.to(dtype)
     refs = q if self_mode else r
     product = _topk.similarities
@@ -207,7 +207,7 @@ def test_copies_tie_exactly_when_the_product_rounds_by_position(monkeypatch, til
         return one_ulp_by_column(product(q_tile, r_tile), columns)
 
     monkeypatch.setattr(_topk, "similarities", by_position)
-    k = 40
+    k = 24
     sims, idx = nearest_neighbors(q, k, ref_emb=r, chunk_bytes=tiling)
 
     # the exact products (entries ±1/4 after normalisation: no rounding anywhere), rounded by position, then
