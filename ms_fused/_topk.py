@@ -3,6 +3,15 @@
 Order: larger similarity first; equal similarities by lower reference index. `torch.topk` leaves the order
 of equal values open, so each tile's selection is repaired where a tie straddles its k-th place, and the
 running top-k is merged with each new tile by a stable sort (the running list holds lower indices).
+
+Exact duplicates (`ms_fused._duplicates`): a matrix product may round a row differently depending on its
+position in the matrix, so a copy of a reference row does not take its own product: every copy gets the
+similarity computed for its representative (the lowest-indexed equal row). A representative in the same
+tile is read from its column before the own-row exclusion; one in an earlier tile is read from the running
+top-k, where it must be if the copy can still make the top k: a copy ranks right behind its representative
+(same similarity, higher index), so if k entries already beat the representative they beat the copy too,
+and the copy is left at -inf. A representative that is the query's own row (excluded) is remembered
+separately, since its copies still count.
 """
 from __future__ import annotations
 
@@ -10,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from ._duplicates import Duplicates
 from .torch_backend import DEFAULT_CHUNK_BYTES, chunk_rows
 
 REF_BLOCK = 16384  # references per tile; the queries per tile follow from the byte budget
@@ -80,18 +90,83 @@ def _merge(values, indices, new_values, new_indices, k: int):
     return values[:, :k], indices.gather(1, perm[:, :k])
 
 
-def topk(q, r, k: int, exclude=None):
+def similarities(q, r):
+    """S = q r^T for one tile: the only matrix product of the search (tests replace it to round by position)."""
+    return q @ r.T
+
+
+def _earlier_copies(S, c0: int, members, reps, values, indices, own, own_value, k: int):
+    """Scores of the copies in tile S whose representative lies in an earlier tile (`members` ascending, `reps`
+    theirs): -inf, except where the representative is among the query's running top-k (values, indices) or is
+    its own excluded row `own` (similarity `own_value`), whose value the copy then takes. Work and temporaries
+    grow with the copies that can still make the top k (at most k per representative), not with the tile."""
+    S.index_fill_(1, members - c0, float("-inf"))
+    reps, order = reps.sort(stable=True)  # grouped by representative, each group ascending
+    cols = members[order] - c0
+    group_reps, counts = torch.unique_consecutive(reps, return_counts=True)
+    starts = counts.cumsum(0) - counts
+    counts = counts.clamp(max=k)  # behind k copies of the same similarity, a copy cannot make the top k
+    if own is not None:  # the own row is never a live entry of the list; its similarity is kept apart
+        indices = torch.cat((indices.masked_fill(indices == own[:, None], -1), own[:, None]), dim=1)
+        values = torch.cat((values, own_value[:, None]), dim=1)
+    at = torch.searchsorted(group_reps, indices).clamp_(max=group_reps.shape[0] - 1)
+    query, slot = (group_reps[at] == indices).nonzero(as_tuple=True)
+    if query.numel() == 0:
+        return
+    group = at[query, slot]
+    value, n = values[query, slot], counts[group]
+    ends = n.cumsum(0)
+    budget = max(S.numel() // 8, k)  # copies written per round
+    e0 = 0
+    while e0 < query.shape[0]:
+        before = int(ends[e0 - 1]) if e0 else 0
+        e1 = int(torch.searchsorted(ends, before + budget, right=True))
+        e1 = max(e1, e0 + 1)
+        part = slice(e0, e1)
+        n_part = n[part]
+        total = int(n_part.sum())
+        offset = torch.repeat_interleave(starts[group[part]] - (n_part.cumsum(0) - n_part), n_part)
+        S[torch.repeat_interleave(query[part], n_part), cols[offset + torch.arange(total, device=S.device)]] = \
+            torch.repeat_interleave(value[part], n_part)
+        e0 = e1
+
+
+def _copy_scores(S, c0: int, duplicates: Duplicates, values, indices, own, own_value, k: int):
+    """Give every copy in the tile S (columns c0...) its representative's similarity, in place."""
+    lo, hi = torch.searchsorted(duplicates.members, torch.tensor([c0, c0 + S.shape[1]], device=S.device)).tolist()
+    if lo == hi:
+        return
+    members, reps = duplicates.members[lo:hi], duplicates.rep[lo:hi]
+    inside = reps >= c0
+    if bool(inside.all()):
+        S.index_copy_(1, members - c0, S.index_select(1, reps - c0))
+        return
+    if bool(inside.any()):
+        S.index_copy_(1, members[inside] - c0, S.index_select(1, reps[inside] - c0))
+    earlier = ~inside
+    _earlier_copies(S, c0, members[earlier], reps[earlier], values, indices, own, own_value, k)
+
+
+def topk(q, r, k: int, exclude=None, duplicates: Optional[Duplicates] = None):
     """The k largest S_ij = <q_i, r_j> of each query row, as (values, indices) of shape (rows, k).
 
-    `exclude`: an int64 (rows,) tensor, column exclude[i] left out of row i (-1 for none). Needs
+    `exclude`: an int64 (rows,) tensor, column exclude[i] left out of row i (-1 for none). `duplicates`: the
+    copies among the rows of r (`ms_fused._duplicates.find`), each scored as its representative. Needs
     k <= columns left. Memory: one (rows x REF_BLOCK) tile of S and O(rows x k) candidates.
     """
     values = indices = None
+    own_value = None
+    if exclude is not None and duplicates is not None:
+        own_value = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
     for c0 in range(0, r.shape[0], REF_BLOCK):
         c1 = min(r.shape[0], c0 + REF_BLOCK)
-        S = q @ r[c0:c1].T
+        S = similarities(q, r[c0:c1])
+        if duplicates is not None:
+            _copy_scores(S, c0, duplicates, values, indices, exclude, own_value, k)
         if exclude is not None:
             rows = ((exclude >= c0) & (exclude < c1)).nonzero().squeeze(1)
+            if own_value is not None:
+                own_value[rows] = S[rows, exclude[rows] - c0]
             S[rows, exclude[rows] - c0] = float("-inf")
         tile_values, tile_indices = _tile_topk(S, k)
         tile_indices += c0

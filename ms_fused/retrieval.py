@@ -9,11 +9,16 @@ dot product, computed in float32 (float64 for float64 inputs). Self mode (no `re
 ranked against all rows, its own row removed by index when `exclude_self` (a duplicate of it stays, as in
 the loss); reference mode: against `ref_emb`, nothing removed. Ranking: larger similarity first, equal
 similarities by lower reference index, so results are deterministic and equal to any exact k-NN that
-breaks ties the same way.
+breaks ties the same way. Reference rows that are exact copies of one another (equal value for value in the
+compute dtype) are scored once, for the lowest-indexed copy, and every copy gets that similarity, so copies
+tie exactly and rank by index on every CPU (docs/semantics.md "Retrieval ranking"); a matrix product
+alone may round a row differently depending on its position.
 
 One tiled top-k (`ms_fused._topk`) serves both metrics on every device: tiles of `REF_BLOCK` references
 times as many queries as fit the byte budget of the `torch` loss backend (`MS_FUSED_TORCH_CHUNK_MB`,
-default 32 MiB), matrix product then `torch.topk` per tile, merged into a running top-k. On CUDA this runs
+default 32 MiB), matrix product then `torch.topk` per tile, merged into a running top-k. The copies are
+found once per call (`ms_fused._duplicates`: an exact integer key per row, a sort, a comparison of the
+rows that share a key), in O(M) memory. On CUDA this runs
 the same tiled `torch.topk`; no fused Triton kernel is used (none has been measured to beat it).
 """
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _topk
+from . import _duplicates, _topk
 from ._inputs import check_embedding, check_flag, check_labels, check_same_device, compute_dtype
 
 
@@ -34,6 +39,7 @@ class _Search:
     q: torch.Tensor  # normalised queries in the compute dtype
     r: torch.Tensor  # normalised references (q itself in self mode)
     exclude_self: bool  # drop column i from query i's ranking
+    duplicates: Optional[_duplicates.Duplicates]  # copies among the references, scored as their first copy
 
     @property
     def available(self) -> int:
@@ -42,7 +48,8 @@ class _Search:
 
     def best(self, chunk: torch.Tensor, k: int):
         """(similarities, indices), each (len(chunk), k): the k best references of the queries in chunk."""
-        values, indices = _topk.topk(self.q[chunk], self.r, k, chunk if self.exclude_self else None)
+        values, indices = _topk.topk(self.q[chunk], self.r, k, chunk if self.exclude_self else None,
+                                     self.duplicates)
         if not bool(torch.isfinite(values).all()):
             raise ValueError("similarities overflowed to Inf/NaN; use normalize=True or scale the embeddings")
         return values, indices
@@ -71,11 +78,12 @@ def _search(embeddings, ref_emb, exclude_self, normalize) -> _Search:
     cd = compute_dtype(q.dtype)
     q = q.detach().to(cd)
     r = q if r is None else r.detach().to(cd)
+    duplicates = _duplicates.find(r)  # equal input rows, found before normalisation
     if normalize:
         q_hat = F.normalize(q, dim=1)
         r = q_hat if r is q else F.normalize(r, dim=1)
         q = q_hat
-    return _Search(q, r, exclude_self and ref_emb is None)
+    return _Search(q, r, exclude_self and ref_emb is None, duplicates)
 
 
 def _labelled(embeddings, labels, ref_emb, ref_labels, exclude_self, normalize):

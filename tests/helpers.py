@@ -116,7 +116,9 @@ class Tol(NamedTuple):
 
 # Relative error ‖out − ref‖ / ‖ref‖ allowed against the float64 `reference` on the same rounded inputs,
 # by input dtype. Every comparison with the reference uses these numbers, except where a test passes its
-# own `tol` and says why.
+# own `tol` and says why. The same numbers bound two results of one backend whose only difference is the
+# order of its sums (docs/semantics.md "Reproducibility": e.g. labels that the triton backend's label sort
+# orders differently): that is the rounding the float32 line below already covers.
 TOLERANCE = {
     # the same float64 operations in another summation order
     torch.float64: Tol(loss=1e-10, grad=1e-10),
@@ -129,6 +131,42 @@ TOLERANCE = {
     # bfloat16 weights; ~3.5e-3 seen
     torch.bfloat16: Tol(loss=1e-5, grad=1e-2),
 }
+
+
+# Bounds outside the loss, each with its reason:
+def similarity_rounding(dtype: torch.dtype, d: int) -> float:
+    """|computed − exact| cosine similarity of two D-dim rows normalised inside and multiplied in the compute
+    dtype `dtype`, u its unit roundoff: normalisation ≤ (D/2 + 2)·u per row, the dot product of unit rows
+    ≤ D·u (Higham's γ_D), so ≤ (2D + 4)·u, whatever the CPU, BLAS, tiling or summation order. Two rows whose
+    exact similarities to a query differ by more than twice this rank the same way in every implementation
+    (closer ones are near-ties, docs/semantics.md "Retrieval ranking"); a pair farther than twice this (plus
+    the rounding of S ± ε) from a mining threshold is mined alike everywhere."""
+    return (2 * d + 4) * torch.finfo(dtype).eps / 2
+
+
+# a retrieval metric computed in float64 from one ranking by two implementations (or two tilings): sums of
+# the same ≤ M terms of size ≤ 1 grouped differently differ by ≲ M·2^-53 ≈ 1e-13 for M ≤ 1000
+METRIC_ROUNDING = 1e-12
+
+
+def similarity_gap(q, r=None, exclude_self: bool = True, normalize: bool = True) -> float:
+    """Smallest difference (float64) between the similarities of two reference rows that are not exact copies
+    of one another, over every query. Copies count once: they tie exactly by design (docs/semantics.md
+    "Retrieval ranking"). Self mode (r None): the query's own row is left out when `exclude_self`, its copies
+    stay. A test that compares rankings exactly asserts that this exceeds 2 · similarity_rounding(dtype, D)."""
+    self_mode = r is None
+    r = q if self_mode else r
+    rows, inverse = torch.unique(r.double(), dim=0, return_inverse=True)  # one column per set of copies
+    q = q.double()
+    if normalize:
+        q, rows = F.normalize(q, dim=1), F.normalize(rows, dim=1)
+    S = q @ rows.T
+    if self_mode and exclude_self:
+        alone = torch.bincount(inverse, minlength=rows.shape[0])[inverse] == 1  # own row without copies
+        S[torch.arange(q.shape[0])[alone], inverse[alone]] = float("-inf")
+    S = S.sort(dim=1, descending=True).values
+    S = S[:, : int(torch.isfinite(S).sum(dim=1).min())]
+    return float((S[:, :-1] - S[:, 1:]).min()) if S.shape[1] > 1 else float("inf")
 
 
 def device_of(backend) -> torch.device:

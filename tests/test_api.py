@@ -58,13 +58,14 @@ def test_auto_picks_the_first_available_backend_and_agrees_with_reference():
     x, y = clustered_batch(40, 8, 5, 1)
     auto = multi_similarity_loss(x, y)
     first = multi_similarity_loss(x, y, backend=available_backends("cpu")[0])
-    assert torch.equal(auto, first)
+    assert torch.equal(auto, first)  # docs/semantics.md "Reproducibility", repeat: "auto" runs that backend
     assert rel_err(auto, multi_similarity_loss(x, y, backend="reference")) <= TOLERANCE[torch.float64].loss
 
 
 def test_zero_loss_is_attached_to_the_graph():
     x = torch.randn(8, 4, requires_grad=True)
     loss = multi_similarity_loss(x, torch.zeros(8, dtype=torch.long))  # one class: nothing is mined
+    # docs/semantics.md "Reproducibility", exact zeros: no anchor has mined pairs
     assert loss.item() == 0.0 and loss.requires_grad and loss.grad_fn is not None
     loss.backward()
     assert torch.equal(x.grad, torch.zeros_like(x))

@@ -12,6 +12,7 @@ import sweep
 
 def test_percentiles_interpolate_between_order_statistics():
     times = [5.0, 1.0, 3.0, 2.0, 4.0]
+    # exact where no rounding happens (the order statistics themselves); approx where it interpolates
     assert measure.percentile(times, 0) == 1.0 and measure.percentile(times, 100) == 5.0
     assert measure.percentile(times, 20) == pytest.approx(1.8) and measure.percentile(times, 80) == pytest.approx(4.2)
     assert measure.time_summary(times, "s") == {"median_s": 3.0, "p20_s": pytest.approx(1.8),
@@ -69,6 +70,7 @@ def test_goals_table_reads_each_goal_against_its_record():
                _record("ms_fused:cpp", 65536, 20000, 170), _record("ms_fused:torch", 65536, None, None, "timeout")]
     rows = report.goal_rows(dict(settings=dict(goals=goals), records=records))
     got = [(r["goal"]["impl"], r["goal"]["metric"], r["goal"]["n"], r["value"], r["met"]) for r in rows]
+    # 500 / 20, 2000 / 250, 20 / 4: exact quotients in IEEE double, on every CPU
     assert got == [("ms_fused:cpp", "speedup_vs_pml", 2048, 25.0, True),
                    ("ms_fused:cpp", "speedup_vs_pml", 4096, 8.0, False),
                    ("ms_fused:cpp", "time_per_mm", 2048, 5.0, True),

@@ -103,6 +103,8 @@ def test_second_pass_replays_dropout_bitwise_and_generators_end_as_after_one_pas
     after_cached = generator_state(device)
     chunks = len(outputs) // 2
     assert chunks == 5
+    # docs/semantics.md "Reproducibility", repeat: the second pass runs the same modules on the same chunk
+    # with the generator states replayed (cached_backward's contract: its embeddings bit for bit)
     for first, second in zip(outputs[:chunks], outputs[chunks:]):
         assert torch.equal(first, second)
 
@@ -110,7 +112,7 @@ def test_second_pass_replays_dropout_bitwise_and_generators_end_as_after_one_pas
     reference = mlp(dropout=0.5).to(device)
     torch.manual_seed(7)
     embeddings = torch.cat([reference(x[i:i + 5]) for i in range(0, 23, 5)])
-    assert torch.equal(embeddings.detach(), torch.cat(outputs[:chunks]))
+    assert torch.equal(embeddings.detach(), torch.cat(outputs[:chunks]))  # repeat: the same chunks, same draws
     loss_drawing_a_random_number(embeddings, y).backward()
     assert torch.equal(generator_state(device), after_cached)
     assert_grads_close(model, reference, 1e-10)

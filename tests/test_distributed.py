@@ -124,6 +124,7 @@ def test_matches_single_process(results, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c[2] != "none"], ids=lambda c: str(c))
 def test_every_rank_gets_the_same_loss(results, case):
     losses = [results[rank]["cases"][case]["loss"] for rank in range(len(SPLITS[case[0]]))]
+    # docs/semantics.md "Reproducibility", distributed: the ranks' sums are added in rank order on every rank
     assert all(torch.equal(loss, losses[0]) for loss in losses)
 
 

@@ -53,6 +53,7 @@ def run_steps(rank, world, group, backend, options):
         loss.backward()
         out.append(dict(loss=loss.detach(), memory=xbm.memory.clone(), labels=xbm.memory_labels.clone(),
                         loss_err=rel_err(loss, loss_ref), grad_err=rel_err(leaf.grad, grad_ref[start:start + n]),
+                        # repeat: the same rows (the gathered batch equals X) normalised the same way
                         same_memory=torch.equal(xbm.memory, mem_ref) and torch.equal(xbm.memory_labels, labels_ref)))
     return out
 
@@ -133,6 +134,7 @@ def test_memories_identical_on_every_rank_and_equal_to_single_process(results, c
         first = results[0]["steps"][case][step]
         for rank in range(world):
             got = results[rank]["steps"][case][step]
+            # docs/semantics.md "Reproducibility", distributed: every rank enqueues the same gathered rows
             assert torch.equal(got["memory"], first["memory"]) and torch.equal(got["labels"], first["labels"])
             assert got["same_memory"], (rank, step)
 
@@ -142,6 +144,7 @@ def test_loss_and_gradient_equal_single_process(results, case):
     world = case[0]
     for step in range(len(STEPS[world])):
         losses = [results[rank]["steps"][case][step]["loss"] for rank in range(world)]
+        # docs/semantics.md "Reproducibility", distributed: the ranks' sums are added in rank order everywhere
         assert all(torch.equal(loss, losses[0]) for loss in losses)
         for rank in range(world):
             got = results[rank]["steps"][case][step]

@@ -1,8 +1,13 @@
-"""ms_fused.retrieval: bad input, edge cases, determinism and the tie rule on its own."""
+"""ms_fused.retrieval: bad input, edge cases, determinism and the tie rule on its own.
+
+Exact comparisons rest on docs/semantics.md "Retrieval ranking" (copies tie exactly; exact products tie
+exactly) or "Reproducibility" (repeat), or on data whose similarities are farther apart than rounding
+(helpers.similarity_gap), each named where it is used."""
 import pytest
 import torch
 
-from ms_fused import _topk
+from helpers import METRIC_ROUNDING, similarity_gap, similarity_rounding
+from ms_fused import _duplicates, _topk
 from ms_fused.retrieval import map_at_r, nearest_neighbors, recall_at_k
 
 
@@ -65,6 +70,7 @@ def test_bad_input(call, error, match):
 
 
 def test_one_query_and_no_positives():
+    # no same-label reference at all: every query misses whatever the ranking, so the metrics are exact
     x, y = data(n=1)
     assert recall_at_k(x, y) == {1: 0.0, 2: 0.0, 4: 0.0, 8: 0.0}
     assert map_at_r(x, y) != map_at_r(x, y)  # nan: no query has a same-label reference
@@ -75,7 +81,7 @@ def test_one_query_and_no_positives():
 
 def test_k_beyond_the_references_counts_them_all():
     x, y = data(n=20, classes=10)
-    some = recall_at_k(x, y, (19, 25))
+    some = recall_at_k(x, y, (19, 25))  # every reference counted: no ranking decides, exact
     has_positive = (y[:, None] == y[None, :]).sum(1) > 1
     assert some[19] == some[25] == float(has_positive.double().mean())
 
@@ -84,15 +90,19 @@ def test_own_row_removed_by_index_duplicates_stay():
     x, y = data(n=30)
     x[7] = x[3]
     y[3] = y[7] = 99  # a class of two identical rows
+    # random rows: the copy's similarity, 1, is far above any other row's
+    assert similarity_gap(x) > 2 * similarity_rounding(torch.float32, 8)
     _, idx = nearest_neighbors(x, 1)
     assert idx[3, 0] == 7 and idx[7, 0] == 3
     assert recall_at_k(x, y, (1,))[1] >= 2 / 30
-    # without exclusion the lower index wins the tie at similarity 1: row 3 is first for both
+    # without exclusion the lower index wins the tie at similarity 1: row 3 is first for both (copies tie
+    # exactly: "Retrieval ranking")
     _, idx = nearest_neighbors(x, 2, exclude_self=False)
     assert idx[3].tolist() == [3, 7] and idx[7].tolist() == [3, 7]
 
 
 def test_ties_go_to_the_lower_index_across_tiles(monkeypatch):
+    # entries 0, 1 and 1/2 (normalised: 1/√2 times 1 or 0): every product is exact, and the ties are copies
     monkeypatch.setattr(_topk, "REF_BLOCK", 3)
     q = torch.tensor([[1.0, 0.0]])
     r = torch.tensor([[0.0, 1.0]] * 4 + [[1.0, 0.0]] * 5 + [[0.5, 0.5]] * 3)  # the 5 equal best: 4..8
@@ -106,16 +116,18 @@ def test_ties_go_to_the_lower_index_through_the_grouped_preselection(monkeypatch
     values = torch.zeros(40)
     values[0::2] = 0.5  # every group of two columns ties at 0.5 ...
     values[10] = 0.9  # ... but one
-    r = torch.stack((values, torch.zeros(40)), dim=1)
+    r = torch.stack((values, torch.zeros(40)), dim=1)  # products with (1, 0): the values themselves, exact
     sims, idx = nearest_neighbors(torch.tensor([[1.0, 0.0]]), 2, ref_emb=r, normalize=False)
     assert idx.tolist() == [[10, 0]] and sims[0, 1] == 0.5
 
 
 def test_reference_mode_removes_nothing():
     x, y = data()
+    assert similarity_gap(x, x) > 2 * similarity_rounding(torch.float32, 8)  # each row's own copy is first
     _, idx = nearest_neighbors(x, 1, ref_emb=x)
     assert torch.equal(idx[:, 0], torch.arange(50))
     assert recall_at_k(x, y, (1,), x, y)[1] == 1.0
+    # exclude_self is ignored in reference mode: the same computation ("Reproducibility", repeat)
     assert map_at_r(x, y, ref_emb=x, ref_labels=y) == map_at_r(x, y, ref_emb=x, ref_labels=y, exclude_self=False)
 
 
@@ -123,14 +135,18 @@ def test_normalize_false_ranks_by_dot_product():
     x, _ = data(d=4)
     x[5] *= 100
     _, idx = nearest_neighbors(x, 1, normalize=False)
-    dots = x @ x.T
+    dots = x.double() @ x.double().T
     dots.fill_diagonal_(float("-inf"))
+    # the best and second-best dot product of every row are farther apart than float32 rounding of either
+    top = dots.topk(2, dim=1).values
+    assert ((top[:, 0] - top[:, 1]) / top.abs().amax(dim=1) > 2 * similarity_rounding(torch.float32, 4)).all()
     assert torch.equal(idx[:, 0], dots.argmax(1))
 
 
 def test_huge_and_negative_labels():
     x, y = data()
     big = y * 2**40 - 2**50
+    # the same ranking ("Reproducibility", repeat), labels compared for equality only
     assert recall_at_k(x, big) == recall_at_k(x, y)
     assert map_at_r(x, big) == map_at_r(x, y)
 
@@ -139,30 +155,71 @@ def test_low_precision_inputs_rank_in_float32():
     x, y = data()
     for dtype in (torch.float16, torch.bfloat16):
         low = x.to(dtype)
+        # cast to float32 inside: the same float32 rows, the same computation ("Reproducibility", repeat)
         assert recall_at_k(low, y) == recall_at_k(low.float(), y)
         assert map_at_r(low, y) == map_at_r(low.float(), y)
 
 
 def test_deterministic_across_runs_and_tilings(monkeypatch):
     x, y = data(n=400, d=16, classes=30, dtype=torch.float64)
+    x[200:230] = x[:30]  # copies, which tie exactly in every tiling
+    # a repeated call gives the same bits ("Reproducibility", repeat)
     runs = [(recall_at_k(x, y), map_at_r(x, y), nearest_neighbors(x, 8)[1]) for _ in range(2)]
+    assert runs[1][0] == runs[0][0] and runs[1][1] == runs[0][1] and torch.equal(runs[1][2], runs[0][2])
+    # other tiles round the products differently: the ranking is the same where rows are farther apart than
+    # that rounding (asserted) and copies tie exactly; MAP@R's sums may group differently (METRIC_ROUNDING)
+    assert similarity_gap(x) > 2 * similarity_rounding(torch.float64, 16)
     monkeypatch.setattr(_topk, "REF_BLOCK", 37)
-    runs.append((recall_at_k(x, y, chunk_bytes=5000), map_at_r(x, y, chunk_bytes=5000),
-                 nearest_neighbors(x, 8, chunk_bytes=5000)[1]))
-    for recall, mapr, idx in runs[1:]:
-        assert recall == runs[0][0] and mapr == runs[0][1] and torch.equal(idx, runs[0][2])
+    recall, mapr, idx = (recall_at_k(x, y, chunk_bytes=5000), map_at_r(x, y, chunk_bytes=5000),
+                         nearest_neighbors(x, 8, chunk_bytes=5000)[1])
+    assert recall == runs[0][0] and mapr == pytest.approx(runs[0][1], abs=METRIC_ROUNDING)
+    assert torch.equal(idx, runs[0][2])
 
 
 def test_inputs_that_require_grad():
     x, y = data()
     x.requires_grad_(True)
-    assert recall_at_k(x, y) == recall_at_k(x.detach(), y)
+    assert recall_at_k(x, y) == recall_at_k(x.detach(), y)  # the same rows ("Reproducibility", repeat)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_equals_cpu():
     x, y = data(n=3000, d=64, classes=300, dtype=torch.float64)
     x[100:200] = x[:100]
+    # another device rounds differently: copies tie exactly ("Retrieval ranking"), other rows are farther
+    # apart than rounding (asserted)
+    assert similarity_gap(x) > 2 * similarity_rounding(torch.float64, 64)
     assert recall_at_k(x.cuda(), y.cuda()) == recall_at_k(x, y)
-    assert map_at_r(x.cuda(), y.cuda()) == pytest.approx(map_at_r(x, y), abs=1e-12)
+    assert map_at_r(x.cuda(), y.cuda()) == pytest.approx(map_at_r(x, y), abs=METRIC_ROUNDING)
     assert torch.equal(nearest_neighbors(x.cuda(), 8)[1].cpu(), nearest_neighbors(x, 8)[1])
+
+
+def copies_by_unique(x):
+    """(members, their first copies) found by torch.unique, independently of ms_fused._duplicates."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), x.shape[0]).scatter_reduce(
+        0, inverse, torch.arange(x.shape[0]), reduce="amin")[inverse]
+    members = (first != torch.arange(x.shape[0])).nonzero().squeeze(1)
+    return members, first[members]
+
+
+@pytest.mark.parametrize("collide", [None, "equal_weights", "one_word"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_copies_are_found_exactly(monkeypatch, dtype, collide):
+    """Every row equal value for value to a lower-indexed one (+0.0 and -0.0 alike), with its lowest-indexed
+    copy; rows whose keys collide (forced here: all weights 1, or a key of one 32-bit word) are told apart."""
+    if collide == "equal_weights":
+        monkeypatch.setattr(_duplicates, "_weights", lambda words, device: torch.ones(words, dtype=torch.float64))
+    elif collide == "one_word":
+        monkeypatch.setattr(_duplicates, "_MAX_WORDS", 1)
+    gen = torch.Generator().manual_seed(11)
+    for trial in range(30):
+        m, d = int(torch.randint(1, 80, (1,), generator=gen)), int(torch.randint(1, 6, (1,), generator=gen))
+        x = torch.randint(-2, 3, (m, d), generator=gen).to(dtype)
+        x = x * torch.where(torch.rand(m, d, generator=gen) < 0.5, -1.0, 1.0).to(dtype)  # signed zeros
+        found = _duplicates.find(x)
+        members, first = copies_by_unique(x)
+        if found is None:
+            assert members.numel() == 0, trial
+        else:
+            assert torch.equal(found.members, members) and torch.equal(found.rep, first), trial

@@ -93,4 +93,5 @@ def test_calls_from_many_threads_match_one_thread():
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert len(got) == len(threads)
+    # docs/semantics.md "Reproducibility", repeat: the same call on the same inputs, concurrent or not
     assert all(torch.equal(losses, expected[b]) for b, losses in got)

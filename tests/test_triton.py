@@ -41,6 +41,7 @@ def one_configuration_per_kernel(monkeypatch):
 
 
 def two_runs_are_bitwise_identical_in(dtype, *batch, **kw):
+    # docs/semantics.md "Reproducibility", repeat: no atomics, column splits combined in a fixed order
     first = loss_and_grads("triton", *batch, dtype=dtype, **kw)
     second = loss_and_grads("triton", *batch, dtype=dtype, **kw)
     assert torch.equal(first[0], second[0])

@@ -55,11 +55,20 @@ def stream(seed, dtype, margin=1e-5):
     raise RuntimeError("no stream away from the mining thresholds")
 
 
-def stored(rows, normalize=True):
-    """What the memory holds for `rows`: unit rows (normalised in float32, float64 for float64) with normalize."""
-    if not normalize:
-        return rows
-    return torch.nn.functional.normalize(rows.to(compute_dtype(rows.dtype)), dim=1).to(rows.dtype)
+def written(batches, normalize=True):
+    """What the memory holds after `batches` [(x, y), ...]: the list FIFO fed, batch by batch, the rows that
+    CrossBatchMemory defines, with normalize the unit rows F.normalize(x[kept]) of each batch's kept rows (its
+    last MEMORY), normalised in float32 (float64 for float64). The bits equal the memory's by docs/semantics.md
+    "Reproducibility", repeat: the same operation on the same batch rows (normalising another stack of the same
+    rows could round them otherwise). Returns (rows, labels)."""
+    fifo = ListFifo(MEMORY)
+    for x, y in batches:
+        rows = x.detach().clone()
+        if normalize:
+            kept = slice(max(0, x.shape[0] - MEMORY), x.shape[0])
+            rows[kept] = torch.nn.functional.normalize(x.detach()[kept].to(compute_dtype(x.dtype)), dim=1).to(x.dtype)
+        fifo.push(rows, y)
+    return fifo.contents()
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
@@ -69,13 +78,15 @@ def stored(rows, normalize=True):
 def test_matches_reference_over_steps(backend, dtype, reduction, mining):
     for seed in range(2):
         xbm = CrossBatchMemory(MEMORY, DIM, dtype=dtype, backend=backend, reduction=reduction, mining=mining)
-        for step, (x, y, mem, mem_labels, slots) in enumerate(stream(seed, dtype)):
+        steps = stream(seed, dtype)
+        for step, (x, y, mem, mem_labels, slots) in enumerate(steps):
             loss, (grad,) = loss_and_grads(lambda q, y, *_, **__: xbm(q, y), x, y)
             ref_loss, (ref_grad, _) = loss_and_grads("reference", x, y, mem, mem_labels, dtype=torch.float64,
                                                      grad_ref=False, ref_self_index=slots, reduction=reduction,
                                                      mining=mining)
             filled = int(xbm.filled)
-            assert torch.equal(xbm.memory[:filled], stored(mem)) and torch.equal(xbm.memory_labels[:filled], mem_labels)
+            rows, _ = written([s[:2] for s in steps[:step + 1]])
+            assert torch.equal(xbm.memory[:filled], rows) and torch.equal(xbm.memory_labels[:filled], mem_labels)
             assert loss.dtype == dtype and grad.dtype == dtype
             assert rel_err(loss, ref_loss) <= TOLERANCE[dtype].loss, (seed, step, rel_err(loss, ref_loss))
             assert rel_err(grad, ref_grad) <= TOLERANCE[dtype].grad, (seed, step, rel_err(grad, ref_grad))
@@ -100,7 +111,7 @@ def test_state_dict_restores_the_memory():
     restored = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64)
     restored.load_state_dict(xbm.state_dict())
     assert set(xbm.state_dict()) == {"memory", "memory_labels", "ptr", "filled"}
-    for x, y, *_ in steps[3:]:
+    for x, y, *_ in steps[3:]:  # the same state and the same batches: "Reproducibility", repeat
         assert torch.equal(xbm(x, y), restored(x, y))
     assert torch.equal(xbm.memory, restored.memory) and int(xbm.ptr) == int(restored.ptr)
 
@@ -111,7 +122,7 @@ def test_reset_empties_the_memory():
     xbm(x, y)
     xbm.reset()
     fresh = CrossBatchMemory(MEMORY, DIM, dtype=torch.float64)
-    assert int(xbm.filled) == 0 and torch.equal(xbm(x, y), fresh(x, y))
+    assert int(xbm.filled) == 0 and torch.equal(xbm(x, y), fresh(x, y))  # repeat, from an empty memory
 
 
 def test_batch_is_cast_to_the_memory_dtype():
@@ -137,7 +148,7 @@ def test_bad_batches_leave_the_memory_untouched():
         xbm(x, y[:-1])
     with pytest.raises(TypeError, match="labels"):
         xbm(x, y.double())
-    assert all(torch.equal(before[k], v) for k, v in xbm.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in xbm.state_dict().items())  # nothing written: no arithmetic
 
 
 def test_nan_without_check_finite_gives_nan():
@@ -186,9 +197,9 @@ def test_several_steps_before_one_backward(backend, normalize):
     total.backward()
     for leaf, ref_grad in zip(leaves, reference_grads(steps, weights, scale, normalize=normalize)):
         assert rel_err(leaf.grad, ref_grad) <= TOLERANCE[torch.float64].grad
-    mem, mem_labels = steps[-1][2:4]
-    assert torch.equal(xbm.memory[: int(xbm.filled)], stored(mem * scale, normalize))
-    assert torch.equal(xbm.memory_labels[: int(xbm.filled)], mem_labels)
+    rows, labels = written([(leaf, y) for leaf, (_, y, *_) in zip(leaves, steps)], normalize)
+    assert torch.equal(xbm.memory[: int(xbm.filled)], rows)
+    assert torch.equal(xbm.memory_labels[: int(xbm.filled)], labels)
 
 
 @pytest.mark.parametrize("backend", FAST_CPU_BACKENDS)
