@@ -123,6 +123,9 @@ else
         --d 512 --impls ms_fused:triton,mm --modes forward_backward --no-check --no-plots
 fi
 
+# the roofline's prediction (benchmarks/results/kernel_stats.json) beside what was just measured
+$PY benchmarks/prediction.py "$results" --out "$results/prediction.md" || echo "== prediction table failed"
+
 # 4. the GPU tests, last: the figures above are what a short lease must not lose
 tests_rc=0
 if ! $PY -c 'import pytest' 2>/dev/null; then
@@ -148,6 +151,7 @@ if [[ -n "${OUT:-}" && -d "${OUT:-}" ]]; then
         cp "$results/$step/results.json" "$OUT/$step.json" 2>/dev/null
     done
     cp "$results/gpu_tests.log" "$OUT/" 2>/dev/null
+    cp "$results/prediction.md" "$OUT/" 2>/dev/null
 fi
 (( tests_rc != 0 )) && exit 1
 exit $bench_rc

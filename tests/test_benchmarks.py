@@ -91,3 +91,21 @@ def test_every_preset_names_known_implementations_and_goals():
         for g in preset.get("goals", []):
             assert g["impl"] in preset["impls"] and g["n"] in preset["n"]
             assert g["metric"] in report.AT_LEAST + report.AT_MOST + ("completes",)
+
+
+def test_prediction_sits_beside_the_measurement(tmp_path):
+    """gpu_check.sh's table: kernel_stats' roofline per point and phase, and run.py's measured time / mm."""
+    import json
+
+    import prediction
+    records = [dict(impl="ms_fused:triton", mode="forward", median_ms=3.0, status="ok"),
+               dict(impl="ms_fused:triton", mode="forward_backward", median_ms=9.0, status="ok"),
+               dict(impl="mm", mode="forward", median_ms=2.0, status="ok")]
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "results.json").write_text(json.dumps(dict(records=records)))
+    stats = tmp_path / "kernel_stats.json"
+    stats.write_text(json.dumps(dict(roofline=[dict(case="self mode", point="P", forward_per_mm=1.25,
+                                                    step_per_mm=3.5)])))
+    table = prediction.lines(str(tmp_path), str(stats))
+    assert "| P | forward | 1.25 | 1.50 |" in table and "| P | forward_backward | 3.50 | 4.50 |" in table
+    assert any("memory bank" in row and "not measured" in row for row in table)
