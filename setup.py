@@ -74,7 +74,7 @@ setup(
     install_requires=["torch>=2.4"],
     # sentence-transformers' own requirement "torch>=..." is met by the torch already installed; its [train]
     # extra brings datasets and accelerate, which SentenceTransformerTrainer needs
-    extras_require={"triton": ["triton>=3.6"], "sentence-transformers": ["sentence-transformers[train]>=5"]},
+    extras_require={"triton": ["triton>=3.6"], "sentence-transformers": ["sentence-transformers[train]>=6"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
