@@ -16,8 +16,8 @@ loss then takes a batch --factor times as large in mini-batches of --mini-batch,
 Both runs use SentenceTransformerTrainer with the GROUP_BY_LABEL batch sampler, see the same training texts
 for the same number of epochs, and start from the same weights.
 
-    python examples/train_text.py            # about 3 minutes on 2 cores: examples/results/train_text.md
-    python examples/train_text.py --quick    # a smoke test (tests/test_example_text.py), about 2 minutes
+    python examples/train_text.py            # about 4 minutes on 2 cores: examples/results/train_text.md
+    python examples/train_text.py --quick    # a smoke test (tests/test_example_text.py), 2-4 minutes
 """
 from __future__ import annotations
 
