@@ -72,7 +72,9 @@ setup(
     package_data={"ms_fused._csrc": ["*.py", "*.cpp", "cpu/*.cpp", "cpu/*.h"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.6"]},
+    # sentence-transformers' own requirement "torch>=..." is met by the torch already installed; its [train]
+    # extra brings datasets and accelerate, which SentenceTransformerTrainer needs
+    extras_require={"triton": ["triton>=3.6"], "sentence-transformers": ["sentence-transformers[train]>=6"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

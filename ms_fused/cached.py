@@ -87,13 +87,13 @@ def _training_batch_norms(model: nn.Module) -> List[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
 
 
-def _warn_batch_norm_once(model: nn.Module, batch_norms) -> None:
+def _warn_batch_norm_once(model: nn.Module, batch_norms, stacklevel: int) -> None:
     if batch_norms and model not in _BN_WARNED:
         _BN_WARNED.add(model)
         warnings.warn("cached_backward: the model has BatchNorm in train mode; it normalises each chunk with that "
                       "chunk's statistics, not the whole batch's, so the gradient is that of chunk-sized BatchNorm "
                       "(use chunk-independent normalisation, or eval-mode BatchNorm, for the full-batch gradient)",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=stacklevel)
 
 
 def _check_embeddings(out, rows: int) -> torch.Tensor:
@@ -108,6 +108,69 @@ def _check_like(out: torch.Tensor, first: torch.Tensor) -> None:
         raise ValueError(f"model must return embeddings of one shape, dtype and device for every chunk, got "
                          f"{tuple(out.shape[1:])} {out.dtype} {out.device} after {tuple(first.shape[1:])} "
                          f"{first.dtype} {first.device}")
+
+
+def _check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+class ChunkedPasses:
+    """The two passes of gradient caching over one batch, for `cached_backward` and for losses that split the
+    step between a forward and a later `backward()` (`ms_fused.sentence_transformers.CachedMultiSimilarityLoss`).
+
+    `embed()` runs the model chunk by chunk without a graph, recording each chunk's random state, and returns
+    the (N, ...) embeddings; `replay(grad)` re-runs each chunk with its recorded random state and a graph and
+    back-propagates that chunk's rows of `grad` (dL/dE). See `cached_backward` for what is exact and why.
+    Validates `chunk_size` and `inputs` on construction, before any forward.
+    """
+
+    def __init__(self, model: Callable, inputs, chunk_size: int, *, stacklevel: int = 1):
+        chunk_size = _check_chunk_size(chunk_size)
+        self.model, self.inputs = model, inputs
+        self.n = _batch_size(inputs)
+        self.bounds = [(start, min(start + chunk_size, self.n)) for start in range(0, self.n, chunk_size)]
+        self.batch_norms = _training_batch_norms(model) if isinstance(model, nn.Module) else []
+        # stacklevel as warnings.warn counts it from the line that constructs this object
+        _warn_batch_norm_once(model, self.batch_norms, stacklevel + 2)
+        self.states = [_RngState() for _ in self.bounds]
+
+    def embed(self) -> torch.Tensor:
+        """First pass: the embeddings of the whole batch, without a graph; BatchNorm running statistics are put
+        back to what they were (the second pass updates them)."""
+        running_stats = [[b.clone() for b in m.buffers(recurse=False)] for m in self.batch_norms]
+        embeddings = None
+        with torch.no_grad():
+            for (start, stop), state in zip(self.bounds, self.states):
+                state.capture()
+                out = _check_embeddings(_call(self.model, _chunk(self.inputs, start, stop)), stop - start)
+                if embeddings is None:
+                    embeddings = out.new_empty((self.n,) + tuple(out.shape[1:]))
+                _check_like(out, embeddings)
+                embeddings[start:stop] = out
+                # nothing of a chunk outlives it: small long-lived blocks between its freed activations would
+                # fragment the heap, and the process would grow with the number of chunks
+                del out
+            for m, saved in zip(self.batch_norms, running_stats):
+                for buffer, value in zip(m.buffers(recurse=False), saved):
+                    buffer.copy_(value)
+        return embeddings
+
+    def replay(self, grad: torch.Tensor) -> None:
+        """Second pass: each chunk again, under its recorded random state and with a graph, back-propagating its
+        rows of `grad` into the parameters; the random generators end where they were before the call."""
+        after = _RngState()
+        after.capture()
+        no_sync = getattr(self.model, "no_sync", None)
+        for i, (start, stop) in enumerate(self.bounds):
+            self.states[i].restore()
+            last = i == len(self.bounds) - 1
+            with contextlib.nullcontext() if last or no_sync is None else no_sync():
+                out = _check_embeddings(_call(self.model, _chunk(self.inputs, start, stop)), stop - start)
+                out.backward(grad[start:stop])
+                del out
+        after.restore()
 
 
 def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size: int,
@@ -151,37 +214,16 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
     Raises ValueError (TypeError for wrong types), naming the argument, before any forward: chunk_size < 1,
     inputs with different batch sizes, labels that are not one per row, loss options with a custom loss_fn.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    chunk_size = int(chunk_size)
+    _check_chunk_size(chunk_size)
     n = _batch_size(inputs)
     check_labels("labels", labels, n, "inputs")
     if loss_fn is None:
         loss_fn = MultiSimilarityLoss(**loss_kwargs)
     elif loss_kwargs:
         raise TypeError(f"loss options {sorted(loss_kwargs)} apply to the default loss only; give them to loss_fn")
-    bounds = [(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
-    batch_norms = _training_batch_norms(model) if isinstance(model, nn.Module) else []
-    _warn_batch_norm_once(model, batch_norms)
-    running_stats = [[b.clone() for b in m.buffers(recurse=False)] for m in batch_norms]
+    passes = ChunkedPasses(model, inputs, chunk_size, stacklevel=2)
 
-    states = [_RngState() for _ in bounds]
-    embeddings = None
-    with torch.no_grad():
-        for (start, stop), state in zip(bounds, states):
-            state.capture()
-            out = _check_embeddings(_call(model, _chunk(inputs, start, stop)), stop - start)
-            if embeddings is None:
-                embeddings = out.new_empty((n,) + tuple(out.shape[1:]))
-            _check_like(out, embeddings)
-            embeddings[start:stop] = out
-            # nothing of a chunk outlives it: small long-lived blocks between its freed activations would
-            # fragment the heap, and the process would grow with the number of chunks
-            del out
-        for m, saved in zip(batch_norms, running_stats):
-            for buffer, value in zip(m.buffers(recurse=False), saved):
-                buffer.copy_(value)
-
+    embeddings = passes.embed()
     embeddings.requires_grad_(True)
     loss = loss_fn(embeddings, labels)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
@@ -189,14 +231,6 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
     loss.backward()
     grad = embeddings.grad if embeddings.grad is not None else torch.zeros_like(embeddings)
     del embeddings
-
-    after = _RngState()
-    after.capture()
-    no_sync = getattr(model, "no_sync", None)
-    for i, (start, stop) in enumerate(bounds):
-        states[i].restore()
-        last = i == len(bounds) - 1
-        with contextlib.nullcontext() if last or no_sync is None else no_sync():
-            _check_embeddings(_call(model, _chunk(inputs, start, stop)), stop - start).backward(grad[start:stop])
-    after.restore()
+    passes.replay(grad)
     return loss.detach()
+
