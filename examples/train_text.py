@@ -195,7 +195,15 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default=None, help="markdown file to write ('' for none; default "
                         "examples/results/train_text.md, or train_text_quick.md with --quick); a .json beside it")
+    parser.add_argument("--readme", default=None, help="also write the results table into this README's "
+                        "train_text block")
+    parser.add_argument("--render-readme", default=None, metavar="README",
+                        help="write the committed run's table (examples/results/train_text.json) into this README's "
+                             "train_text block, without training")
     args = parser.parse_args(argv)
+    if args.render_readme:
+        write_readme(args.render_readme, os.path.join(RESULTS_DIR, "train_text.json"))
+        return None
     quick = args.quick
     cap = args.cap_mib
     epochs = args.epochs
@@ -268,7 +276,41 @@ def main(argv=None):
     print(f"cached_under_cap={int(probes[-1]['under_cap'])}")
     if args.results:
         write_results(args.results, doc)
+        if args.readme:
+            write_readme(args.readme, os.path.splitext(args.results)[0] + ".json")
     return doc
+
+
+README_START, README_END = "<!-- train_text -->", "<!-- /train_text -->"
+
+
+def results_table(doc: dict) -> tuple:
+    """(the line saying what wrote it, the lines of the Recall@1 / MAP@R table) of one run's record."""
+    plain, cached = doc["runs"]["plain"], doc["runs"]["cached"]
+    cached_name = f"CachedMultiSimilarityLoss (mini-batch {doc['probes'][-1]['mini_batch_size']})"
+    head = (f"_Written by `{doc['command']}` (Python {doc['python']}, torch {doc['torch']}, sentence-transformers "
+            f"{doc['sentence_transformers']}, transformers {doc['transformers']}, {doc['threads']} threads)._")
+    table = ["| model | batch | learning rate | steps | training time | Recall@1 | MAP@R |",
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| all-MiniLM-L6-v2, not fine-tuned | | | | | {doc['before']['recall@1']:.4f} | "
+             f"{doc['before']['map@r']:.4f} |"]
+    for name, run in (("MultiSimilarityLoss", plain), (cached_name, cached)):
+        table.append(f"| fine-tuned with {name} | {run['batch']} | {run['lr']:.3g} | {run['steps']} | "
+                     f"{run['seconds']:.0f} s | {run['after']['recall@1']:.4f} | {run['after']['map@r']:.4f} |")
+    return head, table
+
+
+def write_readme(readme: str, results_json: str) -> None:
+    """The table of a run's JSON record, between the README's train_text markers."""
+    head, table = results_table(json.load(open(results_json)))
+    text = open(readme).read()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{readme} has no '{README_START}' ... '{README_END}' block")
+    before, rest = text.split(README_START, 1)
+    after = rest.split(README_END, 1)[1]
+    with open(readme, "w") as f:
+        f.write(before + README_START + "\n".join(["", head, ""] + table + [""]) + README_END + after)
+    print("wrote the results table into", readme)
 
 
 def write_results(path: str, doc: dict) -> None:
@@ -277,26 +319,18 @@ def write_results(path: str, doc: dict) -> None:
         json.dump(doc, f, indent=1)
     plain, cached = doc["runs"]["plain"], doc["runs"]["cached"]
     ratio = cached["batch"] / plain["batch"]
-    cached_name = f"CachedMultiSimilarityLoss (mini-batch {doc['probes'][-1]['mini_batch_size']})"
+    head, table = results_table(doc)
     lines = [
         "# Fine-tuning all-MiniLM-L6-v2 on the standard library's docstrings: MS loss, plain and cached",
         "",
-        f"_Written by `{doc['command']}` (Python {doc['python']}, torch {doc['torch']}, sentence-transformers "
-        f"{doc['sentence_transformers']}, transformers {doc['transformers']}, {doc['threads']} threads)._",
+        head,
         "",
         f"Data: {doc['train_texts']} docstrings of {len(doc['train_modules'])} modules for training, "
         f"{doc['test_texts']} docstrings of {len(doc['test_modules'])} other modules held out; texts cut at "
         f"{doc['max_seq_length']} tokens. Retrieval on the held-out modules: each docstring queries all the "
         f"others by cosine similarity (`ms_fused.retrieval`).",
         "",
-        "| model | batch | learning rate | steps | training time | Recall@1 | MAP@R |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| all-MiniLM-L6-v2, not fine-tuned | | | | | {doc['before']['recall@1']:.4f} | "
-        f"{doc['before']['map@r']:.4f} |",
-    ]
-    for name, run in (("MultiSimilarityLoss", plain), (cached_name, cached)):
-        lines.append(f"| fine-tuned with {name} | {run['batch']} | {run['lr']:.3g} | {run['steps']} | "
-                     f"{run['seconds']:.0f} s | {run['after']['recall@1']:.4f} | {run['after']['map@r']:.4f} |")
+    ] + table
     lines += [
         "",
         f"Both runs: SentenceTransformerTrainer (AdamW, linear decay, no warm-up), GROUP_BY_LABEL batch sampler, "
