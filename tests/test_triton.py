@@ -337,7 +337,13 @@ def test_forward_and_backward_tiles_compute_the_same_s(dtype, d):
         for start, backward in ((7, False), (0, True)):  # the band kernels' tiles, the backward's
             single = s_tiles(x, cfg, 1, start, backward)
             assert not torch.isnan(single[:, start:]).any() and not torch.isnan(sweep).any()
-            assert torch.equal(sweep[:, start:], single[:, start:]), (cfg, backward)
+            if DEVICE == "cpu" and start:
+                # the interpreter's tl.dot is numpy's matmul, and some BLAS kernels (OpenBLAS's AVX2 ones)
+                # round a column by its position in the product: tiles that start elsewhere agree to rounding
+                # there; a GPU's MMA computes each entry alike wherever it sits, so it is held to bits
+                assert rel_err(single[:, start:], sweep[:, start:]) <= 1e-5, (cfg, backward)
+            else:  # same shapes at the same positions: the same operations, on any CPU and on a GPU
+                assert torch.equal(sweep[:, start:], single[:, start:]), (cfg, backward)
 
 
 # ---- configurations per target, and launches that do not fit ------------------------------------------
