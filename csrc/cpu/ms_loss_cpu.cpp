@@ -1,4 +1,5 @@
-// CPU kernels of ms_fused::ms_forward / ms_fused::ms_backward (schemas in csrc/ms_fused_ops.cpp).
+// CPU kernels of ms_fused::ms_forward / ms_fused::ms_backward (schemas in csrc/ms_fused_ops.cpp). Self mode
+// runs the symmetric kernels of self_mode.cpp; this file holds the reference mode (a separate R).
 //
 // Anchors are processed in row blocks: each block's similarities come from one ATen matrix product into a
 // reused (rows x M) buffer, the row passes of row_kernels.cpp run over it in parallel, and the backward
@@ -18,6 +19,7 @@
 #include <tuple>
 
 #include "row_kernels.h"
+#include "self_mode.h"
 
 namespace ms_fused::cpu {
 namespace {
@@ -226,42 +228,6 @@ void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* 
   });
 }
 
-// Self mode: row i of dX = sum_j (G_ij + G_ji) X_j. Row i of the symmetric S holds both S_ij and S_ji, so each
-// block builds its rows of G + G^T in place (column-side weights from the other anchors' saved statistics)
-// and one product per block gives dX, written once per row: no accumulation, deterministic.
-template <typename T>
-void symmetric_backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* st, at::Tensor& dx) {
-  const int64_t n = in.q.size(0);
-  at::Tensor columns = at::empty({7, n}, in.q.options());
-  T* col = columns.data_ptr<T>();
-  for (int64_t j = 0; j < n; ++j) {
-    const RowStats<T> rs = row_stats(st, n, j);
-    const PairWeights<T> w = pair_weights(rs, hp, g[j]);
-    const bool bad = std::isnan(rs.A) || std::isnan(rs.B);
-    const T values[7] = {w.pos_limit, w.neg_limit, bad ? T(0) : w.pos_shift, bad ? T(0) : w.neg_shift, w.pos_coef,
-                         w.neg_coef, bad ? std::numeric_limits<T>::quiet_NaN() : T(0)};
-    for (int c = 0; c < 7; ++c) col[c * n + j] = values[c];
-  }
-  const ColumnWeights<T> cols{col, col + n, col + 2 * n, col + 3 * n, col + 4 * n, col + 5 * n, col + 6 * n};
-
-  const at::Tensor x_t = in.q.t();
-  const int32_t* ids = in.q_ids.data_ptr<int32_t>();
-  for_each_block(row_blocks(n, n, sizeof(T)), n, in.q.options(), /*spread=*/true,
-                 [&](int64_t start, int64_t count, at::Tensor sim) {
-    at::mm_out(sim, in.q.narrow(0, start, count), x_t);
-    T* s = sim.data_ptr<T>();
-    at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t k = lo; k < hi; ++k) {
-        const int64_t i = start + k;
-        symmetric_weight_row(s + k * n, ids, n, static_cast<int32_t>(i),
-                             pair_weights(row_stats(st, n, i), hp, g[i]), cols, hp);
-      }
-    });
-    at::Tensor dx_block = dx.narrow(0, start, count);
-    at::mm_out(dx_block, sim, in.q);
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat,
                                                   const at::Tensor& labels,
                                                   const std::optional<at::Tensor>& ref_labels,
@@ -273,7 +239,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_forward_cpu(const at::Tensor& 
   at::Tensor stats = at::empty({kNumStats, n}, in.q.options());
   at::Tensor counts = at::empty({2, n}, in.q.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ms_forward_cpu", [&] {
-    forward_blocks<scalar_t>(in, hyper<scalar_t>(alpha, beta, base, epsilon, mining), loss, stats, counts);
+    const Hyper<scalar_t> hp = hyper<scalar_t>(alpha, beta, base, epsilon, mining);
+    if (in.self_mode) {
+      self_forward<scalar_t>(in.q, in.q_ids, hp, loss.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(),
+                             counts.data_ptr<int64_t>());
+    } else {
+      forward_blocks<scalar_t>(in, hp, loss, stats, counts);
+    }
   });
   return {loss, stats, counts};
 }
@@ -300,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "ms_backward_cpu", [&] {
     const Hyper<scalar_t> hp = hyper<scalar_t>(alpha, beta, base, epsilon, mining);
     if (in.self_mode) {
-      symmetric_backward_blocks<scalar_t>(in, hp, g.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), dq);
+      self_backward<scalar_t>(in.q, in.q_ids, hp, g.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), dq);
     } else {
       backward_blocks<scalar_t>(in, hp, g.data_ptr<scalar_t>(), st.data_ptr<scalar_t>(), dq, dr, need_q, need_r);
     }

@@ -40,13 +40,6 @@ struct PairWeights {
   T pos_limit, neg_limit, pos_shift, neg_shift, pos_coef, neg_coef;
 };
 
-// The same, one array entry per column j, for G_ji in self mode; nan_if_bad[j] is NaN for an anchor j
-// whose row has a non-finite similarity, else 0.
-template <typename T>
-struct ColumnWeights {
-  const T *pos_limit, *neg_limit, *pos_shift, *neg_shift, *pos_coef, *neg_coef, *nan_if_bad;
-};
-
 template <typename T>
 PairWeights<T> pair_weights(const RowStats<T>& st, const Hyper<T>& hp, T g) {
   constexpr T inf = std::numeric_limits<T>::infinity();
@@ -67,12 +60,5 @@ void weight_row(float* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_
                 const PairWeights<float>& w, const Hyper<float>& hp);
 void weight_row(double* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
                 const PairWeights<double>& w, const Hyper<double>& hp);
-
-// Self mode: overwrites s[0..n) (row i of the symmetric S) with G_ij + G_ji, so that one product with X
-// gives row i of (G + G^T) X.
-void symmetric_weight_row(float* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<float>& row,
-                          const ColumnWeights<float>& cols, const Hyper<float>& hp);
-void symmetric_weight_row(double* s, const int32_t* y, int64_t n, int32_t i, const PairWeights<double>& row,
-                          const ColumnWeights<double>& cols, const Hyper<double>& hp);
 
 }  // namespace ms_fused::cpu

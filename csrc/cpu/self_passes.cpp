@@ -1,0 +1,161 @@
+// The passes of self_passes.h: `#pragma omp simd` loops of selects, compiled once per ISA variant.
+#include "self_passes.h"
+
+#include <limits>
+
+#include "simd_math.h"
+
+namespace ms_fused::cpu {
+namespace {
+
+using namespace simd;
+
+template <typename T>
+MS_FUSED_INLINE UpperScan<T> scan_negatives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_max,
+                                                 T* col_bad) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  T row_max = -inf, bad = 0;
+#pragma omp simd reduction(max : row_max) reduction(+ : bad)
+  for (int64_t k = 0; k < len; ++k) {
+    const T v = s[k];
+    const T as_neg = y[k] != yi ? v : -inf;
+    row_max = as_neg > row_max ? as_neg : row_max;
+    col_max[k] = as_neg > col_max[k] ? as_neg : col_max[k];
+    bad += v - v;  // NaN as soon as one v is NaN or +-Inf
+    col_bad[k] += v - v;
+  }
+  return {row_max, bad};
+}
+
+template <typename T>
+MS_FUSED_INLINE UpperScan<T> scan_positives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_min,
+                                                 T* col_bad) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  T row_min = inf, bad = 0;
+#pragma omp simd reduction(min : row_min) reduction(+ : bad)
+  for (int64_t k = 0; k < len; ++k) {
+    const T v = s[k];
+    const T as_pos = y[k] == yi ? v : inf;
+    row_min = as_pos < row_min ? as_pos : row_min;
+    col_min[k] = as_pos < col_min[k] ? as_pos : col_min[k];
+    bad += v - v;
+    col_bad[k] += v - v;
+  }
+  return {row_min, bad};
+}
+
+// Negatives (Positive = false) or positives: z = beta s or -alpha s; mined iff s + eps > limit or s - eps < limit
+template <bool Positive, typename T>
+MS_FUSED_INLINE UpperSums<T> sum_pairs_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,
+                                            const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,
+                                            const Hyper<T>& hp) {
+  const T slope = Positive ? -hp.alpha : hp.beta, eps = hp.epsilon;
+  T sum = 0;
+  PairCount<T> count = 0;
+#pragma omp simd reduction(+ : sum, count)
+  for (int64_t k = 0; k < len; ++k) {
+    const T v = s[k];
+    const bool kind = Positive ? y[k] == yi : y[k] != yi;
+    const bool row_mined = kind & (Positive ? v - eps < limit : v + eps > limit);
+    const bool col_mined = kind & (Positive ? v - eps < col_limit[k] : v + eps > col_limit[k]);
+    const T row_e = vec_exp(slope * v + offset);
+    const T col_e = vec_exp(slope * v + col_offset[k]);
+    sum += row_mined ? row_e : T(0);
+    count += row_mined ? PairCount<T>(1) : PairCount<T>(0);
+    col_sum[k] += col_mined ? col_e : T(0);
+    col_count[k] += col_mined ? PairCount<T>(1) : PairCount<T>(0);
+  }
+  return {sum, static_cast<int64_t>(count)};
+}
+
+template <typename T>
+MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,
+                                        const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {
+  const PairWeights<T> w = row;  // local copies: through a reference they might alias s
+  const ColumnWeights<T> c = cols;
+  const T alpha = hp.alpha, beta = hp.beta, eps = hp.epsilon;
+  if (positives) {
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) {
+      const T v = s[k];
+      const bool same = y[k] == yi;
+      const T g_ij = (same & (v - eps < w.pos_limit)) ? w.pos_coef * vec_exp(-alpha * v + w.pos_shift) : T(0);
+      const T g_ji = (same & (v - eps < c.pos_limit[k])) ? c.pos_coef[k] * vec_exp(-alpha * v + c.pos_shift[k]) : T(0);
+      s[k] = g_ij + g_ji;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) {
+      const T v = s[k];
+      const bool other = y[k] != yi;
+      const T g_ij = (other & (v + eps > w.neg_limit)) ? w.neg_coef * vec_exp(beta * v + w.neg_shift) : T(0);
+      const T g_ji = (other & (v + eps > c.neg_limit[k])) ? c.neg_coef[k] * vec_exp(beta * v + c.neg_shift[k]) : T(0);
+      s[k] = g_ij + g_ji;
+    }
+  }
+}
+
+#define MS_FUSED_VARIANT(name, target)                                                                           \
+  namespace name {                                                                                               \
+  template <typename T>                                                                                          \
+  target UpperScan<T> scan_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_max,          \
+                                     T* col_bad) {                                                               \
+    return scan_negatives_impl(s, y, len, yi, col_max, col_bad);                                                 \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  target UpperScan<T> scan_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_min,          \
+                                     T* col_bad) {                                                               \
+    return scan_positives_impl(s, y, len, yi, col_min, col_bad);                                                 \
+  }                                                                                                              \
+  template <bool Positive, typename T>                                                                           \
+  target UpperSums<T> sum_pairs(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,        \
+                                const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,         \
+                                const Hyper<T>& hp) {                                                            \
+    return sum_pairs_impl<Positive>(s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count, hp); \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  target void upper_weights(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,          \
+                            const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {                  \
+    upper_weights_impl(s, y, len, yi, row, cols, hp, positives);                                                 \
+  }                                                                                                              \
+  }
+
+MS_FUSED_VARIANT(baseline, )
+#ifdef MS_FUSED_X86_VARIANTS
+MS_FUSED_VARIANT(avx2, MS_FUSED_TARGET_AVX2)
+MS_FUSED_VARIANT(avx512, MS_FUSED_TARGET_AVX512)
+#else
+namespace avx2 = baseline;
+namespace avx512 = baseline;
+#endif
+
+}  // namespace
+
+#define MS_FUSED_SELF_ENTRY_POINTS(T)                                                                            \
+  UpperScan<T> scan_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_max, T* col_bad) {   \
+    MS_FUSED_DISPATCH(scan_negatives, s, y, len, yi, col_max, col_bad)                                           \
+  }                                                                                                              \
+  UpperScan<T> scan_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_min, T* col_bad) {   \
+    MS_FUSED_DISPATCH(scan_positives, s, y, len, yi, col_min, col_bad)                                           \
+  }                                                                                                              \
+  UpperSums<T> sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
+                             const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
+                             const Hyper<T>& hp) {                                                               \
+    MS_FUSED_DISPATCH(sum_pairs<false>, s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count,  \
+                      hp)                                                                                        \
+  }                                                                                                              \
+  UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
+                             const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
+                             const Hyper<T>& hp) {                                                               \
+    MS_FUSED_DISPATCH(sum_pairs<true>, s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count,   \
+                      hp)                                                                                        \
+  }                                                                                                              \
+  void upper_weights(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,                 \
+                     const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {                         \
+    MS_FUSED_DISPATCH(upper_weights, s, y, len, yi, row, cols, hp, positives)                                    \
+  }
+
+MS_FUSED_SELF_ENTRY_POINTS(float)
+MS_FUSED_SELF_ENTRY_POINTS(double)
+
+}  // namespace ms_fused::cpu
