@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, assert_matches_reference, clustered_batch, loss_and_grads, rel_err
+from helpers import (assert_close, assert_matches_reference, clustered_batch, loss_and_grads, rel_err,
+                     threshold_gap)
 from ms_fused import backends, multi_similarity_loss
 
 CPU = torch.device("cpu")
@@ -121,6 +122,40 @@ def test_non_finite_rows_give_nan(bad, normalize):
     x_self = x.clone()
     loss_self, _ = assert_matches_reference("cpp", x_self, y, normalize=normalize)  # in self mode every row sees it
     assert torch.isnan(loss_self).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n, sizes", [(700, (350, 350)), (530, (200, 7, 1, 90, 232)), (300, (8,) * 37 + (4,))])
+def test_self_mode_symmetric_kernels_at_every_thread_count(threads, n, sizes):
+    # self mode shares the blocks among one group per thread and puts the rows in label order: classes
+    # larger than a band product (64 rows) and than a sweep block are split into pieces; a different
+    # thread count regroups the sums (rounding), and the same one repeats the bits
+    gen = torch.Generator().manual_seed(threads)
+    y = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
+    for _ in range(100):  # away from the mining thresholds, as clustered_batch draws (see there why)
+        centres = torch.randn(len(sizes), 12, generator=gen, dtype=torch.float64)
+        x = centres[y] + 0.8 * torch.randn(n, 12, generator=gen, dtype=torch.float64)
+        if threshold_gap(x, y) > 1e-9:
+            break
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        loss, grads = assert_matches_reference("cpp", x, y)
+        again = loss_and_grads("cpp", x, y)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(loss, again[0]) and torch.equal(grads[0], again[1][0])
+
+
+def test_self_mode_overflowing_pair_makes_only_its_two_anchors_nan():
+    # without normalize a single product can overflow: rows 0 and 1 of S hold +Inf (S_01 and S_00, S_11),
+    # every other row stays finite (docs/semantics.md "Non-finite inputs")
+    x, y = clustered_batch(120, 6, 7, seed=12, margin=1e-9)
+    x[:2, 1:] = 0.0
+    x[:, 0] = 0.0
+    x[0, 0] = x[1, 0] = 1e160  # S_01 = 1e320 overflows float64, S_0k = 0 for every other k
+    loss, _ = assert_matches_reference("cpp", x, y, normalize=False)
+    assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2:]).all()
 
 
 def test_backward_is_deterministic():
