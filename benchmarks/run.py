@@ -31,7 +31,8 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sweep.PRESET_NAMES, default="full",
-                   help="what to run (sweep.PRESETS): the full sweep, the quick one, the goals or the memory-bank step")
+                   help="what to run (sweep.PRESETS): the full sweep, the quick one, the goals, the cpp "
+                        "self-mode floor (CPU) or the memory-bank step")
     p.add_argument("--quick", action="store_const", dest="preset", const="quick", help="the same as --preset quick "
                    "(CPU: < 3 minutes)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when there is one)")
@@ -67,7 +68,11 @@ def _csv(text, cast=str):
 
 
 def settings_from(args, device: torch.device) -> dict:
-    preset = dict(sweep.PRESETS[(device.type if device.type == "cuda" else "cpu", args.preset)], preset=args.preset)
+    kind = device.type if device.type == "cuda" else "cpu"
+    if (kind, args.preset) not in sweep.PRESETS:
+        raise SystemExit(f"run.py: the {args.preset!r} preset has no {kind} sweep (sweep.PRESETS: "
+                         f"{', '.join(name for k, name in sweep.PRESETS if k == kind)})")
+    preset = dict(sweep.PRESETS[(kind, args.preset)], preset=args.preset)
     for name, value in (("n", args.n and _csv(args.n, int)), ("d", args.d and _csv(args.d, int)),
                         ("dtypes", args.dtypes and _csv(args.dtypes)), ("timeout_s", args.timeout),
                         ("loop_max_n", args.loop_max_n), ("target_s", args.target_s),

@@ -16,7 +16,8 @@ MODES = ("forward", "forward_backward")
 
 @dataclass(frozen=True)
 class Goal:
-    """A target one record must meet: `metric` of `impl` at batch size `n` in `mode`.
+    """A target one record must meet: `metric` of `impl` at batch size `n` in `mode` (and embedding size
+    `d`; None: every D the preset runs).
 
     `metric` is a ratio of report.ratios() (speed-up and memory vs pml: at least `bound`; time per mm: at
     most `bound`) or "completes" (the record ran, no bound)."""
@@ -26,10 +27,12 @@ class Goal:
     n: int
     bound: Optional[float] = None
     mode: str = "forward_backward"
+    d: Optional[int] = None
 
 
-def _goals(impl: str, metric: str, bound: Optional[float], ns, mode: str = "forward_backward") -> List[dict]:
-    return [asdict(Goal(impl, metric, n, bound, mode)) for n in ns]
+def _goals(impl: str, metric: str, bound: Optional[float], ns, mode: str = "forward_backward",
+           d: Optional[int] = None) -> List[dict]:
+    return [asdict(Goal(impl, metric, n, bound, mode, d)) for n in ns]
 
 
 # Every sweep the CLI runs, by (device, preset). A preset fixes N, D, dtypes and measurement settings; it
@@ -52,6 +55,14 @@ PRESETS = {
                            + _goals("ms_fused:torch", "speedup_vs_pml", 2, (4096,))
                            + _goals("ms_fused:torch", "memory_vs_pml", 10, (4096,))
                            + _goals("ms_fused:torch", "completes", None, (32768,))),
+    # the cpp self-mode kernels against their floor (half a product for S, one for (G + G^T) X): forward and
+    # step in units of one mm at D = 128 and 512
+    ("cpu", "floor"): dict(n=[8192], d=[128, 512], dtypes=["float32"], impls=["ms_fused:cpp", "mm"], loop_max_n=0,
+                           timeout_s=300, target_s=3.0, min_repeats=5, max_repeats=15, warmup=2, deadline_s=1200,
+                           goals=_goals("ms_fused:cpp", "time_per_mm", 0.6, (8192,), "forward", 512)
+                           + _goals("ms_fused:cpp", "time_per_mm", 0.45, (8192,), "forward", 128)
+                           + _goals("ms_fused:cpp", "time_per_mm", 2.1, (8192,), "forward_backward", 512)
+                           + _goals("ms_fused:cpp", "time_per_mm", 1.4, (8192,), "forward_backward", 128)),
     # a cross-batch-memory step: N anchors against a 10^5-row memory of unit rows, as CrossBatchMemory holds it
     ("cpu", "bank"): dict(n=[256, 1024], d=[128], dtypes=["float32", "bfloat16"], modes=["forward_backward"],
                           memory=100_000, impls=["ms_fused:cpp", "ms_fused:torch", "pml", "mm"], loop_max_n=0,
@@ -72,7 +83,7 @@ PRESETS = {
                            min_repeats=3, max_repeats=10, warmup=2,
                            goals=_goals("ms_fused:triton", "time_per_mm", 4, (256,))),
 }
-PRESET_NAMES = tuple(dict.fromkeys(name for _, name in PRESETS))  # quick, full, goals, bank
+PRESET_NAMES = tuple(dict.fromkeys(name for _, name in PRESETS))  # quick, full, goals, floor, bank
 # no record starts with less than this before the global deadline
 MIN_RECORD_S = 5.0
 
