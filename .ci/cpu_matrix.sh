@@ -11,7 +11,7 @@ PY=${PY:-.venv/bin/python}
 
 # (the torch.compile cases of test_stats add nothing here but time)
 TESTS=(tests/test_retrieval.py tests/test_retrieval_inputs.py tests/test_edge_cases.py tests/test_contract.py
-       tests/test_stats.py tests/test_xbm.py tests/test_api.py tests/test_saved_stats.py)
+       tests/test_stats.py tests/test_xbm.py tests/test_api.py tests/test_saved_stats.py tests/test_cached.py)
 CONFIGS=(
   # an AMD EPYC with AVX-512: PyTorch's AVX-512 kernels, MKL's AVX2 path, OpenBLAS's Zen (Haswell) kernels
   "ATEN_CPU_CAPABILITY=avx512 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell"
