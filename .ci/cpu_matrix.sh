@@ -3,7 +3,8 @@
 # this machine can emulate, so that no test rests on rounding that changes with the CPU (README "Tests").
 #   ATEN_CPU_CAPABILITY                  PyTorch's own kernels and the cpp backend's row passes
 #   MKL_ENABLE_INSTRUCTIONS / MKL_CBWR   the code path of MKL, torch's BLAS in this build (matrix products)
-#   OPENBLAS_CORETYPE                    the kernels of numpy's OpenBLAS (scikit-learn, triton's interpreter)
+#   OPENBLAS_CORETYPE                    the kernels of numpy's OpenBLAS (scikit-learn, triton's interpreter,
+#                                        whose tl.dot is numpy's matmul)
 # A configuration whose ATEN_CPU_CAPABILITY this CPU cannot run is skipped, saying so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,8 @@ PY=${PY:-.venv/bin/python}
 
 # (the torch.compile cases of test_stats add nothing here but time)
 TESTS=(tests/test_retrieval.py tests/test_retrieval_inputs.py tests/test_edge_cases.py tests/test_contract.py
-       tests/test_stats.py tests/test_xbm.py tests/test_api.py tests/test_saved_stats.py)
+       tests/test_stats.py tests/test_xbm.py tests/test_api.py tests/test_saved_stats.py tests/test_cached.py
+       tests/test_triton.py)
 CONFIGS=(
   # an AMD EPYC with AVX-512: PyTorch's AVX-512 kernels, MKL's AVX2 path, OpenBLAS's Zen (Haswell) kernels
   "ATEN_CPU_CAPABILITY=avx512 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell"

@@ -16,7 +16,10 @@
 4. Roofline: each kernel's time predicted as the longer of its tensor-core time (its multiply-adds at the
    measured bf16 torch.mm rate, --peak-tflops) and its load time (its loaded bytes at an L2 bandwidth,
    --l2-tbps, a lead rather than a measurement), over one torch.mm of the same shape at the peak rate; per
-   kernel, per forward and per step, at N = 32768, D = 512, bf16 and at the memory-bank point.
+   kernel, per forward and per step, at N = 32768, D = 512, bf16 and at the memory-bank point Its
+   multiply-adds and bytes come from a second interpreted run at the counted size in which every launch takes
+   the columns per split that the predicted point plans (capped at the counted columns: an upper bound on its
+   bytes per multiply-add), not the counted size's own, more finely split plan of 3.
 5. Compile statistics per GPU family, without a GPU: Triton's real compiler runs against a stub driver that
    answers the target (nothing is launched), with MS_FUSED_TRITON_ARCH set so the backend picks that
    target's configurations. NVIDIA: Triton's own `ptxas -v` log (registers, spills), shared memory from the
@@ -253,17 +256,70 @@ class _InterpreterCounter:
         self._saved.clear()
 
 
-def count_work(case) -> dict:
-    """Multiply-adds, loaded bytes and programs of every launch of one case, forward then backward."""
+class _SplitPlan:
+    """Hooks triton_backend.column_splits (benchmark only; nothing a user calls changes): records every
+    launch's column split beside the split that the same launch plans at the case's TARGETS point, and with
+    as_target=True gives the launch the point's columns per split, capped at the counted columns (a single
+    split then). The point's rows and columns are the counted ones mapped counted -> predicted (self mode
+    2048 -> 32768; the bank's 256 -> 256 and 32768 -> 100 000); its configuration must be the counted
+    one (the first choice depends on D, dtype and target only), else the count stops."""
+
+    def __init__(self, counter: "_InterpreterCounter", case, as_target: bool):
+        _, _, n, m, d, dtype, _, _ = case
+        _, n_t, m_t, d_t, dtype_t = TARGETS[case[0]]
+        if (n == m and n_t != m_t) or (d, dtype) != (d_t, dtype_t):
+            raise ValueError(f"{case[0]}: no launch-by-launch map from the counted size to its TARGETS point")
+        self.counter, self.as_target, self.to_target = counter, as_target, {n: n_t, m: m_t}
+        self.d, self.dtype = d, dtype
+        self.plans = []
+
+    def __enter__(self):
+        import torch
+        import triton
+
+        from ms_fused import triton_backend as tb
+        real = self.real = tb.column_splits
+        plan = self
+
+        def planned(n_rows, n_cols, cfg, device, other_programs=1, splits=None, rows_per_program=None):
+            own = real(n_rows, n_cols, cfg, device, other_programs, splits=splits, rows_per_program=rows_per_program)
+            if cfg != tb.tile_configs(plan.d, getattr(torch, plan.dtype), tb.target_arch(device))[0]:
+                raise RuntimeError(f"the counted launch runs {cfg}, not the predicted point's first choice")
+            rows_t, cols_t = plan.to_target[n_rows], plan.to_target[n_cols]
+            target = real(rows_t, cols_t, cfg, device, other_programs, rows_per_program=rows_per_program)
+            used = own
+            if plan.as_target:
+                col_tiles = triton.cdiv(n_cols, cfg.block_m)
+                tiles = min(col_tiles, target[1] // cfg.block_m)
+                used = (triton.cdiv(col_tiles, tiles), tiles * cfg.block_m)
+            plan.plans.append(dict(phase=plan.counter.phase, rows=n_rows, cols=n_cols, splits=used[0],
+                                   cols_per_split=used[1], own_splits=own[0], own_cols_per_split=own[1],
+                                   target_rows=rows_t, target_cols=cols_t, target_splits=target[0],
+                                   target_cols_per_split=target[1]))
+            return used
+
+        tb.column_splits = planned
+        return self
+
+    def __exit__(self, *exc):
+        from ms_fused import triton_backend as tb
+        tb.column_splits = self.real
+
+
+def count_work(case, plan: str = "own") -> dict:
+    """Multiply-adds, loaded bytes and programs of every launch of one case, forward then backward, with the
+    column splits the counted size plans (plan="own") or those of its TARGETS point (plan="target", _SplitPlan)."""
     import ms_fused
 
     name, mode, n, m, d, dtype, k, grad_ref = case
     inputs = _inputs(mode, n, m, d, dtype, k, grad_ref)
     started = time.time()
-    with _InterpreterCounter() as counter:
+    with _InterpreterCounter() as counter, _SplitPlan(counter, case, as_target=plan == "target") as splits:
         loss = ms_fused.multi_similarity_loss(**inputs, backend="triton")
         counter.phase = "backward"
         loss.backward()
+    if not splits.plans:
+        raise RuntimeError("no launch planned its column splits through triton_backend.column_splits")
     launches = counter.launches
     per_pass = n * m * d
     fwd_macs = sum(x["macs"] for x in launches if x["phase"] == "forward")
@@ -271,7 +327,7 @@ def count_work(case) -> dict:
     config = next((x["config"] for x in launches if x["macs"]), "")
     import triton
     return dict(case=name, mode=mode, n=n, m=m, d=d, dtype=dtype, k=k, config=config, triton=triton.__version__,
-                loss=float(loss.detach()),
+                plan=plan, splits=splits.plans, loss=float(loss.detach()),
                 forward_passes=fwd_macs / per_pass, total_passes=total_macs / per_pass, launches=launches,
                 seconds=time.time() - started)
 
@@ -302,13 +358,53 @@ SCALING_METHOD = (
     "with N·M·D (the backward's share of skipped all-zero tiles included, as the clustered batch of the counted "
     "size gives it). A kernel whose work is confined to the label band (its passes shrink like 1/M, e.g. the band "
     "minimum and the hard-positive pass of today's kernels) is *not* scaled down: its share is kept as an "
-    "upper bound. A kernel without tl.dot is scaled with the rows it reads ((N + M)·D); kernels that exist only "
-    "to combine column splits are scaled the same way although the split plan of the predicted point may "
-    "need fewer splits: an upper bound as well.")
+    "upper bound. A kernel without tl.dot is scaled with the rows it reads ((N + M)·D); the kernels that combine "
+    "column splits read one part per split, so their bytes follow the split counts of the run the roofline is "
+    "counted from (below).")
+ROOFLINE_PLAN = (
+    "The roofline is counted from a second interpreted run at the same counted size, in which every launch takes "
+    "the columns per split that the same launch plans at the predicted point (`column_splits` at the point's N and "
+    "M, with the same first-choice configuration, which depends only on D, dtype and target), capped at the counted "
+    "columns: a benchmark-only hook (`_SplitPlan` in this script); what users run is unchanged. The bytes per "
+    "multiply-add above are those of the counted size's own plan, which splits the columns far more to fill 132 SMs "
+    "with few row blocks. A program loads its resident anchor rows once per split and each column tile once, so "
+    "its bytes per multiply-add fall as its split gets more columns: where the cap binds (fewer columns counted "
+    "than the point gives a split), the counted bytes per multiply-add are an upper bound for the point. Capped, "
+    "the run can also have fewer splits than the point, and then the kernels that combine splits read fewer parts "
+    "than they would there (3 floats per anchor and split for the forward's finish_kernel, D floats per row and "
+    "split for combine_grad_kernel): the one place where this count can fall short of the point, by those bytes.")
 
 
-def roofline(work: dict, kernels: list, peak_tflops: float, l2_tbps: float) -> dict:
-    """Predicted time of every kernel of one counted case at its TARGETS point, over one mm of that shape."""
+def split_plan_rows(work: dict, target_work: dict) -> list:
+    """Per column-split decision of one case: the counted size's own plan, the predicted point's plan, and the
+    plan the roofline's run used (splits, columns per split)."""
+    out = []
+    for own, used in zip(work["splits"], target_work["splits"]):
+        out.append(dict(phase=own["phase"], rows=own["rows"], cols=own["cols"],
+                        own=(own["splits"], own["cols_per_split"]),
+                        target_rows=own["target_rows"], target_cols=own["target_cols"],
+                        target=(own["target_splits"], own["target_cols_per_split"]),
+                        used=(used["splits"], used["cols_per_split"]),
+                        capped=used["cols_per_split"] < used["target_cols_per_split"]))
+    return out
+
+
+def _plan_text(p: tuple) -> str:
+    return f"{p[0]} × {p[1]}"
+
+
+def plan_summary(r: dict) -> str:
+    """One sentence: which split plan a roofline case's bytes come from."""
+    parts = [f"{p['phase']} {_plan_text(p['used'])} (the point: {_plan_text(p['target'])}"
+             + ("; capped at the counted columns" if p["capped"] else "") + ")" for p in r["plan"]]
+    return (f"bytes per MAC counted at N = {r['counted_n']}, M = {r['counted_m']} with the point's columns per split "
+            f"(splits × columns per split): " + ", ".join(parts) + "; an upper bound for the point where capped")
+
+
+def roofline(work: dict, kernels: list, peak_tflops: float, l2_tbps: float, plan: list = ()) -> dict:
+    """Predicted time of every kernel of one counted case at its TARGETS point, over one mm of that shape.
+    `work` should be the run with the point's split plan (count_work(case, "target")); `plan` its
+    split_plan_rows, reported with it."""
     label, n, m, d, dtype = TARGETS[work["case"]]
     flops, bw = peak_tflops * 1e12, l2_tbps * 1e12
     pass_macs = n * m * d
@@ -325,6 +421,7 @@ def roofline(work: dict, kernels: list, peak_tflops: float, l2_tbps: float) -> d
     fwd = sum(x["seconds"] for x in out if x["phase"] == "forward")
     step = sum(x["seconds"] for x in out)
     return dict(case=work["case"], point=label, n=n, m=m, d=d, dtype=dtype, mm_seconds=mm_s, kernels=out,
+                counted_n=work["n"], counted_m=work["m"], counted_plan=work.get("plan", "own"), plan=list(plan),
                 forward_seconds=fwd, step_seconds=step, forward_per_mm=fwd / mm_s, step_per_mm=step / mm_s)
 
 
@@ -691,7 +788,8 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
                 lines.append(f"| {w['case']} | {x['phase']} | {x['kernel']} | {x['programs']} | {x['config']} |")
         lines += ["", "## Bytes loaded per multiply-add", "",
                   "Counted in the same interpreted runs: the bytes of every `tl.load` (elements its mask switches off "
-                  "excluded) of a launch, over the multiply-adds of that launch's `tl.dot`s, added up per kernel. "
+                  "excluded) of a launch, over the multiply-adds of that launch's `tl.dot`s, added up per kernel, with "
+                  "the column splits that the counted size plans for itself (its own plan below). "
                   f"Goal: every kernel doing ≥ {MAC_SHARE_GOAL:.0%} of a step's multiply-adds loads ≤ "
                   f"{BYTES_PER_MAC_GOAL} bytes per multiply-add.", "",
                   "| case | phase | kernel | launches | programs | multiply-adds | loaded bytes | bytes per MAC | "
@@ -708,9 +806,21 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
                   f"{PEAK_SOURCE}; `--peak-tflops`) and its load time (its loaded bytes at {l2:g} TB/s of L2 "
                   f"bandwidth: {L2_SOURCE}; `--l2-tbps`), over one torch.mm of the same shape (X·Xᵀ in self mode, "
                   "X·memoryᵀ for the bank) at the peak rate. Loads are assumed to hit L2 (re-reads of rows other "
-                  "programs loaded); first reads from HBM and stores are not counted.", "", SCALING_METHOD, ""]
+                  "programs loaded); first reads from HBM and stores are not counted.", "", SCALING_METHOD, "",
+                  "### Which split plan the bytes come from", "", ROOFLINE_PLAN, "",
+                  "| case | phase | counted launch (rows × columns) | its own plan | predicted launch (rows × "
+                  "columns) | the point's plan | the roofline's run |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in roof:
+            for p in r["plan"]:
+                lines.append(f"| {r['case']} | {p['phase']} | {p['rows']} × {p['cols']} | {_plan_text(p['own'])} | "
+                             f"{p['target_rows']} × {p['target_cols']} | {_plan_text(p['target'])} | "
+                             f"{_plan_text(p['used'])}{' (capped)' if p['capped'] else ''} |")
+        lines += ["", "Plans as splits × columns per split; the predicted launch's plan is `column_splits` at the "
+                  "point's size for a 132-SM GPU.", ""]
         for r in roof:
             lines += [f"### {r['case']}: {r['point']} (one mm: {_us(r['mm_seconds'])} µs)", "",
+                      f"Bytes and multiply-adds from the run with the point's split plan: {plan_summary(r)}.", "",
                       "| phase | kernel | similarity passes | bytes per MAC | tensor-core µs | load µs | predicted µs | "
                       "bound by | / one mm |",
                       "|---|---|---:|---:|---:|---:|---:|---|---:|"]
@@ -786,7 +896,9 @@ def readme_summary(work: list, roof: list) -> list:
               f"{MAC_SHARE_GOAL:.0%} of a step's multiply-adds):", ""] + [f"- {x}" for x in bytes_goal_lines(work)]
     lines += ["", "Roofline prediction (per kernel: the longer of its multiply-adds at the measured bf16 mm rate and "
               "its loads at an L2 bandwidth that is a lead, not a measurement on our GPU; over one mm of the same "
-              "shape):", ""] + [f"- {x}" for x in roofline_goal_lines(roof)]
+              "shape; bytes counted at the small size with the predicted point's columns per split, an upper bound "
+              "where fewer columns were counted than the point gives a split):", ""] + \
+        [f"- {x}" for x in roofline_goal_lines(roof)] + [f"- {r['case']}: {plan_summary(r)}" for r in roof]
     return lines
 
 
@@ -823,8 +935,8 @@ def main(argv=None) -> None:
     unknown = [a for a in archs if a not in ARCHS]
     if unknown:
         p.error(f"unknown --arch {unknown}; known: {DEFAULT_ARCHS}")
-    if args.child == "count":
-        json.dump([count_work(c) for c in CASES], sys.stdout)
+    if args.child == "count":  # each case with its own split plan, then with its predicted point's
+        json.dump([count_work(c) for c in CASES] + [count_work(c, "target") for c in CASES], sys.stdout)
         return
     if args.child == "compile":
         json.dump(compile_stats(archs[0]), sys.stdout)
@@ -837,20 +949,24 @@ def main(argv=None) -> None:
         if not python or any(a not in ARCHS for a in extra.split(",")):
             p.error(f"--compile-with wants PYTHON:ARCHS, got {spec!r}")
         jobs += [(python, a) for a in extra.split(",")]
-    work = []
+    work, counted = [], []
     with ThreadPoolExecutor(max_workers=2) as pool:  # the count runs beside the compiles (one core)
         counting = None if args.compile_only else pool.submit(_child, ["--child", "count"], {}, args.count_with, True)
         compiled = compile_targets(jobs, max(1, args.jobs - (0 if args.compile_only else 1)))
         if counting is not None:
-            work = counting.result()
-    roof = [roofline(w, per_kernel(w), args.peak_tflops, args.l2_tbps) for w in work]
+            counted = counting.result()
+    work = [w for w in counted if w["plan"] == "own"]
+    as_target = {w["case"]: w for w in counted if w["plan"] == "target"}
+    roof = [roofline(as_target[w["case"]], per_kernel(as_target[w["case"]]), args.peak_tflops, args.l2_tbps,
+                     split_plan_rows(w, as_target[w["case"]])) for w in work]
     params = dict(peak_tflops=args.peak_tflops, peak_source=PEAK_SOURCE, l2_tbps=args.l2_tbps, l2_source=L2_SOURCE,
                   scaling=SCALING_METHOD, occupancy=OCCUPANCY_FORMULAS, archs={a: asdict(ARCHS[a]) for a in ARCHS},
                   seconds=round(time.time() - started, 1))
     json_path = args.json or (None if args.compile_only else os.path.splitext(args.out)[0] + ".json")
     if json_path:
         with open(json_path, "w") as f:
-            f.write(_json_lines(dict(params=params, work=work, roofline=roof, compiled=compiled)))
+            f.write(_json_lines(dict(params=params, work=work, roofline_work=list(as_target.values()),
+                                     roofline=roof, compiled=compiled)))
     command = "python benchmarks/kernel_stats.py" + (" --compile-only" if args.compile_only else "") + \
         (f" --arch {args.arch}" if args.arch != DEFAULT_ARCHS else "") + \
         (f" --readme {args.readme}" if args.readme else "") + "".join(f" --compile-with {s}" for s in args.compile_with) + \

@@ -125,9 +125,14 @@ def _earlier_copies(S, c0: int, members, reps, values, indices, own, own_value, 
         part = slice(e0, e1)
         n_part = n[part]
         total = int(n_part.sum())
-        offset = torch.repeat_interleave(starts[group[part]] - (n_part.cumsum(0) - n_part), n_part)
-        S[torch.repeat_interleave(query[part], n_part), cols[offset + torch.arange(total, device=S.device)]] = \
-            torch.repeat_interleave(value[part], n_part)
+        # write j of entry e (j < n_e) to the column of its group's j-th copy; the entry of each write by a
+        # search (torch.repeat_interleave would do it, but its CPU kernel runs a parallel loop of grain 1)
+        ends_part = n_part.cumsum(0)
+        write = torch.arange(total, device=S.device)
+        entry = torch.searchsorted(ends_part, write, right=True)
+        j = write - (ends_part - n_part)[entry]
+        e = entry + e0
+        S[query[e], cols[starts[group[e]] + j]] = value[e]
         e0 = e1
 
 

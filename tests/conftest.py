@@ -1,12 +1,21 @@
+import getpass
 import os
 import pathlib
 import sys
+import tempfile
 
 import pytest
 import torch
 
 # the benchmark scripts (run, report, measure, bench_cached, ...) import one another by module name
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "benchmarks"))
+
+# Inductor's FX graph cache is not keyed on ATEN_CPU_CAPABILITY: a graph compiled to AVX-512 vector code by an
+# earlier run is reused under ATEN_CPU_CAPABILITY=default, whose headers have no at::vec (a C++ compile error
+# in test_compile). One cache directory per forced capability keeps them apart.
+if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}")
 
 # Triton kernels only run on the CPU through its interpreter, which must be switched on before any
 # @triton.jit decorator runs (i.e. before ms_fused.triton_backend is first imported).

@@ -116,3 +116,35 @@ def test_triton_interpreter_counter_counts_loaded_bytes_and_multiply_adds_per_la
         dict(kernel="tile_product", phase="backward", programs=1, config="BLOCK=16", macs=16 ** 3,
              load_bytes=(16 * 16 + 16 * 16) * 4)]
     torch.testing.assert_close(out, x @ y)
+
+
+@pytest.mark.parametrize("mode, counted, point, used", [
+    # self mode: the point gives a split more columns than are counted: one split of all of them
+    ("self", (256, 256), (4096, 4096), [("forward", 1, 256), ("backward", 1, 256)]),
+    # memory bank: the point's 224 columns per split (7 tiles of 32) against the counted size's own 192 and 96
+    ("memory", (64, 2048), (64, 65536), [("forward", 10, 224), ("backward", 10, 224)]),
+])
+def test_kernel_stats_counts_the_roofline_with_the_predicted_points_column_splits(monkeypatch, mode, counted,
+                                                                                 point, used):
+    """kernel_stats' _SplitPlan: the roofline's run gives each launch the columns per split of the same launch
+    at the predicted point (capped at the counted columns), the acceptance run keeps the counted size's own
+    plan, and both runs do the same multiply-adds and give the same loss."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("counts under Triton's interpreter (TRITON_INTERPRET=1, set by conftest without a GPU)")
+    import kernel_stats
+
+    monkeypatch.setitem(kernel_stats.TARGETS, "tiny", ("P", *point, 64, "bfloat16"))
+    case = ("tiny", mode, *counted, 64, "bfloat16", 8, False)
+    own, target = kernel_stats.count_work(case), kernel_stats.count_work(case, "target")
+    assert [(p["phase"], p["splits"], p["cols_per_split"]) for p in target["splits"]] == used
+    for p in target["splits"]:  # the point's columns per split, or one split of all counted columns
+        assert p["cols_per_split"] == p["target_cols_per_split"] or (p["splits"] == 1 and
+                                                                     p["cols_per_split"] < p["target_cols_per_split"])
+    assert [(p["splits"], p["cols_per_split"]) for p in own["splits"]] == \
+        [(p["own_splits"], p["own_cols_per_split"]) for p in own["splits"]]
+    assert [(p["splits"], p["cols_per_split"]) for p in own["splits"]] != \
+        [(p["splits"], p["cols_per_split"]) for p in target["splits"]]
+    assert own["total_passes"] == target["total_passes"]
+    assert own["loss"] == pytest.approx(target["loss"], rel=1e-4)
+    sweeps = [x["programs"] for x in target["launches"] if x["kernel"] == "sweep_kernel"]
+    assert sweeps == [-(-counted[0] // 128) * used[0][1]]
