@@ -41,6 +41,12 @@ constexpr int64_t kBandRows = 64;
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// A tile's negatives share one exp per pair between its two anchors when their shifts differ by at most this:
+// exp(z - s_max) times exp(s_max - s_i) <= e^kSharedRange. A term then lost to underflow is below
+// exp(-(min exponent - kSharedRange)) of its anchor's largest term: e^-37 in float, e^-208 in double.
+template <typename T>
+constexpr T kSharedRange = sizeof(T) == 4 ? T(50) : T(500);
+
 struct Tile {  // rows [row, row + rows) against columns [col, col + cols); on the diagonal, only j > i counts
   int64_t row, rows, col, cols;
   bool diagonal() const { return row == col; }
@@ -203,7 +209,7 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
   auto offset = [&](int64_t i) { return neg_shift[i] > -inf ? -beta_base - neg_shift[i] : T(0); };
   for_each_tile(plan.sweep, so.x, [&](const Tile& t, const at::Tensor& s) {
     const T* sv = s.data_ptr<T>();
-    std::vector<T> row_max(t.rows), col_max(t.cols, -inf), col_offset(t.cols);
+    std::vector<T> row_max(t.rows), col_max(t.cols, -inf), col_offset(t.cols);  // col_offset: or factors
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = start_of(t, k);
       const UpperScan<T> r = scan_negatives(sv + k * t.cols + b, y + t.col + b, t.cols - b, y[i],
@@ -217,12 +223,28 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     if (!t.diagonal()) {
       for (int64_t q = 0; q < t.cols; ++q) raise_shift(t.col + q, col_max[q]);
     }
-    for (int64_t q = 0; q < t.cols; ++q) col_offset[q] = offset(t.col + q);
+    // the tile's anchors' shifts, rows and columns (-inf: no negative so far, nothing to sum)
+    T lo = inf, hi = -inf;
+    auto widen = [&](int64_t i) {
+      if (neg_shift[i] > -inf) lo = std::min(lo, neg_shift[i]), hi = std::max(hi, neg_shift[i]);
+    };
+    for (int64_t k = 0; k < t.rows; ++k) widen(t.row + k);
+    for (int64_t q = 0; q < t.cols; ++q) widen(t.col + q);
+    if (!(hi > -inf)) return;
+    const bool shared = hi - lo <= kSharedRange<T>;
+    // shared: every term is exp(z - hi) times its anchor's exp(hi - shift) (0 for an anchor without negatives)
+    auto factor = [&](int64_t i) { return neg_shift[i] > -inf ? std::exp(hi - neg_shift[i]) : T(0); };
+    for (int64_t q = 0; q < t.cols; ++q) col_offset[q] = shared ? factor(t.col + q) : offset(t.col + q);
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = start_of(t, k);
-      const UpperSums<T> r = sum_negatives(sv + k * t.cols + b, y + t.col + b, t.cols - b, y[i], neg_limit[i],
-                                           offset(i), neg_limit.data() + t.col + b, col_offset.data() + b,
-                                           neg_sum.data() + t.col + b, neg_count.data() + t.col + b, hp);
+      const T* row = sv + k * t.cols + b;
+      const UpperSums<T> r =
+          shared ? sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi, factor(i),
+                                        neg_limit.data() + t.col + b, col_offset.data() + b,
+                                        neg_sum.data() + t.col + b, neg_count.data() + t.col + b, hp)
+                 : sum_negatives(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], offset(i),
+                                 neg_limit.data() + t.col + b, col_offset.data() + b, neg_sum.data() + t.col + b,
+                                 neg_count.data() + t.col + b, hp);
       neg_sum[i] += r.sum;
       neg_count[i] += static_cast<PairCount<T>>(r.count);
     }
@@ -307,11 +329,28 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
   auto tile_gradient = [&](bool positives) {
     return [&, positives](const Tile& t, at::Tensor& s) {
       T* sv = s.data_ptr<T>();
+      // negatives: one exp per pair when the tile's anchors' shifts (-beta base - B) are close, G = coef
+      // exp(beta s + shift) = coef exp(shift - lo) * exp(beta s + lo), the last <= 1 for a mined pair (z <= B)
+      T lo = std::numeric_limits<T>::infinity(), hi = -lo;
+      for (int64_t k = 0; k < t.rows; ++k) lo = std::min(lo, cols.neg_shift[t.row + k]), hi = std::max(hi, cols.neg_shift[t.row + k]);
+      for (int64_t q = 0; q < t.cols; ++q) lo = std::min(lo, cols.neg_shift[t.col + q]), hi = std::max(hi, cols.neg_shift[t.col + q]);
+      const bool shared = !positives && hi - lo <= kSharedRange<T>;
+      std::vector<T> col_coef(shared ? t.cols : 0);
+      for (int64_t q = 0; q < static_cast<int64_t>(col_coef.size()); ++q) {
+        col_coef[q] = cols.neg_coef[t.col + q] * std::exp(cols.neg_shift[t.col + q] - lo);
+      }
       for (int64_t k = 0; k < t.rows; ++k) {
         const int64_t i = t.row + k, b = t.diagonal() ? k + 1 : 0;
         T* row = sv + k * t.cols;
         std::fill(row, row + b, T(0));  // (i, j <= i) on the diagonal: the pair's element is (j, i), or no pair
-        upper_weights(row + b, y + t.col + b, t.cols - b, y[i], row_weights(i), cols.offset(t.col + b), hp, positives);
+        if (shared) {
+          upper_negative_weights_shared(row + b, y + t.col + b, t.cols - b, y[i], cols.neg_limit[i],
+                                        cols.neg_coef[i] * std::exp(cols.neg_shift[i] - lo), lo,
+                                        cols.neg_limit + t.col + b, col_coef.data() + b, hp);
+        } else {
+          upper_weights(row + b, y + t.col + b, t.cols - b, y[i], row_weights(i), cols.offset(t.col + b), hp,
+                        positives);
+        }
       }
       sorted_dx.narrow(0, t.row, t.rows).addmm_(s, so.x.narrow(0, t.col, t.cols));    // dX_i += W_ij X_j
       sorted_dx.narrow(0, t.col, t.cols).addmm_(s.t(), so.x.narrow(0, t.row, t.rows));  // dX_j += W_ij X_i

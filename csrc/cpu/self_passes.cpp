@@ -69,6 +69,45 @@ MS_FUSED_INLINE UpperSums<T> sum_pairs_impl(const T* s, const int32_t* y, int64_
 }
 
 template <typename T>
+MS_FUSED_INLINE UpperSums<T> sum_negatives_shared_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,
+                                                       T offset, T factor, const T* col_limit, const T* col_factor,
+                                                       T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp) {
+  const T beta = hp.beta, eps = hp.epsilon;
+  T sum = 0;
+  PairCount<T> count = 0;
+#pragma omp simd reduction(+ : sum, count)
+  for (int64_t k = 0; k < len; ++k) {
+    const T v = s[k];
+    const bool other = y[k] != yi;
+    const bool row_mined = other & (v + eps > limit);
+    const bool col_mined = other & (v + eps > col_limit[k]);
+    const T e = vec_exp(beta * v + offset);
+    sum += row_mined ? e : T(0);
+    count += row_mined ? PairCount<T>(1) : PairCount<T>(0);
+    col_sum[k] += col_mined ? e * col_factor[k] : T(0);
+    col_count[k] += col_mined ? PairCount<T>(1) : PairCount<T>(0);
+  }
+  return {sum * factor, static_cast<int64_t>(count)};
+}
+
+template <typename T>
+MS_FUSED_INLINE void upper_negative_weights_shared_impl(T* s, const int32_t* y, int64_t len, int32_t yi, T limit,
+                                                        T coef, T offset, const T* col_limit, const T* col_coef,
+                                                        const Hyper<T>& hp) {
+  const T beta = hp.beta, eps = hp.epsilon;
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    const T v = s[k];
+    const bool other = y[k] != yi;
+    const T e = vec_exp(beta * v + offset);
+    const T row_coef = (other & (v + eps > limit)) ? coef : T(0);
+    const T col = (other & (v + eps > col_limit[k])) ? col_coef[k] : T(0);
+    const T w = (row_coef + col) * e;
+    s[k] = (row_coef + col) != T(0) ? w : T(0);  // e of an unmined pair may be +Inf: never 0 * Inf
+  }
+}
+
+template <typename T>
 MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,
                                         const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {
   const PairWeights<T> w = row;  // local copies: through a reference they might alias s
@@ -114,6 +153,19 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
     return sum_pairs_impl<Positive>(s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count, hp); \
   }                                                                                                              \
   template <typename T>                                                                                          \
+  target UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,       \
+                                           T offset, T factor, const T* col_limit, const T* col_factor,          \
+                                           T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp) {            \
+    return sum_negatives_shared_impl(s, y, len, yi, limit, offset, factor, col_limit, col_factor, col_sum,       \
+                                     col_count, hp);                                                             \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  target void upper_negative_weights_shared(T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T coef,    \
+                                            T offset, const T* col_limit, const T* col_coef,                     \
+                                            const Hyper<T>& hp) {                                                \
+    upper_negative_weights_shared_impl(s, y, len, yi, limit, coef, offset, col_limit, col_coef, hp);             \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
   target void upper_weights(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,          \
                             const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {                  \
     upper_weights_impl(s, y, len, yi, row, cols, hp, positives);                                                 \
@@ -143,6 +195,16 @@ namespace avx512 = baseline;
                              const Hyper<T>& hp) {                                                               \
     MS_FUSED_DISPATCH(sum_pairs<false>, s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count,  \
                       hp)                                                                                        \
+  }                                                                                                              \
+  UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
+                                    T factor, const T* col_limit, const T* col_factor, T* col_sum,               \
+                                    PairCount<T>* col_count, const Hyper<T>& hp) {                               \
+    MS_FUSED_DISPATCH(sum_negatives_shared, s, y, len, yi, limit, offset, factor, col_limit, col_factor, col_sum, \
+                      col_count, hp)                                                                             \
+  }                                                                                                              \
+  void upper_negative_weights_shared(T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T coef, T offset, \
+                                     const T* col_limit, const T* col_coef, const Hyper<T>& hp) {                \
+    MS_FUSED_DISPATCH(upper_negative_weights_shared, s, y, len, yi, limit, coef, offset, col_limit, col_coef, hp) \
   }                                                                                                              \
   UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
                              const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \

@@ -48,13 +48,21 @@ struct ColumnWeights {
   UpperSums<T> sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
                              const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
                              const Hyper<T>& hp);                                                                \
+  /* the same with one exp per pair, exp(beta s + offset) times the row's `factor` or col_factor[k] */          \
+  UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
+                                    T factor, const T* col_limit, const T* col_factor, T* col_sum,               \
+                                    PairCount<T>* col_count, const Hyper<T>& hp);                                \
   /* mined positives (s - eps < limit): exp(-alpha s + offset), the same way */                                  \
   UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
                              const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
                              const Hyper<T>& hp);                                                                \
   /* overwrites s[k] with G_ij + G_ji for the pairs of one kind (0 for the other kind) */                        \
   void upper_weights(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,                 \
-                     const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives);
+                     const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives);                  \
+  /* negatives with one exp per pair: G_ij + G_ji = exp(beta s + offset) (coef_i + col_coef[k]), each coef */     \
+  /* taken where its side mines the pair (limit, col_limit[k]) */                                                \
+  void upper_negative_weights_shared(T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T coef, T offset, \
+                                     const T* col_limit, const T* col_coef, const Hyper<T>& hp);
 
 MS_FUSED_SELF_PASSES(float)
 MS_FUSED_SELF_PASSES(double)
