@@ -2,6 +2,7 @@
 # Re-measures the committed CPU results and rewrites the README blocks built from them, one step at a time,
 # in this order (about how long each takes on the project's 2-core machine, idle):
 #   goals     run.py --preset goals                     ~10 min   benchmarks/results/cpu/goals/
+#   floor     run.py --preset floor                     ~2 min    benchmarks/results/cpu/floor/
 #   bank      run.py --preset bank                      ~10 min   benchmarks/results/cpu/bank/
 #   quick     run.py --quick                            < 3 min   benchmarks/results/cpu/quick/
 #   full      run.py (the full sweep)                   ~40 min   benchmarks/results/cpu/
@@ -10,18 +11,18 @@
 #   cached    bench_cached.py, search and chunk sweep   ~30 min   benchmarks/results/cpu/cached*.*
 #
 #   bash benchmarks/regenerate_cpu.sh               # every step
-#   bash benchmarks/regenerate_cpu.sh goals bank    # some of them
+#   bash benchmarks/regenerate_cpu.sh goals floor   # some of them
 #
 # Timings from a busy machine are worthless: run it on an idle one, nothing else at the same time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 steps=("$@")
-(( ${#steps[@]} )) || steps=(goals bank quick full kernels retrieval cached)
+(( ${#steps[@]} )) || steps=(goals floor bank quick full kernels retrieval cached)
 for step in "${steps[@]}"; do
     echo "== $step ($(date -u +%H:%M:%S) UTC)"
     case $step in
-        goals|bank)
+        goals|floor|bank)
             $PY benchmarks/run.py --preset "$step" --no-progress
             $PY benchmarks/report.py "benchmarks/results/cpu/$step/results.json" --readme README.md ;;
         quick)

@@ -56,8 +56,8 @@ def test_memory_bank_preset_runs_the_bank_step(tmp_path):
     assert "memory of 300 unit rows" in md
 
 
-def _record(impl, n, ms, peak, status="ok", mode="forward_backward"):
-    return dict(impl=impl, n=n, d=128, dtype="float32", mode=mode, status=status, median_ms=ms, peak_mb=peak)
+def _record(impl, n, ms, peak, status="ok", mode="forward_backward", d=128):
+    return dict(impl=impl, n=n, d=d, dtype="float32", mode=mode, status=status, median_ms=ms, peak_mb=peak)
 
 
 def test_goals_table_reads_each_goal_against_its_record():
@@ -80,6 +80,18 @@ def test_goals_table_reads_each_goal_against_its_record():
     assert "| speed-up vs pml ≥ 10 | 8.00 | no |" in table[3] and "no (timeout" in table[-1]
 
 
+def test_a_goal_that_names_d_is_read_against_that_d_only():
+    goals = (sweep._goals("ms_fused:cpp", "time_per_mm", 0.45, (8192,), "forward", 128)
+             + sweep._goals("ms_fused:cpp", "time_per_mm", 0.6, (8192,), "forward", 512))
+    records = [_record("mm", 8192, 100, 1, mode="forward"), _record("ms_fused:cpp", 8192, 50, 1, mode="forward"),
+               _record("mm", 8192, 200, 1, mode="forward", d=512),
+               _record("ms_fused:cpp", 8192, 125, 1, mode="forward", d=512)]
+    rows = report.goal_rows(dict(settings=dict(goals=goals), records=records))
+    # 50 / 100 and 125 / 200: exact quotients in IEEE double
+    assert [(r["goal"]["d"], r["section"][0], r["value"], r["met"]) for r in rows] == [(128, 128, 0.5, False),
+                                                                                      (512, 512, 0.625, False)]
+
+
 def test_every_preset_names_known_implementations_and_goals():
     import impls
     from ms_fused.backends import BACKEND_NAMES
@@ -89,7 +101,7 @@ def test_every_preset_names_known_implementations_and_goals():
         for impl in preset.get("impls", []):
             assert impl in impls.BASELINES or impl.split(":", 1)[1] in BACKEND_NAMES
         for g in preset.get("goals", []):
-            assert g["impl"] in preset["impls"] and g["n"] in preset["n"]
+            assert g["impl"] in preset["impls"] and g["n"] in preset["n"] and g["d"] in (None, *preset["d"])
             assert g["metric"] in report.AT_LEAST + report.AT_MOST + ("completes",)
 
 
