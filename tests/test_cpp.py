@@ -125,11 +125,12 @@ def test_non_finite_rows_give_nan(bad, normalize):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("n, sizes", [(700, (350, 350)), (530, (200, 7, 1, 90, 232)), (300, (8,) * 37 + (4,))])
+@pytest.mark.parametrize("n, sizes", [(700, (350, 350)), (530, (200, 7, 1, 90, 232)), (300, (8,) * 37 + (4,)),
+                                     (90, (30, 30, 30))])
 def test_self_mode_symmetric_kernels_at_every_thread_count(threads, n, sizes):
-    # self mode shares the blocks among one group per thread and puts the rows in label order: classes
-    # larger than a band product (64 rows) and than a sweep block are split into pieces; a different
-    # thread count regroups the sums (rounding), and the same one repeats the bits
+    # self mode puts the rows in label order and cuts blocks by the thread count (rounds of tiles, an odd block
+    # count sitting one block out per round: N = 90); classes larger than a band product (64 rows) and than
+    # a block are tiled; another thread count cuts other tiles (rounding), the same one repeats the bits
     gen = torch.Generator().manual_seed(threads)
     y = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
     for _ in range(100):  # away from the mining thresholds, as clustered_batch draws (see there why)

@@ -96,14 +96,7 @@ MS_FUSED_INLINE void weight_row_impl(T* s, const int32_t* yr, int64_t m, int32_t
   }                                                                                                                  \
   }
 
-MS_FUSED_VARIANT(baseline, )
-#ifdef MS_FUSED_X86_VARIANTS
-MS_FUSED_VARIANT(avx2, MS_FUSED_TARGET_AVX2)
-MS_FUSED_VARIANT(avx512, MS_FUSED_TARGET_AVX512)
-#else
-namespace avx2 = baseline;
-namespace avx512 = baseline;
-#endif
+MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
 
 }  // namespace
 

@@ -172,14 +172,7 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
   }                                                                                                              \
   }
 
-MS_FUSED_VARIANT(baseline, )
-#ifdef MS_FUSED_X86_VARIANTS
-MS_FUSED_VARIANT(avx2, MS_FUSED_TARGET_AVX2)
-MS_FUSED_VARIANT(avx512, MS_FUSED_TARGET_AVX512)
-#else
-namespace avx2 = baseline;
-namespace avx512 = baseline;
-#endif
+MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
 
 }  // namespace
 

@@ -143,10 +143,17 @@ inline Isa active_isa() {
 
 }  // namespace ms_fused::cpu::simd
 
-// Compiles the templates of namespace `name` (declared by the including file inside `body`) for an ISA
+// MS_FUSED_ALL_VARIANTS(V) expands V(name, target attribute) once per ISA variant, each defining namespace
+// `name` with the entry points compiled for that ISA; without x86 variants avx2 and avx512 name the baseline.
 #ifdef MS_FUSED_X86_VARIANTS
-#define MS_FUSED_TARGET_AVX2 __attribute__((target("arch=x86-64-v3")))
-#define MS_FUSED_TARGET_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define MS_FUSED_ALL_VARIANTS(V) \
+  V(baseline, )                  \
+  V(avx2, __attribute__((target("arch=x86-64-v3")))) V(avx512, __attribute__((target("arch=x86-64-v4"))))
+#else
+#define MS_FUSED_ALL_VARIANTS(V) \
+  V(baseline, )                  \
+  namespace avx2 = baseline;     \
+  namespace avx512 = baseline;
 #endif
 
 // Runs fn of the namespace of the active variant: avx512::fn, avx2::fn or baseline::fn
