@@ -233,13 +233,18 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     if (!(hi > -inf)) return;
     const bool shared = hi - lo <= kSharedRange<T>;
     // shared: every term is exp(z - hi) times its anchor's exp(hi - shift) (0 for an anchor without negatives)
-    auto factor = [&](int64_t i) { return neg_shift[i] > -inf ? std::exp(hi - neg_shift[i]) : T(0); };
-    for (int64_t q = 0; q < t.cols; ++q) col_offset[q] = shared ? factor(t.col + q) : offset(t.col + q);
+    std::vector<T> row_factor(shared ? t.rows : 0);
+    if (shared) {
+      scaled_exps(neg_shift.data() + t.col, static_cast<const T*>(nullptr), t.cols, hi, T(-1), col_offset.data());
+      scaled_exps(neg_shift.data() + t.row, static_cast<const T*>(nullptr), t.rows, hi, T(-1), row_factor.data());
+    } else {
+      for (int64_t q = 0; q < t.cols; ++q) col_offset[q] = offset(t.col + q);
+    }
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = start_of(t, k);
       const T* row = sv + k * t.cols + b;
       const UpperSums<T> r =
-          shared ? sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi, factor(i),
+          shared ? sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi, row_factor[k],
                                         neg_limit.data() + t.col + b, col_offset.data() + b,
                                         neg_sum.data() + t.col + b, neg_count.data() + t.col + b, hp)
                  : sum_negatives(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], offset(i),
@@ -335,9 +340,10 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
       for (int64_t k = 0; k < t.rows; ++k) lo = std::min(lo, cols.neg_shift[t.row + k]), hi = std::max(hi, cols.neg_shift[t.row + k]);
       for (int64_t q = 0; q < t.cols; ++q) lo = std::min(lo, cols.neg_shift[t.col + q]), hi = std::max(hi, cols.neg_shift[t.col + q]);
       const bool shared = !positives && hi - lo <= kSharedRange<T>;
-      std::vector<T> col_coef(shared ? t.cols : 0);
-      for (int64_t q = 0; q < static_cast<int64_t>(col_coef.size()); ++q) {
-        col_coef[q] = cols.neg_coef[t.col + q] * std::exp(cols.neg_shift[t.col + q] - lo);
+      std::vector<T> col_coef(shared ? t.cols : 0), row_coef(shared ? t.rows : 0);
+      if (shared) {
+        scaled_exps(cols.neg_shift + t.col, cols.neg_coef + t.col, t.cols, lo, T(1), col_coef.data());
+        scaled_exps(cols.neg_shift + t.row, cols.neg_coef + t.row, t.rows, lo, T(1), row_coef.data());
       }
       for (int64_t k = 0; k < t.rows; ++k) {
         const int64_t i = t.row + k, b = t.diagonal() ? k + 1 : 0;
@@ -345,7 +351,7 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
         std::fill(row, row + b, T(0));  // (i, j <= i) on the diagonal: the pair's element is (j, i), or no pair
         if (shared) {
           upper_negative_weights_shared(row + b, y + t.col + b, t.cols - b, y[i], cols.neg_limit[i],
-                                        cols.neg_coef[i] * std::exp(cols.neg_shift[i] - lo), lo,
+                                        row_coef[k], lo,
                                         cols.neg_limit + t.col + b, col_coef.data() + b, hp);
         } else {
           upper_weights(row + b, y + t.col + b, t.cols - b, y[i], row_weights(i), cols.offset(t.col + b), hp,

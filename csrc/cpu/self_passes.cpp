@@ -108,6 +108,16 @@ MS_FUSED_INLINE void upper_negative_weights_shared_impl(T* s, const int32_t* y, 
 }
 
 template <typename T>
+MS_FUSED_INLINE void scaled_exps_impl(const T* shift, const T* scale, int64_t len, T base, T sign, T* out) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+#pragma omp simd
+  for (int64_t k = 0; k < len; ++k) {
+    const T e = vec_exp(sign * (shift[k] - base));
+    out[k] = shift[k] > -inf ? (scale == nullptr ? e : scale[k] * e) : T(0);
+  }
+}
+
+template <typename T>
 MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,
                                         const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {
   const PairWeights<T> w = row;  // local copies: through a reference they might alias s
@@ -166,6 +176,10 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
     upper_negative_weights_shared_impl(s, y, len, yi, limit, coef, offset, col_limit, col_coef, hp);             \
   }                                                                                                              \
   template <typename T>                                                                                          \
+  target void scaled_exps(const T* shift, const T* scale, int64_t len, T base, T sign, T* out) {                 \
+    scaled_exps_impl(shift, scale, len, base, sign, out);                                                        \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
   target void upper_weights(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,          \
                             const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {                  \
     upper_weights_impl(s, y, len, yi, row, cols, hp, positives);                                                 \
@@ -198,6 +212,9 @@ MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
   void upper_negative_weights_shared(T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T coef, T offset, \
                                      const T* col_limit, const T* col_coef, const Hyper<T>& hp) {                \
     MS_FUSED_DISPATCH(upper_negative_weights_shared, s, y, len, yi, limit, coef, offset, col_limit, col_coef, hp) \
+  }                                                                                                              \
+  void scaled_exps(const T* shift, const T* scale, int64_t len, T base, T sign, T* out) {                        \
+    MS_FUSED_DISPATCH(scaled_exps, shift, scale, len, base, sign, out)                                           \
   }                                                                                                              \
   UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
                              const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \

@@ -52,6 +52,8 @@ struct ColumnWeights {
   UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
                                     T factor, const T* col_limit, const T* col_factor, T* col_sum,               \
                                     PairCount<T>* col_count, const Hyper<T>& hp);                                \
+  /* out[k] = scale[k] exp(sign (shift[k] - base)), 0 where shift[k] = -inf; scale nullptr: 1 */                \
+  void scaled_exps(const T* shift, const T* scale, int64_t len, T base, T sign, T* out);                         \
   /* mined positives (s - eps < limit): exp(-alpha s + offset), the same way */                                  \
   UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
                              const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
