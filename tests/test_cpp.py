@@ -163,7 +163,7 @@ def test_backward_is_deterministic():
     x, y = clustered_batch(600, 16, 30, seed=11, dtype=torch.float32, margin=0)
     first = loss_and_grads("cpp", x, y)
     second = loss_and_grads("cpp", x, y)
-    # docs/semantics.md "Reproducibility", repeat: per-group accumulators added in group order, no atomics
+    # docs/semantics.md "Reproducibility", repeat: tiles in rounds that touch disjoint rows, no atomics
     assert torch.equal(first[0], second[0]) and torch.equal(first[1][0], second[1][0])
 
 
