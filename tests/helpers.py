@@ -2,6 +2,8 @@
 table and the one comparison of a backend with the float64 `reference`."""
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -274,3 +276,21 @@ def spawn_ranks(worker, world: int, tmp_dir) -> list:
 
     mp.spawn(_gloo_rank, args=(worker, world, str(tmp_dir / "rendezvous"), str(tmp_dir)), nprocs=world, join=True)
     return [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ---- the examples' smoke tests ---------------------------------------------------------------------------
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, argv: list):
+    """examples/<name>.py's main(argv), loaded by path; the examples set torch's thread count for themselves,
+    so the caller's is restored for the rest of the suite. Returns what main returns."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(threads)

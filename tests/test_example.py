@@ -1,30 +1,14 @@
 """examples/train_digits.py --quick: training helps on unseen classes and follows pml step for step (~10 s)."""
-import importlib.util
-import pathlib
-
 import pytest
-import torch
+
+from helpers import run_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("pytorch_metric_learning")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_quick_run(tmp_path, capsys):
     results = tmp_path / "train_digits.md"
-    threads = torch.get_num_threads()
-    try:
-        load_example().main(["--quick", "--results", str(results)])
-    finally:
-        torch.set_num_threads(threads)  # the script runs single-threaded; the rest of the suite should not
+    run_example("train_digits", ["--quick", "--results", str(results)])
     printed = dict(line.split("=", 1) for line in capsys.readouterr().out.splitlines() if "=" in line
                    and not line.startswith("#"))
     values = {key: float(value) for key, value in printed.items()}

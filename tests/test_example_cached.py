@@ -1,26 +1,14 @@
 """examples/train_digits.py --cached: the ms_fused run trained with cached_backward follows pml's plain run step for step."""
-import importlib.util
-import pathlib
-
 import pytest
-import torch
+
+from helpers import run_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("pytorch_metric_learning")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "train_digits.py"
-
-
 def test_cached_run_follows_the_plain_pml_run(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("train_digits", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
     results = tmp_path / "train_digits_cached.md"
-    threads = torch.get_num_threads()
-    try:
-        example.main(["--quick", "--steps", "50", "--cached", "16", "--results", str(results)])
-    finally:
-        torch.set_num_threads(threads)
+    run_example("train_digits", ["--quick", "--steps", "50", "--cached", "16", "--results", str(results)])
     out = capsys.readouterr().out
     values = {k: float(v) for k, v in (line.split("=", 1) for line in out.splitlines()
                                        if "=" in line and not line.startswith("#"))}

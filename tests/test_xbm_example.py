@@ -1,24 +1,12 @@
 """examples/xbm_digits.py, shortened: a bfloat16 and a float32 memory train the same network from the same start."""
-import importlib.util
-import pathlib
-
 import pytest
-import torch
+
+from helpers import run_example
 
 pytest.importorskip("sklearn")
 
-EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "examples" / "xbm_digits.py"
-
-
 def test_short_run(capsys):
-    spec = importlib.util.spec_from_file_location("xbm_digits", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    threads = torch.get_num_threads()
-    try:
-        (run,) = module.main(["--steps", "12", "--seeds", "1", "--results", ""])
-    finally:
-        torch.set_num_threads(threads)
+    (run,) = run_example("xbm_digits", ["--steps", "12", "--seeds", "1", "--results", ""])
     # same network, same first batch: the two first losses differ by the bfloat16 rounding only
     assert abs(run["curve32"][0] - run["curve16"][0]) <= 1e-2 * run["curve32"][0]
     assert 0 < run["same_emb_diff"] < 1e-2  # bfloat16 rounding of the memory, no more
