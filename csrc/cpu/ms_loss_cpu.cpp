@@ -158,15 +158,10 @@ Hyper<T> hyper(double alpha, double beta, double base, double epsilon, bool mini
   return {static_cast<T>(alpha), static_cast<T>(beta), static_cast<T>(base), static_cast<T>(epsilon), mining};
 }
 
-// Anchor i's entry of ref_self_index: the column of its own copy (removed from P_i), or -1.
-int32_t anchor_ref_self_index(const Inputs& in, const int64_t* ref_self_index, int64_t i) {
-  if (in.self_mode) return static_cast<int32_t>(i);
+// Anchor i's entry of ref_self_index (reference mode; self mode runs self_mode.cpp): the column of its own copy
+// (removed from P_i), or -1.
+int32_t anchor_ref_self_index(const int64_t* ref_self_index, int64_t i) {
   return ref_self_index == nullptr ? -1 : static_cast<int32_t>(ref_self_index[i]);
-}
-
-template <typename T>
-RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {  // stats is (kNumStats, N), rows as in StatRow
-  return {stats[kMinPos * n + i], stats[kMaxNeg * n + i], stats[kLsePos * n + i], stats[kLseNeg * n + i]};
 }
 
 template <typename T>
@@ -186,7 +181,7 @@ void forward_blocks(const Inputs& in, const Hyper<T>& hp, at::Tensor& loss, at::
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t i = start + k;
         const RowStats<T> rs =
-            forward_row(s + k * m, r_ids, m, q_ids[i], anchor_ref_self_index(in, ref_self_index, i), hp);
+            forward_row(s + k * m, r_ids, m, q_ids[i], anchor_ref_self_index(ref_self_index, i), hp);
         st[kMinPos * n + i] = rs.min_pos;
         st[kMaxNeg * n + i] = rs.max_neg;
         st[kLsePos * n + i] = rs.A;
@@ -216,7 +211,7 @@ void backward_blocks(const Inputs& in, const Hyper<T>& hp, const T* g, const T* 
     at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const int64_t i = start + k;
-        weight_row(s + k * m, r_ids, m, q_ids[i], anchor_ref_self_index(in, ref_self_index, i),
+        weight_row(s + k * m, r_ids, m, q_ids[i], anchor_ref_self_index(ref_self_index, i),
                    pair_weights(row_stats(st, n, i), hp, g[i]), hp);
       }
     });

@@ -35,6 +35,12 @@ struct RowStats {  // what the forward saves per anchor (see StatRow)
 //   hard positive (same label, not i's own column, s - eps < pos_limit): G = pos_coef * exp(-alpha*s + pos_shift)
 //   hard negative (other label, s + eps > neg_limit):                     G = neg_coef * exp( beta*s + neg_shift)
 //   anything else: 0.
+// Anchor i's statistics from the (kNumStats, N) tensor
+template <typename T>
+RowStats<T> row_stats(const T* stats, int64_t n, int64_t i) {
+  return {stats[kMinPos * n + i], stats[kMaxNeg * n + i], stats[kLsePos * n + i], stats[kLseNeg * n + i]};
+}
+
 template <typename T>
 struct PairWeights {
   T pos_limit, neg_limit, pos_shift, neg_shift, pos_coef, neg_coef;

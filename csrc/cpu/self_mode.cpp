@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "self_passes.h"
@@ -50,6 +51,8 @@ constexpr T kSharedRange = sizeof(T) == 4 ? T(50) : T(500);
 struct Tile {  // rows [row, row + rows) against columns [col, col + cols); on the diagonal, only j > i counts
   int64_t row, rows, col, cols;
   bool diagonal() const { return row == col; }
+  // the first column of row k that holds a pair (right of the diagonal on a diagonal tile)
+  int64_t first_pair(int64_t k) const { return diagonal() ? k + 1 : 0; }
 };
 using Rounds = std::vector<std::vector<Tile>>;
 
@@ -141,6 +144,20 @@ Plan make_plan(const Sorted& so) {
   return plan;
 }
 
+// The smallest and largest finite shift of a tile's anchors, rows and columns ((inf, -inf) when none is finite:
+// -inf marks an anchor without a negative so far)
+template <typename T>
+std::pair<T, T> shift_range(const T* shift, const Tile& t) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  T lo = inf, hi = -inf;
+  auto widen = [&](int64_t i) {
+    if (shift[i] > -inf) lo = std::min(lo, shift[i]), hi = std::max(hi, shift[i]);
+  };
+  for (int64_t k = 0; k < t.rows; ++k) widen(t.row + k);
+  for (int64_t q = 0; q < t.cols; ++q) widen(t.col + q);
+  return {lo, hi};
+}
+
 // body(tile, S) for every tile, round after round, the tiles of a round shared out among the threads; S is
 // the tile's similarities, a contiguous (rows x cols) matrix from one product per tile: the forward and the
 // backward make the same call for the same tile, so they get the same bits.
@@ -178,14 +195,11 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
   std::vector<PairCount<T>> neg_count(n, 0), pos_count(n, 0);
   std::vector<T> neg_limit(n), pos_limit(n), pos_shift(n), pos_offset(n);
 
-  // row k of a tile: its pairs start at column `start` (right of the diagonal on a diagonal tile)
-  auto start_of = [](const Tile& t, int64_t k) { return t.diagonal() ? k + 1 : int64_t(0); };
-
   // 1. min_pos from the band: docs/semantics.md "Mining"
   for_each_tile(plan.band, so.x, [&](const Tile& t, const at::Tensor& s) {
     const T* sv = s.data_ptr<T>();
     for (int64_t k = 0; k < t.rows; ++k) {
-      const int64_t i = t.row + k, b = start_of(t, k);
+      const int64_t i = t.row + k, b = t.first_pair(k);
       const UpperScan<T> r = scan_positives(sv + k * t.cols + b, y + t.col + b, t.cols - b, y[i],
                                             min_pos.data() + t.col + b, bad.data() + t.col + b);
       min_pos[i] = std::min(min_pos[i], r.extreme);
@@ -211,7 +225,7 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     const T* sv = s.data_ptr<T>();
     std::vector<T> row_max(t.rows), col_max(t.cols, -inf), col_offset(t.cols);  // col_offset: or factors
     for (int64_t k = 0; k < t.rows; ++k) {
-      const int64_t i = t.row + k, b = start_of(t, k);
+      const int64_t i = t.row + k, b = t.first_pair(k);
       const UpperScan<T> r = scan_negatives(sv + k * t.cols + b, y + t.col + b, t.cols - b, y[i],
                                             col_max.data() + b, bad.data() + t.col + b);
       row_max[k] = r.extreme;
@@ -223,14 +237,8 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     if (!t.diagonal()) {
       for (int64_t q = 0; q < t.cols; ++q) raise_shift(t.col + q, col_max[q]);
     }
-    // the tile's anchors' shifts, rows and columns (-inf: no negative so far, nothing to sum)
-    T lo = inf, hi = -inf;
-    auto widen = [&](int64_t i) {
-      if (neg_shift[i] > -inf) lo = std::min(lo, neg_shift[i]), hi = std::max(hi, neg_shift[i]);
-    };
-    for (int64_t k = 0; k < t.rows; ++k) widen(t.row + k);
-    for (int64_t q = 0; q < t.cols; ++q) widen(t.col + q);
-    if (!(hi > -inf)) return;
+    const auto [lo, hi] = shift_range(neg_shift.data(), t);
+    if (!(hi > -inf)) return;  // no negative so far for any of the tile's anchors: nothing to sum
     const bool shared = hi - lo <= kSharedRange<T>;
     // shared: every term is exp(z - hi) times its anchor's exp(hi - shift) (0 for an anchor without negatives)
     std::vector<T> row_factor(shared ? t.rows : 0);
@@ -241,7 +249,7 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
       for (int64_t q = 0; q < t.cols; ++q) col_offset[q] = offset(t.col + q);
     }
     for (int64_t k = 0; k < t.rows; ++k) {
-      const int64_t i = t.row + k, b = start_of(t, k);
+      const int64_t i = t.row + k, b = t.first_pair(k);
       const T* row = sv + k * t.cols + b;
       const UpperSums<T> r =
           shared ? sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi, row_factor[k],
@@ -271,7 +279,7 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
   for_each_tile(plan.band, so.x, [&](const Tile& t, const at::Tensor& s) {
     const T* sv = s.data_ptr<T>();
     for (int64_t k = 0; k < t.rows; ++k) {
-      const int64_t i = t.row + k, b = start_of(t, k);
+      const int64_t i = t.row + k, b = t.first_pair(k);
       const UpperSums<T> r = sum_positives(sv + k * t.cols + b, y + t.col + b, t.cols - b, y[i], pos_limit[i],
                                            pos_offset[i], pos_limit.data() + t.col + b, pos_offset.data() + t.col + b,
                                            pos_sum.data() + t.col + b, pos_count.data() + t.col + b, hp);
@@ -312,8 +320,7 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
   bool any_bad = false;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t o = order[i];
-    const RowStats<T> rs{stats[kMinPos * n + o], stats[kMaxNeg * n + o], stats[kLsePos * n + o],
-                         stats[kLseNeg * n + o]};
+    const RowStats<T> rs = row_stats(stats, n, o);
     any_bad = any_bad || std::isnan(rs.A) || std::isnan(rs.B);
     const PairWeights<T> w = pair_weights(rs, hp, g[o]);
     const T values[6] = {w.pos_limit, w.neg_limit, w.pos_shift, w.neg_shift, w.pos_coef, w.neg_coef};
@@ -336,9 +343,7 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
       T* sv = s.data_ptr<T>();
       // negatives: one exp per pair when the tile's anchors' shifts (-beta base - B) are close, G = coef
       // exp(beta s + shift) = coef exp(shift - lo) * exp(beta s + lo), the last <= 1 for a mined pair (z <= B)
-      T lo = std::numeric_limits<T>::infinity(), hi = -lo;
-      for (int64_t k = 0; k < t.rows; ++k) lo = std::min(lo, cols.neg_shift[t.row + k]), hi = std::max(hi, cols.neg_shift[t.row + k]);
-      for (int64_t q = 0; q < t.cols; ++q) lo = std::min(lo, cols.neg_shift[t.col + q]), hi = std::max(hi, cols.neg_shift[t.col + q]);
+      const auto [lo, hi] = positives ? std::pair<T, T>(0, 0) : shift_range(cols.neg_shift, t);
       const bool shared = !positives && hi - lo <= kSharedRange<T>;
       std::vector<T> col_coef(shared ? t.cols : 0), row_coef(shared ? t.rows : 0);
       if (shared) {
@@ -346,7 +351,7 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
         scaled_exps(cols.neg_shift + t.row, cols.neg_coef + t.row, t.rows, lo, T(1), row_coef.data());
       }
       for (int64_t k = 0; k < t.rows; ++k) {
-        const int64_t i = t.row + k, b = t.diagonal() ? k + 1 : 0;
+        const int64_t i = t.row + k, b = t.first_pair(k);
         T* row = sv + k * t.cols;
         std::fill(row, row + b, T(0));  // (i, j <= i) on the diagonal: the pair's element is (j, i), or no pair
         if (shared) {
