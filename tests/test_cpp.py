@@ -159,6 +159,88 @@ def test_self_mode_overflowing_pair_makes_only_its_two_anchors_nan():
     assert torch.isnan(loss[:2]).all() and torch.isfinite(loss[2:]).all()
 
 
+# ---- the sparse update of the self-mode backward (csrc/cpu/sparse_update.h) ---------------------------------
+
+def _sparse_tile(rows, cols, density, diagonal, dtype, gen):
+    w = torch.rand(rows, cols, generator=gen, dtype=torch.float64) - 0.5
+    w[torch.rand(rows, cols, generator=gen) >= density] = 0.0
+    if diagonal:  # a diagonal tile holds each pair once, right of the diagonal
+        w = w.triu(1)
+    return w.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 7, 16, 100, 128, 129, 300, 512])
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_sparse_tile_update_matches_the_dense_products(dtype, d, diagonal):
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(400, d, generator=gen, dtype=torch.float64).to(dtype)
+    row, col, rows, cols = (50, 50, 200, 200) if diagonal else (10, 170, 130, 230)  # odd sizes: partial blocks
+    for density in (0.0, 0.02, 0.2, 1.0):
+        w = _sparse_tile(rows, cols, density, diagonal, dtype, gen)
+        dx = torch.randn(400, d, generator=gen, dtype=torch.float64).to(dtype)
+        expected = dx.double().clone()
+        expected[row:row + rows] += w.double() @ x[col:col + cols].double()
+        expected[col:col + cols] += w.double().T @ x[row:row + rows].double()
+        torch.ops.ms_fused.sparse_tile_update_(w, x, row, col, dx)
+        tol = 1e-12 if dtype == torch.float64 else 1e-6  # sums of at most 400 products, in another order
+        assert rel_err(dx, expected) <= tol, (density, rel_err(dx, expected))
+
+
+def test_sparse_tile_update_keeps_nan_and_drops_signed_zeros():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 20, generator=gen)
+    w = _sparse_tile(20, 30, 0.1, False, torch.float32, gen)
+    w[w == 0] = -0.0
+    w[3, 7] = float("nan")
+    dx = torch.zeros(64, 20)
+    torch.ops.ms_fused.sparse_tile_update_(w, x, 0, 30, dx)
+    nan_rows = torch.isnan(dx).any(dim=1).nonzero().flatten().tolist()
+    assert nan_rows == [3, 30 + 7]  # as a dense product: W_37 reaches row 3 (W x) and column 7 (W^T x) only
+
+
+def _sparsely_mined_batch(n, d, spread, seed, margin):
+    """K = 4 classes whose negatives the miner mostly drops (as in training), away from mining thresholds."""
+    gen = torch.Generator().manual_seed(seed)
+    y = (torch.arange(n) // 4)[torch.randperm(n, generator=gen)]
+    for _ in range(100):
+        centres = torch.randn(n // 4 + 1, d, generator=gen, dtype=torch.float64)
+        x = centres[y] + spread * torch.randn(n, d, generator=gen, dtype=torch.float64)
+        if threshold_gap(x, y) > margin:
+            return x, y
+    raise AssertionError("no draw away from the mining thresholds")
+
+
+def _mined_negative_share(x, y):
+    """The share of negative pairs that either anchor mines: the nonzeros of a sweep tile's G + G^T."""
+    from ms_fused._inputs import HyperParams
+    from ms_fused.reference import mined_masks, pair_masks
+
+    xn = F.normalize(x.double(), dim=1)
+    pos, neg = pair_masks(y, y, torch.arange(len(y)))
+    _, hard_neg = mined_masks(xn @ xn.T, pos, neg, HyperParams(*HP[:4]))
+    return float((hard_neg | hard_neg.T).sum() / neg.sum())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("d, spread", [(16, 0.6), (100, 1.25), (300, 1.75)])
+def test_self_mode_with_sparse_tiles(threads, d, spread):
+    # few mined negatives: the sweep tiles' G + G^T go through the sparse update, every chunk shape of it
+    # (d = 16: one register; 100: registers and a tail; 300: whole chunks, packed, and a tail). base = 0
+    # gives the negatives' terms weight at the small similarities of wide D (mining does not depend on it).
+    x, y = _sparsely_mined_batch(700, d, spread, seed=d + threads, margin=1e-6)
+    assert 0.01 < _mined_negative_share(x, y) < 0.2
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference("cpp", x, y, base=0.0)
+        loss, grads = assert_matches_reference("cpp", x, y, dtype=torch.float32, base=0.0)
+        again = loss_and_grads("cpp", x.float(), y, base=0.0)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(loss, again[0]) and torch.equal(grads[0], again[1][0])
+
+
 def test_backward_is_deterministic():
     x, y = clustered_batch(600, 16, 30, seed=11, dtype=torch.float32, margin=0)
     first = loss_and_grads("cpp", x, y)
@@ -290,6 +372,7 @@ VARIANTS = ("default", "avx2", "avx512")  # narrowest first, spelled as ATEN_CPU
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # a few of the parity tests above, in a process whose row passes run the variant named by ATEN_CPU_CAPABILITY
 PARITY_ON_VARIANT = textwrap.dedent("""
+    import torch
     import test_cpp as t
     from ms_fused import cpp_backend
     print(cpp_backend.cpu_capability())
@@ -299,6 +382,11 @@ PARITY_ON_VARIANT = textwrap.dedent("""
     t.test_ref_self_index(0)
     t.test_hyper_parameters_and_no_overflow(True, dict(alpha=1000.0, beta=1000.0, base=0.9, epsilon=0.0))
     t.test_non_finite_rows_give_nan(float("nan"), True)
+    for d in (7, 100, 300):
+        t.test_sparse_tile_update_matches_the_dense_products(torch.float32, d, True)
+        t.test_sparse_tile_update_matches_the_dense_products(torch.float64, d, False)
+    t.test_sparse_tile_update_keeps_nan_and_drops_signed_zeros()
+    t.test_self_mode_with_sparse_tiles(2, 100, 1.25)
     print("ok")
 """)
 

@@ -20,6 +20,7 @@
 
 #include "row_kernels.h"
 #include "self_mode.h"
+#include "sparse_update.h"
 
 namespace ms_fused::cpu {
 namespace {
@@ -277,11 +278,30 @@ std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const
 
 std::string cpu_capability_name() { return cpu_capability(); }
 
+void sparse_tile_update_cpu(const at::Tensor& w, const at::Tensor& x, int64_t row, int64_t col, at::Tensor& dx) {
+  TORCH_CHECK(w.dim() == 2 && x.dim() == 2 && dx.sizes() == x.sizes(), "ms_fused: w and x must be matrices, dx x's shape");
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && dx.is_contiguous(), "ms_fused: w, x and dx must be contiguous");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type() && dx.scalar_type() == x.scalar_type(), "ms_fused: w, x and dx: one dtype");
+  const int64_t rows = w.size(0), cols = w.size(1), d = x.size(1);
+  TORCH_CHECK(row >= 0 && col >= 0 && row + rows <= x.size(0) && col + cols <= x.size(0),
+              "ms_fused: the tile must lie within x's rows");
+  TORCH_CHECK(row + rows <= col || col + cols <= row || (row == col && rows == cols),
+              "ms_fused: row and column blocks must be disjoint or the same");
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "sparse_tile_update_cpu", [&] {
+    const scalar_t* wv = w.data_ptr<scalar_t>();
+    const scalar_t* xv = x.data_ptr<scalar_t>();
+    scalar_t* dxv = dx.data_ptr<scalar_t>();
+    sparse_tile_update(wv, rows, cols, count_nonzeros(wv, rows * cols), xv + row * d, xv + col * d, d, dxv + row * d,
+                       dxv + col * d);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ms_fused, CPU, m) {
   m.impl("ms_forward", &ms_forward_cpu);
   m.impl("ms_backward", &ms_backward_cpu);
+  m.impl("sparse_tile_update_", &sparse_tile_update_cpu);
 }
 
 TORCH_LIBRARY_IMPL(ms_fused, CompositeExplicitAutograd, m) { m.impl("cpu_capability", &cpu_capability_name); }

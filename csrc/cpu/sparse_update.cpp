@@ -1,0 +1,286 @@
+// sparse_update.h: row by row, the row's nonzeros W_ij are listed (with AVX-512 compresses where the CPU has
+// them), then each one adds W_ij x_cols[j] to row i's sum, kept in registers, and W_ij x_rows[i] to
+// dx_cols[j]. The columns are taken a block at a time, and the embedding dimension a chunk at a time, so
+// that the block's rows of x_cols and dx_cols stay in the L1 cache while every row visits them.
+#include "sparse_update.h"
+
+#include <algorithm>
+#include <bit>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "simd_math.h"
+
+#ifdef MS_FUSED_X86_VARIANTS
+#include <immintrin.h>
+#endif
+
+// the vectors below never cross a call boundary (every function taking one is always-inline)
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace ms_fused::cpu {
+namespace {
+
+// Columns per block: a block's chunk of x_cols and of dx_cols (2 x 32 rows x 8 registers of 64 bytes) fills
+// 32 KB of a 48 KB L1 cache
+constexpr int64_t kBlockCols = 32;
+constexpr int kChunkRegisters = 8;
+
+// The width of a vector register of each variant (MS_FUSED_ALL_VARIANTS)
+constexpr int kRegisterBytes_baseline = 16, kRegisterBytes_avx2 = 32, kRegisterBytes_avx512 = 64;
+
+int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// nonzero: any bit but the sign (so -0 is 0, and NaN or Inf is kept)
+template <typename T>
+MS_FUSED_INLINE bool nonzero(T v) {
+  using Bits = simd::Count<T>;
+  return (std::bit_cast<Bits>(v) & std::numeric_limits<Bits>::max()) != 0;
+}
+
+template <typename T>
+MS_FUSED_INLINE int64_t count_nonzeros_impl(const T* w, int64_t len) {
+  int64_t count = 0;
+#pragma omp simd reduction(+ : count)
+  for (int64_t k = 0; k < len; ++k) count += nonzero(w[k]) ? 1 : 0;
+  return count;
+}
+
+// Appends the nonzeros of w[0..len) at `at`, with their positions plus `first` as index; may write up to 16
+// entries past the last one kept. Returns the new end.
+template <typename T>
+MS_FUSED_INLINE int64_t append_nonzeros_scalar(const T* w, int64_t len, int32_t first, int32_t* index, T* value,
+                                               int64_t at) {
+  for (int64_t j = 0; j < len; ++j) {  // no branch: every element is written, the nonzeros are kept
+    index[at] = first + static_cast<int32_t>(j);
+    value[at] = w[j];
+    at += nonzero(w[j]);
+  }
+  return at;
+}
+
+#ifdef MS_FUSED_X86_VARIANTS
+// The same with AVX-512 compresses, 16 floats or 8 doubles at a time (len a multiple of 16)
+__attribute__((target("arch=x86-64-v4"))) int64_t append_nonzeros_avx512(const float* w, int64_t len, int32_t first,
+                                                                        int32_t* index, float* value, int64_t at) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i magnitude = _mm512_set1_epi32(std::numeric_limits<int32_t>::max());
+  for (int64_t j = 0; j < len; j += 16) {
+    const __m512i v = _mm512_loadu_si512(w + j);
+    const __mmask16 keep = _mm512_test_epi32_mask(v, magnitude);
+    const __m512i idx = _mm512_add_epi32(lane, _mm512_set1_epi32(first + static_cast<int32_t>(j)));
+    _mm512_storeu_si512(value + at, _mm512_maskz_compress_epi32(keep, v));
+    _mm512_storeu_si512(index + at, _mm512_maskz_compress_epi32(keep, idx));
+    at += __builtin_popcount(keep);
+  }
+  return at;
+}
+
+__attribute__((target("arch=x86-64-v4"))) int64_t append_nonzeros_avx512(const double* w, int64_t len, int32_t first,
+                                                                        int32_t* index, double* value, int64_t at) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m512i magnitude = _mm512_set1_epi64(std::numeric_limits<int64_t>::max());
+  for (int64_t j = 0; j < len; j += 8) {
+    const __m512i v = _mm512_loadu_si512(w + j);
+    const __mmask8 keep = _mm512_test_epi64_mask(v, magnitude);
+    const __m256i idx = _mm256_add_epi32(lane, _mm256_set1_epi32(first + static_cast<int32_t>(j)));
+    _mm512_storeu_si512(value + at, _mm512_maskz_compress_epi64(keep, v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(index + at), _mm256_maskz_compress_epi32(keep, idx));
+    at += __builtin_popcount(keep);
+  }
+  return at;
+}
+#endif
+
+template <typename T>
+MS_FUSED_INLINE int64_t append_nonzeros(const T* w, int64_t len, int32_t first, int32_t* index, T* value, int64_t at) {
+#ifdef MS_FUSED_X86_VARIANTS
+  if (simd::active_isa() == simd::Isa::kAvx512) {
+    const int64_t whole = len - len % 16;
+    at = append_nonzeros_avx512(w, whole, first, index, value, at);
+    return append_nonzeros_scalar(w + whole, len - whole, first + static_cast<int32_t>(whole), index, value, at);
+  }
+#endif
+  return append_nonzeros_scalar(w, len, first, index, value, at);
+}
+
+template <typename T>
+struct RowLists {  // the nonzeros of each row i of W, by column block b: entries [bound[i][b], bound[i][b + 1])
+  int64_t blocks;
+  std::vector<int64_t> bound;  // rows x (blocks + 1)
+  std::vector<int32_t> col;
+  std::vector<T> value;
+};
+
+template <typename T>
+MS_FUSED_INLINE void list_rows(const T* w, int64_t rows, int64_t cols, int64_t nnz, RowLists<T>& lists) {
+  lists.blocks = divup(cols, kBlockCols);
+  lists.bound.resize(rows * (lists.blocks + 1));
+  lists.col.resize(nnz + 16);
+  lists.value.resize(nnz + 16);
+  int64_t at = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    int64_t* bound = lists.bound.data() + i * (lists.blocks + 1);
+    for (int64_t b = 0; b < lists.blocks; ++b) {
+      bound[b] = at;
+      const int64_t j = b * kBlockCols;
+      at = append_nonzeros(w + i * cols + j, std::min(kBlockCols, cols - j), static_cast<int32_t>(j),
+                           lists.col.data(), lists.value.data(), at);
+    }
+    bound[lists.blocks] = at;
+  }
+}
+
+// Bytes of T as one value: GCC's vector extension, one register of the variant's ISA
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int lanes = Bytes / sizeof(T);
+};
+
+template <typename V, typename T>
+MS_FUSED_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V, typename T>
+MS_FUSED_INLINE void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Where row j of x_cols and of dx_cols lies in a chunk: at (j - first) * stride, first the block's first column
+struct ColumnRows {
+  int64_t first, stride;
+  MS_FUSED_INLINE int64_t operator()(int32_t j) const { return (j - first) * stride; }
+};
+
+// For R registers of row i's elements (x_row, dx_row): dx_row += sum over entries e of value[e] x_cols[col[e]]
+// and dx_cols[col[e]] += value[e] x_row
+template <int R, int Bytes, typename T>
+MS_FUSED_INLINE void update_chunk(const int32_t* col, const T* value, int64_t first, int64_t last, const T* x_row,
+                                  T* dx_row, const T* x_cols, T* dx_cols, ColumnRows at) {
+  using V = typename Vec<T, Bytes>::type;
+  constexpr int L = Vec<T, Bytes>::lanes;
+  V xi[R], acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) xi[r] = load<V>(x_row + r * L), acc[r] = V{};
+  for (int64_t e = first; e < last; ++e) {
+    const V v = V{} + value[e];
+    const T* xj = x_cols + at(col[e]);
+    T* dxj = dx_cols + at(col[e]);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      acc[r] += v * load<V>(xj + r * L);
+      store(dxj + r * L, load<V>(dxj + r * L) + v * xi[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) store(dx_row + r * L, load<V>(dx_row + r * L) + acc[r]);
+}
+
+// The same for one element
+template <typename T>
+MS_FUSED_INLINE void update_element(const int32_t* col, const T* value, int64_t first, int64_t last, const T* x_row,
+                                    T* dx_row, const T* x_cols, T* dx_cols, ColumnRows at) {
+  T acc = 0;
+  for (int64_t e = first; e < last; ++e) {
+    acc += value[e] * x_cols[at(col[e])];
+    dx_cols[at(col[e])] += value[e] * x_row[0];
+  }
+  dx_row[0] += acc;
+}
+
+// Every row's entries in every column block, for the `width` elements from c0 on that `chunk` updates. With
+// `pack`, each block's chunk of x_cols is first copied to consecutive rows of `packed`, and its chunk of dx_cols
+// summed there and then added: rows at a stride of a multiple of 1 KB would fall in a few sets of the cache.
+template <typename T, typename Chunk>
+MS_FUSED_INLINE void update_blocks(const RowLists<T>& lists, int64_t rows, int64_t cols, const T* x_rows,
+                                   const T* x_cols, int64_t d, int64_t c0, int64_t width, T* dx_rows, T* dx_cols,
+                                   bool pack, std::vector<T>& packed, const Chunk& chunk) {
+  // dx's rows 2 cache lines after x's: a load and a store 4 KB apart would wait on each other
+  const int64_t dx_offset = kBlockCols * width + 128 / sizeof(T);
+  if (pack) packed.resize(dx_offset + kBlockCols * width);
+  for (int64_t b = 0; b < lists.blocks; ++b) {
+    const int64_t j0 = b * kBlockCols, block = std::min(kBlockCols, cols - j0);
+    const T* x_block = x_cols + c0;
+    T* dx_block = dx_cols + c0;
+    ColumnRows at{0, d};
+    if (pack) {
+      T* x_packed = packed.data();
+      for (int64_t j = 0; j < block; ++j) std::memcpy(x_packed + j * width, x_cols + (j0 + j) * d + c0, width * sizeof(T));
+      std::fill(packed.begin() + dx_offset, packed.end(), T(0));
+      x_block = x_packed, dx_block = x_packed + dx_offset, at = {j0, width};
+    }
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t* bound = lists.bound.data() + i * (lists.blocks + 1) + b;
+      if (bound[1] > bound[0]) {
+        chunk(lists.col.data(), lists.value.data(), bound[0], bound[1], x_rows + i * d + c0, dx_rows + i * d + c0,
+              x_block, dx_block, at);
+      }
+    }
+    if (pack) {
+      for (int64_t j = 0; j < block; ++j) {
+        T* out = dx_cols + (j0 + j) * d + c0;
+        const T* sum = dx_block + j * width;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) out[c] += sum[c];
+      }
+    }
+  }
+}
+
+template <int Bytes, typename T>
+MS_FUSED_INLINE void sparse_tile_update_impl(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows,
+                                             const T* x_cols, int64_t d, T* dx_rows, T* dx_cols) {
+  // the lists of one tile stay allocated for the thread's next tile (at most (rows + 16) x cols entries)
+  thread_local RowLists<T> lists;
+  thread_local std::vector<T> packed;
+  list_rows(w, rows, cols, nnz, lists);
+  // chunks of R registers (fewer where there are 16 registers: x_row's and the sums' must fit beside others)
+  constexpr int R = Bytes == 64 ? kChunkRegisters : kChunkRegisters / 2, L = Vec<T, Bytes>::lanes;
+  const bool pack = d > R * L;  // rows longer than a chunk: their stride may be a multiple of 1 KB
+  int64_t c0 = 0;
+  for (; c0 + R * L <= d; c0 += R * L) {
+    update_blocks(lists, rows, cols, x_rows, x_cols, d, c0, R * L, dx_rows, dx_cols, pack, packed,
+                  update_chunk<R, Bytes, T>);
+  }
+  for (; c0 + L <= d; c0 += L) {
+    update_blocks(lists, rows, cols, x_rows, x_cols, d, c0, L, dx_rows, dx_cols, pack, packed,
+                  update_chunk<1, Bytes, T>);
+  }
+  for (; c0 < d; ++c0) {
+    update_blocks(lists, rows, cols, x_rows, x_cols, d, c0, 1, dx_rows, dx_cols, pack, packed, update_element<T>);
+  }
+}
+
+#define MS_FUSED_VARIANT(name, target)                                                                           \
+  namespace name {                                                                                               \
+  template <typename T>                                                                                          \
+  target int64_t count_nonzeros(const T* w, int64_t len) {                                                       \
+    return count_nonzeros_impl(w, len);                                                                          \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  target void sparse_tile_update(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows,          \
+                                 const T* x_cols, int64_t d, T* dx_rows, T* dx_cols) {                           \
+    sparse_tile_update_impl<kRegisterBytes_##name>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols);     \
+  }                                                                                                              \
+  }
+
+MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
+
+}  // namespace
+
+#define MS_FUSED_SPARSE_ENTRY_POINTS(T)                                                                          \
+  int64_t count_nonzeros(const T* w, int64_t len) { MS_FUSED_DISPATCH(count_nonzeros, w, len) }                  \
+  void sparse_tile_update(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows, const T* x_cols, \
+                          int64_t d, T* dx_rows, T* dx_cols) {                                                   \
+    MS_FUSED_DISPATCH(sparse_tile_update, w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols)               \
+  }
+
+MS_FUSED_SPARSE_ENTRY_POINTS(float)
+MS_FUSED_SPARSE_ENTRY_POINTS(double)
+
+}  // namespace ms_fused::cpu
