@@ -34,9 +34,12 @@
 namespace ms_fused::cpu {
 namespace {
 
-// Rows per block: up to 256 (a 256 x 256 x D product runs at full speed), fewer for a count of blocks that
-// is a multiple of twice the thread count (every round then has whole tiles for every thread), never below 32.
-constexpr int64_t kMaxBlockRows = 256, kMinBlockRows = 32;
+// Rows per block: up to 512 where a tile's similarities and its two blocks of rows take at most kTileBytes
+// (they stay in a core's L2 cache: float32 at D <= 128), else up to 256 (a 256 x 256 x D product already runs
+// near full speed, a larger one amortises its packing better); fewer for a count of blocks that is a multiple
+// of twice the thread count (every round then has whole tiles for every thread), never below 32.
+constexpr int64_t kLargeBlockRows = 512, kBlockRows = 256, kMinBlockRows = 32;
+constexpr int64_t kTileBytes = 1536 * 1024;
 // Small label segments are gathered into band products of up to this many rows (a product of r rows
 // computes r x r similarities for segments of k rows each: r / k times the pairs it needs; r = 64 keeps it a
 // small share of a pass while the products stay efficient)
@@ -122,9 +125,11 @@ void add_block_rounds(Rounds& rounds, size_t first, int64_t start, int64_t end, 
   }
 }
 
-int64_t block_rows(int64_t n) {
+int64_t block_rows(int64_t n, int64_t d, int64_t element_bytes) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const int64_t count = divup(divup(n, kMaxBlockRows), 2 * threads) * 2 * threads;
+  const int64_t large = kLargeBlockRows;
+  const int64_t most = (large * large + 2 * large * d) * element_bytes <= kTileBytes ? large : kBlockRows;
+  const int64_t count = divup(divup(n, most), 2 * threads) * 2 * threads;
   return std::max(divup(n, count), std::min(n, kMinBlockRows));
 }
 
@@ -135,7 +140,7 @@ struct Plan {
 Plan make_plan(const Sorted& so) {
   Plan plan;
   const int64_t n = static_cast<int64_t>(so.y.size());
-  const int64_t rows = block_rows(n);
+  const int64_t rows = block_rows(n, so.x.size(1), so.x.element_size());
   add_block_rounds(plan.sweep, 0, 0, n, rows);
   plan.band.resize(1);
   for (int64_t a = 0; a < n;) {
