@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (assert_close, assert_matches_reference, clustered_batch, loss_and_grads, rel_err,
+from helpers import (Tol, assert_close, assert_matches_reference, clustered_batch, loss_and_grads, rel_err,
                      threshold_gap)
 from ms_fused import backends, multi_similarity_loss
 
@@ -239,6 +239,16 @@ def test_self_mode_with_sparse_tiles(threads, d, spread):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(loss, again[0]) and torch.equal(grads[0], again[1][0])
+
+
+def test_self_mode_sweep_tiles_fall_back_to_two_passes_when_a_term_grows_too_large():
+    # a sweep tile's single pass sums terms with its anchors' shifts from earlier tiles; beta = 1000 makes a
+    # later tile's larger negative exceed exp(60) (the float32 guard) for many anchors, so those tiles take
+    # the two-pass path. beta * (rounding of S) ~ 1e-4 relative error in the weights: hence the gradient bound.
+    x, y = clustered_batch(600, 10, 30, seed=21, margin=1e-6)
+    assert_matches_reference("cpp", x, y, dtype=torch.float32, beta=1000.0, base=0.9,
+                             tol=Tol(loss=1e-5, grad=1e-3))
+    assert_matches_reference("cpp", x, y, beta=1000.0, base=0.9)
 
 
 def test_backward_is_deterministic():

@@ -3,8 +3,8 @@
 // The rows are put in label order, so that each anchor's positives are one contiguous segment. Every pair
 // (i, j), i < j, then gets its similarity from exactly one product element, which serves both anchor i
 // (row side) and anchor j (column side):
-// - a positive pair from the *band*: products of a few whole label segments (a large segment is tiled like
-//   the sweep); min_pos and the hard positives cost a band, not a pass;
+// - a positive pair from the *band*: the dots within a few whole small label segments, or for a large
+//   segment its tiles like the sweep's; min_pos and the hard positives cost a band, not a pass;
 // - a negative pair from the *sweep*: the tiles (I, J), I <= J, of the row blocks, half a product of S.
 // The forward runs: band (min_pos), sweep (max_neg and the hard negatives' sums, with min_pos known), band
 // again (the hard positives' sums, with max_neg known). The backward recomputes the same tiles, turns each
@@ -22,6 +22,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -40,9 +41,9 @@ namespace {
 // of twice the thread count (every round then has whole tiles for every thread), never below 32.
 constexpr int64_t kLargeBlockRows = 512, kBlockRows = 256, kMinBlockRows = 32;
 constexpr int64_t kTileBytes = 1536 * 1024;
-// Small label segments are gathered into band products of up to this many rows (a product of r rows
-// computes r x r similarities for segments of k rows each: r / k times the pairs it needs; r = 64 keeps it a
-// small share of a pass while the products stay efficient)
+// Small label segments are gathered into band tiles of up to this many rows, whose similarities are only the
+// dots within each segment (a tile of r rows still takes r x r elements in the passes: r = 64 keeps that a
+// small share of a pass while a tile holds many segments)
 constexpr int64_t kBandRows = 64;
 
 int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -53,13 +54,19 @@ int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 constexpr T kSharedRange = sizeof(T) == 4 ? T(50) : T(500);
 
-// A sweep tile's W = G + G^T goes to sparse_update.h when at most this share of it is nonzero (mining keeps few
-// negatives): measured on AVX-512 at D = 128 and 512, the sparse update costs what the two dense products
-// cost at about 0.35 and 0.25 of nonzeros
+// A tile's W = G + G^T goes to sparse_update.h when at most this share of it is nonzero (mining keeps few
+// negatives; a band tile of small segments holds only their pairs): measured on AVX-512 at D = 128 and 512,
+// the sparse update costs what the two dense products cost at about 0.35 and 0.25 of nonzeros
 constexpr double kSparseShare = 0.25;
+
+// A one-pass sweep tile (self_forward) sums terms with its anchors' shifts from earlier tiles, so a term may
+// exceed 1; it keeps its sums when none exceeds exp(kGuard): with N < 2^40 terms their sum stays finite.
+template <typename T>
+constexpr T kGuard = sizeof(T) == 4 ? T(60) : T(600);
 
 struct Tile {  // rows [row, row + rows) against columns [col, col + cols); on the diagonal, only j > i counts
   int64_t row, rows, col, cols;
+  bool segments = false;  // whole small label segments on the diagonal: only their pairs are computed
   bool diagonal() const { return row == col; }
   // the first column of row k that holds a pair (right of the diagonal on a diagonal tile)
   int64_t first_pair(int64_t k) const { return diagonal() ? k + 1 : 0; }
@@ -149,7 +156,7 @@ Plan make_plan(const Sorted& so) {
       add_block_rounds(plan.band, 0, a, hi, rows);
     } else {  // whole small segments, one tile
       while (hi < n && so.seg_end[hi] - a <= kBandRows) hi = so.seg_end[hi];
-      plan.band[0].push_back({a, hi - a, a, hi - a});
+      plan.band[0].push_back({a, hi - a, a, hi - a, true});
     }
     a = hi;
   }
@@ -170,22 +177,43 @@ std::pair<T, T> shift_range(const T* shift, const Tile& t) {
   return {lo, hi};
 }
 
-// body(tile, S) for every tile, round after round, the tiles of a round shared out among the threads; S is
-// the tile's similarities, a contiguous (rows x cols) matrix from one product per tile: the forward and the
-// backward make the same call for the same tile, so they get the same bits.
-template <typename Body>
-void for_each_tile(const Rounds& rounds, const at::Tensor& x, const Body& body) {
+// A tile's similarities into s (rows x cols, contiguous). On the diagonal only j > i is read (and S_ii): the
+// product of the top half of the rows with every column and of the bottom half with the bottom half leaves
+// out a quarter of the tile; the elements left out are never read.
+template <typename T>
+void tile_similarities(const Tile& t, const Sorted& so, at::Tensor& s) {
+  const at::Tensor& x = so.x;
+  if (t.segments) {  // a few dots per row: a product would compute rows / segment as many
+    segment_similarities(x.data_ptr<T>(), x.size(1), so.seg_end.data(), t.row, t.rows, s.data_ptr<T>());
+  } else if (t.diagonal() && t.rows >= 2 * kMinBlockRows) {
+    const int64_t h = t.rows / 2;
+    at::Tensor top = s.narrow(0, 0, h), bottom = s.narrow(0, h, t.rows - h).narrow(1, h, t.rows - h);
+    at::mm_out(top, x.narrow(0, t.row, h), x.narrow(0, t.col, t.cols).t());
+    at::mm_out(bottom, x.narrow(0, t.row + h, t.rows - h), x.narrow(0, t.col + h, t.cols - h).t());
+  } else {
+    at::mm_out(s, x.narrow(0, t.row, t.rows), x.narrow(0, t.col, t.cols).t());
+  }
+}
+
+// body(tile, S) for every tile, round after round, the tiles of a round taken by the threads one at a time
+// (which thread computes a tile does not change its bits); S is the tile's similarities
+// (tile_similarities): the forward and the backward make the same call for the same tile, so they get the
+// same bits.
+template <typename T, typename Body>
+void for_each_tile(const Rounds& rounds, const Sorted& so, const Body& body) {
   const at::ThreadLocalState caller_state;  // e.g. autograd already handled: worker threads must know it too
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   for (const std::vector<Tile>& round : rounds) {
-    at::parallel_for(0, static_cast<int64_t>(round.size()), 1, [&](int64_t first, int64_t last) {
+    int64_t most = 0;
+    for (const Tile& t : round) most = std::max(most, t.rows * t.cols);
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(threads, round.size()), 1, [&](int64_t, int64_t) {
       at::ThreadLocalStateGuard state_guard(caller_state);
-      int64_t most = 0;
-      for (int64_t t = first; t < last; ++t) most = std::max(most, round[t].rows * round[t].cols);
-      at::Tensor buffer = at::empty({most}, x.options());
-      for (int64_t t = first; t < last; ++t) {
-        const Tile& tile = round[t];
+      at::Tensor buffer = at::empty({most}, so.x.options());
+      for (size_t k = next++; k < round.size(); k = next++) {
+        const Tile& tile = round[k];
         at::Tensor s = buffer.narrow(0, 0, tile.rows * tile.cols).view({tile.rows, tile.cols});
-        at::mm_out(s, x.narrow(0, tile.row, tile.rows), x.narrow(0, tile.col, tile.cols).t());
+        tile_similarities<T>(tile, so, s);
         body(tile, s);
       }
     });
@@ -208,7 +236,7 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
   std::vector<T> neg_limit(n), pos_limit(n), pos_shift(n), pos_offset(n);
 
   // 1. min_pos from the band: docs/semantics.md "Mining"
-  for_each_tile(plan.band, so.x, [&](const Tile& t, const at::Tensor& s) {
+  for_each_tile<T>(plan.band, so, [&](const Tile& t, const at::Tensor& s) {
     const T* sv = s.data_ptr<T>();
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = t.first_pair(k);
@@ -233,9 +261,72 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     }
   };
   auto offset = [&](int64_t i) { return neg_shift[i] > -inf ? -beta_base - neg_shift[i] : T(0); };
-  for_each_tile(plan.sweep, so.x, [&](const Tile& t, const at::Tensor& s) {
-    const T* sv = s.data_ptr<T>();
-    std::vector<T> row_max(t.rows), col_max(t.cols, -inf), col_offset(t.cols);  // col_offset: or factors
+  // A tile's sums, with the shifts its anchors have now: shared, one exp per pair, exp(z - hi) times each
+  // anchor's exp(hi - shift) (0 for an anchor without negatives); else each anchor's own exp(z - shift).
+  // col_scale gets the columns' factors or offsets; returns the factor (or offset) of each row.
+  struct Scales {
+    bool shared;
+    T hi;
+    std::vector<T> row, col;
+  };
+  auto scales = [&](const Tile& t, T lo, T hi) {
+    Scales sc{hi - lo <= kSharedRange<T>, hi, std::vector<T>(t.rows), std::vector<T>(t.cols)};
+    if (sc.shared) {
+      scaled_exps(neg_shift.data() + t.col, static_cast<const T*>(nullptr), t.cols, hi, T(-1), sc.col.data());
+      scaled_exps(neg_shift.data() + t.row, static_cast<const T*>(nullptr), t.rows, hi, T(-1), sc.row.data());
+    } else {
+      for (int64_t q = 0; q < t.cols; ++q) sc.col[q] = offset(t.col + q);
+      for (int64_t k = 0; k < t.rows; ++k) sc.row[k] = offset(t.row + k);
+    }
+    return sc;
+  };
+
+  // One pass over a tile whose anchors all have a shift from earlier tiles: the sums use those shifts, so
+  // the pass also finds max_neg. A term may then exceed its anchor's largest so far; when some anchor's
+  // exceeds exp(kGuard), nothing is kept and the tile takes two passes. Returns whether the tile is done.
+  auto one_pass = [&](const Tile& t, const T* sv) {
+    for (int64_t k = 0; k < t.rows; ++k) {
+      if (!(neg_shift[t.row + k] > -inf)) return false;
+    }
+    for (int64_t q = 0; q < t.cols; ++q) {
+      if (!(neg_shift[t.col + q] > -inf)) return false;
+    }
+    const auto [lo, hi] = shift_range(neg_shift.data(), t);
+    const Scales sc = scales(t, lo, hi);
+    std::vector<T> row_max(t.rows), row_sum(t.rows), col_max(t.cols, -inf), col_sum(t.cols, 0);
+    std::vector<PairCount<T>> row_count(t.rows), col_count(t.cols, 0);
+    for (int64_t k = 0; k < t.rows; ++k) {
+      const int64_t i = t.row + k, b = t.first_pair(k);
+      const T* row = sv + k * t.cols + b;
+      const UpperScanSums<T> r =
+          sc.shared ? scan_sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi,
+                                                sc.row[k], neg_limit.data() + t.col + b, sc.col.data() + b,
+                                                col_max.data() + b, bad.data() + t.col + b, col_sum.data() + b,
+                                                col_count.data() + b, hp)
+                    : scan_sum_negatives(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], sc.row[k],
+                                         neg_limit.data() + t.col + b, sc.col.data() + b, col_max.data() + b,
+                                         bad.data() + t.col + b, col_sum.data() + b, col_count.data() + b, hp);
+      row_max[k] = r.extreme, row_sum[k] = r.sum, row_count[k] = static_cast<PairCount<T>>(r.count);
+      bad[i] += r.bad;
+      if (t.diagonal()) bad[i] += sv[k * t.cols + k] - sv[k * t.cols + k];
+    }
+    auto guarded = [&](int64_t i, T m) { return !(hp.beta * (m - hp.base) - neg_shift[i] > kGuard<T>); };
+    for (int64_t k = 0; k < t.rows; ++k) {
+      if (!guarded(t.row + k, row_max[k])) return false;
+    }
+    for (int64_t q = 0; q < t.cols; ++q) {
+      if (!guarded(t.col + q, col_max[q])) return false;
+    }
+    for (int64_t k = 0; k < t.rows; ++k) neg_sum[t.row + k] += row_sum[k], neg_count[t.row + k] += row_count[k];
+    for (int64_t q = 0; q < t.cols; ++q) neg_sum[t.col + q] += col_sum[q], neg_count[t.col + q] += col_count[q];
+    for (int64_t k = 0; k < t.rows; ++k) raise_shift(t.row + k, row_max[k]);
+    for (int64_t q = 0; q < t.cols; ++q) raise_shift(t.col + q, col_max[q]);
+    return true;
+  };
+
+  // Two passes: max_neg first, raising the shifts, then the sums
+  auto two_passes = [&](const Tile& t, const T* sv) {
+    std::vector<T> row_max(t.rows), col_max(t.cols, -inf);
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = t.first_pair(k);
       const UpperScan<T> r = scan_negatives(sv + k * t.cols + b, y + t.col + b, t.cols - b, y[i],
@@ -245,34 +336,27 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
       // S_ii: no pair, but part of row i of S (docs/semantics.md "Non-finite inputs")
       if (t.diagonal()) bad[i] += sv[k * t.cols + k] - sv[k * t.cols + k];
     }
-    for (int64_t k = 0; k < t.rows; ++k) raise_shift(t.row + k, t.diagonal() ? std::max(row_max[k], col_max[k]) : row_max[k]);
-    if (!t.diagonal()) {
-      for (int64_t q = 0; q < t.cols; ++q) raise_shift(t.col + q, col_max[q]);
-    }
+    for (int64_t k = 0; k < t.rows; ++k) raise_shift(t.row + k, row_max[k]);
+    for (int64_t q = 0; q < t.cols; ++q) raise_shift(t.col + q, col_max[q]);
     const auto [lo, hi] = shift_range(neg_shift.data(), t);
     if (!(hi > -inf)) return;  // no negative so far for any of the tile's anchors: nothing to sum
-    const bool shared = hi - lo <= kSharedRange<T>;
-    // shared: every term is exp(z - hi) times its anchor's exp(hi - shift) (0 for an anchor without negatives)
-    std::vector<T> row_factor(shared ? t.rows : 0);
-    if (shared) {
-      scaled_exps(neg_shift.data() + t.col, static_cast<const T*>(nullptr), t.cols, hi, T(-1), col_offset.data());
-      scaled_exps(neg_shift.data() + t.row, static_cast<const T*>(nullptr), t.rows, hi, T(-1), row_factor.data());
-    } else {
-      for (int64_t q = 0; q < t.cols; ++q) col_offset[q] = offset(t.col + q);
-    }
+    const Scales sc = scales(t, lo, hi);
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = t.first_pair(k);
       const T* row = sv + k * t.cols + b;
       const UpperSums<T> r =
-          shared ? sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi, row_factor[k],
-                                        neg_limit.data() + t.col + b, col_offset.data() + b,
-                                        neg_sum.data() + t.col + b, neg_count.data() + t.col + b, hp)
-                 : sum_negatives(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], offset(i),
-                                 neg_limit.data() + t.col + b, col_offset.data() + b, neg_sum.data() + t.col + b,
-                                 neg_count.data() + t.col + b, hp);
+          sc.shared ? sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi,
+                                           sc.row[k], neg_limit.data() + t.col + b, sc.col.data() + b,
+                                           neg_sum.data() + t.col + b, neg_count.data() + t.col + b, hp)
+                    : sum_negatives(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], sc.row[k],
+                                    neg_limit.data() + t.col + b, sc.col.data() + b, neg_sum.data() + t.col + b,
+                                    neg_count.data() + t.col + b, hp);
       neg_sum[i] += r.sum;
       neg_count[i] += static_cast<PairCount<T>>(r.count);
     }
+  };
+  for_each_tile<T>(plan.sweep, so, [&](const Tile& t, const at::Tensor& s) {
+    if (!one_pass(t, s.data_ptr<T>())) two_passes(t, s.data_ptr<T>());
   });
 
   // 3. each anchor's B and the positives' limit and shift
@@ -288,7 +372,7 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
   }
 
   // 4. the hard positives' sums from the band again, with max_neg known
-  for_each_tile(plan.band, so.x, [&](const Tile& t, const at::Tensor& s) {
+  for_each_tile<T>(plan.band, so, [&](const Tile& t, const at::Tensor& s) {
     const T* sv = s.data_ptr<T>();
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = t.first_pair(k);
@@ -376,8 +460,8 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
                         positives);
         }
       }
-      const int64_t nnz = positives ? 0 : count_nonzeros(sv, t.rows * t.cols);
-      if (!positives && nnz <= kSparseShare * t.rows * t.cols) {
+      const int64_t nnz = count_nonzeros(sv, t.rows * t.cols);
+      if (nnz <= kSparseShare * t.rows * t.cols) {
         const T* xv = so.x.data_ptr<T>();
         T* dxv = sorted_dx.data_ptr<T>();
         sparse_tile_update(sv, t.rows, t.cols, nnz, xv + t.row * d, xv + t.col * d, d, dxv + t.row * d,
@@ -388,8 +472,8 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
       sorted_dx.narrow(0, t.col, t.cols).addmm_(s.t(), so.x.narrow(0, t.row, t.rows));  // dX_j += W_ij X_i
     };
   };
-  for_each_tile(plan.band, so.x, tile_gradient(true));
-  for_each_tile(plan.sweep, so.x, tile_gradient(false));
+  for_each_tile<T>(plan.band, so, tile_gradient(true));
+  for_each_tile<T>(plan.sweep, so, tile_gradient(false));
   dx.index_copy_(0, so.order, sorted_dx);
 }
 

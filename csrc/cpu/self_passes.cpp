@@ -1,6 +1,7 @@
 // The passes of self_passes.h: `#pragma omp simd` loops of selects, compiled once per ISA variant.
 #include "self_passes.h"
 
+#include <algorithm>
 #include <limits>
 
 #include "simd_math.h"
@@ -90,6 +91,38 @@ MS_FUSED_INLINE UpperSums<T> sum_negatives_shared_impl(const T* s, const int32_t
   return {sum * factor, static_cast<int64_t>(count)};
 }
 
+// scan_negatives and sum_negatives(_shared) in one pass (Shared: one exp per pair, `factor` and col_scale[k]
+// the anchors' factors; else `offset` and col_scale[k] their offsets)
+template <bool Shared, typename T>
+MS_FUSED_INLINE UpperScanSums<T> scan_sum_negatives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi,
+                                                         T limit, T offset, T factor, const T* col_limit,
+                                                         const T* col_scale, T* col_max, T* col_bad, T* col_sum,
+                                                         PairCount<T>* col_count, const Hyper<T>& hp) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  const T beta = hp.beta, eps = hp.epsilon;
+  T row_max = -inf, bad = 0, sum = 0;
+  PairCount<T> count = 0;
+#pragma omp simd reduction(max : row_max) reduction(+ : bad, sum, count)
+  for (int64_t k = 0; k < len; ++k) {
+    const T v = s[k];
+    const bool other = y[k] != yi;
+    const T as_neg = other ? v : -inf;
+    row_max = as_neg > row_max ? as_neg : row_max;
+    col_max[k] = as_neg > col_max[k] ? as_neg : col_max[k];
+    bad += v - v;
+    col_bad[k] += v - v;
+    const bool row_mined = other & (v + eps > limit);
+    const bool col_mined = other & (v + eps > col_limit[k]);
+    const T row_e = vec_exp(beta * v + offset);
+    const T col_e = Shared ? row_e * col_scale[k] : vec_exp(beta * v + col_scale[k]);
+    sum += row_mined ? row_e : T(0);
+    count += row_mined ? PairCount<T>(1) : PairCount<T>(0);
+    col_sum[k] += col_mined ? col_e : T(0);
+    col_count[k] += col_mined ? PairCount<T>(1) : PairCount<T>(0);
+  }
+  return {row_max, bad, Shared ? sum * factor : sum, static_cast<int64_t>(count)};
+}
+
 template <typename T>
 MS_FUSED_INLINE void upper_negative_weights_shared_impl(T* s, const int32_t* y, int64_t len, int32_t yi, T limit,
                                                         T coef, T offset, const T* col_limit, const T* col_coef,
@@ -104,6 +137,22 @@ MS_FUSED_INLINE void upper_negative_weights_shared_impl(T* s, const int32_t* y, 
     const T col = (other & (v + eps > col_limit[k])) ? col_coef[k] : T(0);
     const T w = (row_coef + col) * e;
     s[k] = (row_coef + col) != T(0) ? w : T(0);  // e of an unmined pair may be +Inf: never 0 * Inf
+  }
+}
+
+template <typename T>
+MS_FUSED_INLINE void segment_similarities_impl(const T* x, int64_t d, const int64_t* seg_end, int64_t first,
+                                               int64_t count, T* s) {
+  std::fill(s, s + count * count, T(0));
+  for (int64_t i = first; i < first + count; ++i) {
+    const T* xi = x + i * d;
+    for (int64_t j = i + 1; j < seg_end[i]; ++j) {
+      const T* xj = x + j * d;
+      T dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t c = 0; c < d; ++c) dot += xi[c] * xj[c];
+      s[(i - first) * count + (j - first)] = dot;
+    }
   }
 }
 
@@ -169,11 +218,24 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
     return sum_negatives_shared_impl(s, y, len, yi, limit, offset, factor, col_limit, col_factor, col_sum,       \
                                      col_count, hp);                                                             \
   }                                                                                                              \
+  template <bool Shared, typename T>                                                                             \
+  target UpperScanSums<T> scan_sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,     \
+                                             T offset, T factor, const T* col_limit, const T* col_scale,         \
+                                             T* col_max, T* col_bad, T* col_sum, PairCount<T>* col_count,        \
+                                             const Hyper<T>& hp) {                                               \
+    return scan_sum_negatives_impl<Shared>(s, y, len, yi, limit, offset, factor, col_limit, col_scale, col_max,  \
+                                           col_bad, col_sum, col_count, hp);                                     \
+  }                                                                                                              \
   template <typename T>                                                                                          \
   target void upper_negative_weights_shared(T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T coef,    \
                                             T offset, const T* col_limit, const T* col_coef,                     \
                                             const Hyper<T>& hp) {                                                \
     upper_negative_weights_shared_impl(s, y, len, yi, limit, coef, offset, col_limit, col_coef, hp);             \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  target void segment_similarities(const T* x, int64_t d, const int64_t* seg_end, int64_t first, int64_t count,  \
+                                   T* s) {                                                                       \
+    segment_similarities_impl(x, d, seg_end, first, count, s);                                                   \
   }                                                                                                              \
   template <typename T>                                                                                          \
   target void scaled_exps(const T* shift, const T* scale, int64_t len, T base, T sign, T* out) {                 \
@@ -209,9 +271,25 @@ MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
     MS_FUSED_DISPATCH(sum_negatives_shared, s, y, len, yi, limit, offset, factor, col_limit, col_factor, col_sum, \
                       col_count, hp)                                                                             \
   }                                                                                                              \
+  UpperScanSums<T> scan_sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,  \
+                                      const T* col_limit, const T* col_offset, T* col_max, T* col_bad,           \
+                                      T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp) {                 \
+    MS_FUSED_DISPATCH(scan_sum_negatives<false>, s, y, len, yi, limit, offset, T(1), col_limit, col_offset,      \
+                      col_max, col_bad, col_sum, col_count, hp)                                                  \
+  }                                                                                                              \
+  UpperScanSums<T> scan_sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,     \
+                                             T offset, T factor, const T* col_limit, const T* col_factor,        \
+                                             T* col_max, T* col_bad, T* col_sum, PairCount<T>* col_count,        \
+                                             const Hyper<T>& hp) {                                               \
+    MS_FUSED_DISPATCH(scan_sum_negatives<true>, s, y, len, yi, limit, offset, factor, col_limit, col_factor,     \
+                      col_max, col_bad, col_sum, col_count, hp)                                                  \
+  }                                                                                                              \
   void upper_negative_weights_shared(T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T coef, T offset, \
                                      const T* col_limit, const T* col_coef, const Hyper<T>& hp) {                \
     MS_FUSED_DISPATCH(upper_negative_weights_shared, s, y, len, yi, limit, coef, offset, col_limit, col_coef, hp) \
+  }                                                                                                              \
+  void segment_similarities(const T* x, int64_t d, const int64_t* seg_end, int64_t first, int64_t count, T* s) { \
+    MS_FUSED_DISPATCH(segment_similarities, x, d, seg_end, first, count, s)                                      \
   }                                                                                                              \
   void scaled_exps(const T* shift, const T* scale, int64_t len, T base, T sign, T* out) {                        \
     MS_FUSED_DISPATCH(scaled_exps, shift, scale, len, base, sign, out)                                           \

@@ -29,6 +29,12 @@ struct UpperSums {  // the row's sum of exp terms over the mined pairs of one ki
   int64_t count;
 };
 
+template <typename T>
+struct UpperScanSums {  // scan_negatives' and sum_negatives' results of one pass
+  T extreme, bad, sum;
+  int64_t count;
+};
+
 // Per column j, the weights of anchor j (PairWeights of each row, as arrays), for G_ji
 template <typename T>
 struct ColumnWeights {
@@ -52,6 +58,19 @@ struct ColumnWeights {
   UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
                                     T factor, const T* col_limit, const T* col_factor, T* col_sum,               \
                                     PairCount<T>* col_count, const Hyper<T>& hp);                                \
+  /* scan_negatives and sum_negatives in one pass, for shifts fixed before it: the column sums and counts */    \
+  /* go to col_sum[k] and col_count[k] */                                                                        \
+  UpperScanSums<T> scan_sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,  \
+                                      const T* col_limit, const T* col_offset, T* col_max, T* col_bad,           \
+                                      T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp);                  \
+  /* the same with one exp per pair, as sum_negatives_shared */                                                  \
+  UpperScanSums<T> scan_sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,     \
+                                             T offset, T factor, const T* col_limit, const T* col_factor,        \
+                                             T* col_max, T* col_bad, T* col_sum, PairCount<T>* col_count,        \
+                                             const Hyper<T>& hp);                                                \
+  /* the similarities of rows [first, first + count) of x (row stride d) as a (count x count) tile s, but only */ \
+  /* those of pairs i < j within one label segment (seg_end[i]: the end of row i's); every other element 0 */    \
+  void segment_similarities(const T* x, int64_t d, const int64_t* seg_end, int64_t first, int64_t count, T* s);   \
   /* out[k] = scale[k] exp(sign (shift[k] - base)), 0 where shift[k] = -inf; scale nullptr: 1 */                \
   void scaled_exps(const T* shift, const T* scale, int64_t len, T base, T sign, T* out);                         \
   /* mined positives (s - eps < limit): exp(-alpha s + offset), the same way */                                  \
