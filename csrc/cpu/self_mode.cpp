@@ -281,17 +281,12 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     return sc;
   };
 
-  // One pass over a tile whose anchors all have a shift from earlier tiles: the sums use those shifts, so
-  // the pass also finds max_neg. A term may then exceed its anchor's largest so far; when some anchor's
-  // exceeds exp(kGuard), nothing is kept and the tile takes two passes. Returns whether the tile is done.
-  auto one_pass = [&](const Tile& t, const T* sv) {
-    for (int64_t k = 0; k < t.rows; ++k) {
-      if (!(neg_shift[t.row + k] > -inf)) return false;
-    }
-    for (int64_t q = 0; q < t.cols; ++q) {
-      if (!(neg_shift[t.col + q] > -inf)) return false;
-    }
+  // One pass over a tile with its anchors' shifts as they are: max_neg and the sums together. A term may
+  // exceed its anchor's largest so far; when some anchor's would exceed exp(kGuard), nothing is kept and
+  // false returned. Every shift must be finite, or `unguarded` (each at least its anchor's largest term).
+  auto sum_tile = [&](const Tile& t, const T* sv, bool unguarded) {
     const auto [lo, hi] = shift_range(neg_shift.data(), t);
+    if (!(hi > -inf)) return true;  // no negative so far for any of the tile's anchors: nothing to sum
     const Scales sc = scales(t, lo, hi);
     std::vector<T> row_max(t.rows), row_sum(t.rows), col_max(t.cols, -inf), col_sum(t.cols, 0);
     std::vector<PairCount<T>> row_count(t.rows), col_count(t.cols, 0);
@@ -308,13 +303,14 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
                                          bad.data() + t.col + b, col_sum.data() + b, col_count.data() + b, hp);
       row_max[k] = r.extreme, row_sum[k] = r.sum, row_count[k] = static_cast<PairCount<T>>(r.count);
       bad[i] += r.bad;
+      // S_ii: no pair, but part of row i of S (docs/semantics.md "Non-finite inputs")
       if (t.diagonal()) bad[i] += sv[k * t.cols + k] - sv[k * t.cols + k];
     }
     auto guarded = [&](int64_t i, T m) { return !(hp.beta * (m - hp.base) - neg_shift[i] > kGuard<T>); };
-    for (int64_t k = 0; k < t.rows; ++k) {
+    for (int64_t k = 0; k < t.rows && !unguarded; ++k) {
       if (!guarded(t.row + k, row_max[k])) return false;
     }
-    for (int64_t q = 0; q < t.cols; ++q) {
+    for (int64_t q = 0; q < t.cols && !unguarded; ++q) {
       if (!guarded(t.col + q, col_max[q])) return false;
     }
     for (int64_t k = 0; k < t.rows; ++k) neg_sum[t.row + k] += row_sum[k], neg_count[t.row + k] += row_count[k];
@@ -323,9 +319,19 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     for (int64_t q = 0; q < t.cols; ++q) raise_shift(t.col + q, col_max[q]);
     return true;
   };
-
-  // Two passes: max_neg first, raising the shifts, then the sums
-  auto two_passes = [&](const Tile& t, const T* sv) {
+  auto every_anchor_has_a_shift = [&](const Tile& t) {
+    for (int64_t k = 0; k < t.rows; ++k) {
+      if (!(neg_shift[t.row + k] > -inf)) return false;
+    }
+    for (int64_t q = 0; q < t.cols; ++q) {
+      if (!(neg_shift[t.col + q] > -inf)) return false;
+    }
+    return true;
+  };
+  // A tile in one pass where its anchors have shifts from earlier tiles and no term grows too large; else a
+  // scan for max_neg, raising the shifts, then the pass with terms of at most 1
+  auto sweep_tile = [&](const Tile& t, const T* sv) {
+    if (every_anchor_has_a_shift(t) && sum_tile(t, sv, false)) return;
     std::vector<T> row_max(t.rows), col_max(t.cols, -inf);
     for (int64_t k = 0; k < t.rows; ++k) {
       const int64_t i = t.row + k, b = t.first_pair(k);
@@ -333,31 +339,13 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
                                             col_max.data() + b, bad.data() + t.col + b);
       row_max[k] = r.extreme;
       bad[i] += r.bad;
-      // S_ii: no pair, but part of row i of S (docs/semantics.md "Non-finite inputs")
       if (t.diagonal()) bad[i] += sv[k * t.cols + k] - sv[k * t.cols + k];
     }
     for (int64_t k = 0; k < t.rows; ++k) raise_shift(t.row + k, row_max[k]);
     for (int64_t q = 0; q < t.cols; ++q) raise_shift(t.col + q, col_max[q]);
-    const auto [lo, hi] = shift_range(neg_shift.data(), t);
-    if (!(hi > -inf)) return;  // no negative so far for any of the tile's anchors: nothing to sum
-    const Scales sc = scales(t, lo, hi);
-    for (int64_t k = 0; k < t.rows; ++k) {
-      const int64_t i = t.row + k, b = t.first_pair(k);
-      const T* row = sv + k * t.cols + b;
-      const UpperSums<T> r =
-          sc.shared ? sum_negatives_shared(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], -beta_base - hi,
-                                           sc.row[k], neg_limit.data() + t.col + b, sc.col.data() + b,
-                                           neg_sum.data() + t.col + b, neg_count.data() + t.col + b, hp)
-                    : sum_negatives(row, y + t.col + b, t.cols - b, y[i], neg_limit[i], sc.row[k],
-                                    neg_limit.data() + t.col + b, sc.col.data() + b, neg_sum.data() + t.col + b,
-                                    neg_count.data() + t.col + b, hp);
-      neg_sum[i] += r.sum;
-      neg_count[i] += static_cast<PairCount<T>>(r.count);
-    }
+    sum_tile(t, sv, true);
   };
-  for_each_tile<T>(plan.sweep, so, [&](const Tile& t, const at::Tensor& s) {
-    if (!one_pass(t, s.data_ptr<T>())) two_passes(t, s.data_ptr<T>());
-  });
+  for_each_tile<T>(plan.sweep, so, [&](const Tile& t, const at::Tensor& s) { sweep_tile(t, s.data_ptr<T>()); });
 
   // 3. each anchor's B and the positives' limit and shift
   std::vector<T> lse_neg(n);

@@ -45,20 +45,20 @@ MS_FUSED_INLINE UpperScan<T> scan_positives_impl(const T* s, const int32_t* y, i
   return {row_min, bad};
 }
 
-// Negatives (Positive = false) or positives: z = beta s or -alpha s; mined iff s + eps > limit or s - eps < limit
-template <bool Positive, typename T>
-MS_FUSED_INLINE UpperSums<T> sum_pairs_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,
+// Positives: z = -alpha s, mined iff s - eps < limit
+template <typename T>
+MS_FUSED_INLINE UpperSums<T> sum_positives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,
                                             const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,
                                             const Hyper<T>& hp) {
-  const T slope = Positive ? -hp.alpha : hp.beta, eps = hp.epsilon;
+  const T slope = -hp.alpha, eps = hp.epsilon;
   T sum = 0;
   PairCount<T> count = 0;
 #pragma omp simd reduction(+ : sum, count)
   for (int64_t k = 0; k < len; ++k) {
     const T v = s[k];
-    const bool kind = Positive ? y[k] == yi : y[k] != yi;
-    const bool row_mined = kind & (Positive ? v - eps < limit : v + eps > limit);
-    const bool col_mined = kind & (Positive ? v - eps < col_limit[k] : v + eps > col_limit[k]);
+    const bool same = y[k] == yi;
+    const bool row_mined = same & (v - eps < limit);
+    const bool col_mined = same & (v - eps < col_limit[k]);
     const T row_e = vec_exp(slope * v + offset);
     const T col_e = vec_exp(slope * v + col_offset[k]);
     sum += row_mined ? row_e : T(0);
@@ -69,30 +69,8 @@ MS_FUSED_INLINE UpperSums<T> sum_pairs_impl(const T* s, const int32_t* y, int64_
   return {sum, static_cast<int64_t>(count)};
 }
 
-template <typename T>
-MS_FUSED_INLINE UpperSums<T> sum_negatives_shared_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,
-                                                       T offset, T factor, const T* col_limit, const T* col_factor,
-                                                       T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp) {
-  const T beta = hp.beta, eps = hp.epsilon;
-  T sum = 0;
-  PairCount<T> count = 0;
-#pragma omp simd reduction(+ : sum, count)
-  for (int64_t k = 0; k < len; ++k) {
-    const T v = s[k];
-    const bool other = y[k] != yi;
-    const bool row_mined = other & (v + eps > limit);
-    const bool col_mined = other & (v + eps > col_limit[k]);
-    const T e = vec_exp(beta * v + offset);
-    sum += row_mined ? e : T(0);
-    count += row_mined ? PairCount<T>(1) : PairCount<T>(0);
-    col_sum[k] += col_mined ? e * col_factor[k] : T(0);
-    col_count[k] += col_mined ? PairCount<T>(1) : PairCount<T>(0);
-  }
-  return {sum * factor, static_cast<int64_t>(count)};
-}
-
-// scan_negatives and sum_negatives(_shared) in one pass (Shared: one exp per pair, `factor` and col_scale[k]
-// the anchors' factors; else `offset` and col_scale[k] their offsets)
+// scan_negatives and the mined negatives' sums in one pass (Shared: one exp per pair, `factor` and
+// col_scale[k] the anchors' factors; else `offset` and col_scale[k] their offsets)
 template <bool Shared, typename T>
 MS_FUSED_INLINE UpperScanSums<T> scan_sum_negatives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi,
                                                          T limit, T offset, T factor, const T* col_limit,
@@ -205,18 +183,11 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
                                      T* col_bad) {                                                               \
     return scan_positives_impl(s, y, len, yi, col_min, col_bad);                                                 \
   }                                                                                                              \
-  template <bool Positive, typename T>                                                                           \
-  target UpperSums<T> sum_pairs(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,        \
-                                const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,         \
-                                const Hyper<T>& hp) {                                                            \
-    return sum_pairs_impl<Positive>(s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count, hp); \
-  }                                                                                                              \
   template <typename T>                                                                                          \
-  target UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,       \
-                                           T offset, T factor, const T* col_limit, const T* col_factor,          \
-                                           T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp) {            \
-    return sum_negatives_shared_impl(s, y, len, yi, limit, offset, factor, col_limit, col_factor, col_sum,       \
-                                     col_count, hp);                                                             \
+  target UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
+                                    const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count, \
+                                    const Hyper<T>& hp) {                                                        \
+    return sum_positives_impl(s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count, hp);      \
   }                                                                                                              \
   template <bool Shared, typename T>                                                                             \
   target UpperScanSums<T> scan_sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,     \
@@ -259,18 +230,6 @@ MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
   UpperScan<T> scan_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_min, T* col_bad) {   \
     MS_FUSED_DISPATCH(scan_positives, s, y, len, yi, col_min, col_bad)                                           \
   }                                                                                                              \
-  UpperSums<T> sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
-                             const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
-                             const Hyper<T>& hp) {                                                               \
-    MS_FUSED_DISPATCH(sum_pairs<false>, s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count,  \
-                      hp)                                                                                        \
-  }                                                                                                              \
-  UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
-                                    T factor, const T* col_limit, const T* col_factor, T* col_sum,               \
-                                    PairCount<T>* col_count, const Hyper<T>& hp) {                               \
-    MS_FUSED_DISPATCH(sum_negatives_shared, s, y, len, yi, limit, offset, factor, col_limit, col_factor, col_sum, \
-                      col_count, hp)                                                                             \
-  }                                                                                                              \
   UpperScanSums<T> scan_sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,  \
                                       const T* col_limit, const T* col_offset, T* col_max, T* col_bad,           \
                                       T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp) {                 \
@@ -297,8 +256,7 @@ MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
   UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
                              const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
                              const Hyper<T>& hp) {                                                               \
-    MS_FUSED_DISPATCH(sum_pairs<true>, s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count,   \
-                      hp)                                                                                        \
+    MS_FUSED_DISPATCH(sum_positives, s, y, len, yi, limit, offset, col_limit, col_offset, col_sum, col_count, hp) \
   }                                                                                                              \
   void upper_weights(T* s, const int32_t* y, int64_t len, int32_t yi, const PairWeights<T>& row,                 \
                      const ColumnWeights<T>& cols, const Hyper<T>& hp, bool positives) {                         \

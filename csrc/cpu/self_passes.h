@@ -30,7 +30,7 @@ struct UpperSums {  // the row's sum of exp terms over the mined pairs of one ki
 };
 
 template <typename T>
-struct UpperScanSums {  // scan_negatives' and sum_negatives' results of one pass
+struct UpperScanSums {  // scan_negatives' results and the row's sum and count of one pass
   T extreme, bad, sum;
   int64_t count;
 };
@@ -49,21 +49,13 @@ struct ColumnWeights {
   UpperScan<T> scan_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_max, T* col_bad);    \
   /* min over the positives, the same way */                                                                     \
   UpperScan<T> scan_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_min, T* col_bad);    \
-  /* mined negatives (s + eps > limit): exp(beta s + offset), the row's with its limit and offset, column */     \
-  /* k's with col_limit[k], col_offset[k] into col_sum[k] and col_count[k] */                                    \
-  UpperSums<T> sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
-                             const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
-                             const Hyper<T>& hp);                                                                \
-  /* the same with one exp per pair, exp(beta s + offset) times the row's `factor` or col_factor[k] */          \
-  UpperSums<T> sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
-                                    T factor, const T* col_limit, const T* col_factor, T* col_sum,               \
-                                    PairCount<T>* col_count, const Hyper<T>& hp);                                \
-  /* scan_negatives and sum_negatives in one pass, for shifts fixed before it: the column sums and counts */    \
-  /* go to col_sum[k] and col_count[k] */                                                                        \
+  /* scan_negatives, and in the same pass the mined negatives (s + eps > limit): exp(beta s + offset), the */  \
+  /* row's with its limit and offset, column k's with col_limit[k], col_offset[k] into col_sum[k] and */         \
+  /* col_count[k] */                                                                                             \
   UpperScanSums<T> scan_sum_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,  \
                                       const T* col_limit, const T* col_offset, T* col_max, T* col_bad,           \
                                       T* col_sum, PairCount<T>* col_count, const Hyper<T>& hp);                  \
-  /* the same with one exp per pair, as sum_negatives_shared */                                                  \
+  /* the same with one exp per pair, exp(beta s + offset) times the row's `factor` or col_factor[k] */          \
   UpperScanSums<T> scan_sum_negatives_shared(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit,     \
                                              T offset, T factor, const T* col_limit, const T* col_factor,        \
                                              T* col_max, T* col_bad, T* col_sum, PairCount<T>* col_count,        \
