@@ -232,12 +232,17 @@ MS_FUSED_INLINE void update_blocks(const RowLists<T>& lists, int64_t rows, int64
   }
 }
 
+template <typename T>
+struct Scratch {
+  RowLists<T> lists;
+  std::vector<T> packed;
+};
+
 template <int Bytes, typename T>
 MS_FUSED_INLINE void sparse_tile_update_impl(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows,
-                                             const T* x_cols, int64_t d, T* dx_rows, T* dx_cols) {
-  // the lists of one tile stay allocated for the thread's next tile (at most (rows + 16) x cols entries)
-  thread_local RowLists<T> lists;
-  thread_local std::vector<T> packed;
+                                             const T* x_cols, int64_t d, T* dx_rows, T* dx_cols, Scratch<T>& scratch) {
+  RowLists<T>& lists = scratch.lists;
+  std::vector<T>& packed = scratch.packed;
   list_rows(w, rows, cols, nnz, lists);
   // chunks of R registers (fewer where there are 16 registers: x_row's and the sums' must fit beside others)
   constexpr int R = Bytes == 64 ? kChunkRegisters : kChunkRegisters / 2, L = Vec<T, Bytes>::lanes;
@@ -264,8 +269,9 @@ MS_FUSED_INLINE void sparse_tile_update_impl(const T* w, int64_t rows, int64_t c
   }                                                                                                              \
   template <typename T>                                                                                          \
   target void sparse_tile_update(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows,          \
-                                 const T* x_cols, int64_t d, T* dx_rows, T* dx_cols) {                           \
-    sparse_tile_update_impl<kRegisterBytes_##name>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols);     \
+                                 const T* x_cols, int64_t d, T* dx_rows, T* dx_cols, Scratch<T>& scratch) {      \
+    sparse_tile_update_impl<kRegisterBytes_##name>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols,      \
+                                                   scratch);                                                     \
   }                                                                                                              \
   }
 
@@ -277,7 +283,13 @@ MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
   int64_t count_nonzeros(const T* w, int64_t len) { MS_FUSED_DISPATCH(count_nonzeros, w, len) }                  \
   void sparse_tile_update(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows, const T* x_cols, \
                           int64_t d, T* dx_rows, T* dx_cols) {                                                   \
-    MS_FUSED_DISPATCH(sparse_tile_update, w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols)               \
+    /* the lists of one tile stay allocated for the thread's next tile (at most (rows + 16) x cols entries). */  \
+    /* The address is hidden from the optimiser: propagated into the kernel, a thread_local's address is */      \
+    /* looked up again at every use. */                                                                          \
+    thread_local Scratch<T> scratch;                                                                             \
+    Scratch<T>* own = &scratch;                                                                                  \
+    asm("" : "+r"(own));                                                                                         \
+    MS_FUSED_DISPATCH(sparse_tile_update, w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols, *own)         \
   }
 
 MS_FUSED_SPARSE_ENTRY_POINTS(float)
