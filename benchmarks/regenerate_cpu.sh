@@ -1,26 +1,37 @@
 #!/usr/bin/env bash
 # Re-measures the committed CPU results and rewrites the README blocks built from them, one step at a time,
 # in this order (about how long each takes on the project's 2-core machine, idle):
-#   goals     run.py --preset goals                     ~10 min   benchmarks/results/cpu/goals/
-#   floor     run.py --preset floor                     ~2 min    benchmarks/results/cpu/floor/
-#   bank      run.py --preset bank                      ~10 min   benchmarks/results/cpu/bank/
-#   quick     run.py --quick                            < 3 min   benchmarks/results/cpu/quick/
-#   full      run.py (the full sweep)                   ~40 min   benchmarks/results/cpu/
-#   kernels   kernel_stats.py (Triton work, no GPU)     ~10 min   benchmarks/results/kernel_stats.md
+#   goals     run.py --preset goals                     ~4 min    benchmarks/results/cpu/goals/
+#   floor     run.py --preset floor                     ~1 min    benchmarks/results/cpu/floor/
+#   bank      run.py --preset bank                      ~2 min    benchmarks/results/cpu/bank/
+#   quick     run.py --quick                            < 1 min   benchmarks/results/cpu/quick/
+#   full      run.py (the full sweep)                   ~15 min   benchmarks/results/cpu/
+#   kernels   kernel_stats.py (Triton work, no GPU)     ~3 min    benchmarks/results/kernel_stats.md
 #   retrieval bench_retrieval.py                        ~40 min   benchmarks/results/cpu/retrieval.*
 #   cached    bench_cached.py, search and chunk sweep   ~30 min   benchmarks/results/cpu/cached*.*
 #
 #   bash benchmarks/regenerate_cpu.sh               # every step
 #   bash benchmarks/regenerate_cpu.sh goals floor   # some of them
 #
-# Timings from a busy machine are worthless: run it on an idle one, nothing else at the same time.
+# Timings from a busy machine are worthless: run it on an idle one, nothing else at the same time. Before
+# each step it waits (up to 3 min) for the 1-minute load to fall below half the cores, so that a step does
+# not start on the previous one's load (the results would carry report.py's busy warning).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 steps=("$@")
 (( ${#steps[@]} )) || steps=(goals floor bank quick full kernels retrieval cached)
+wait_for_idle() {
+    local cores waited=0
+    cores=$(nproc)
+    while awk -v c="$cores" '{ exit !($1 >= 0.5 * c) }' /proc/loadavg && (( waited < 180 )); do
+        sleep 5
+        waited=$((waited + 5))
+    done
+}
 for step in "${steps[@]}"; do
-    echo "== $step ($(date -u +%H:%M:%S) UTC)"
+    wait_for_idle
+    echo "== $step ($(date -u +%H:%M:%S) UTC, 1-minute load $(cut -d' ' -f1 /proc/loadavg))"
     case $step in
         goals|floor|bank)
             $PY benchmarks/run.py --preset "$step" --no-progress
