@@ -14,8 +14,8 @@
 #   bash benchmarks/regenerate_cpu.sh goals floor   # some of them
 #
 # Timings from a busy machine are worthless: run it on an idle one, nothing else at the same time. Before
-# each step it waits (up to 3 min) for the 1-minute load to fall below half the cores, so that a step does
-# not start on the previous one's load (the results would carry report.py's busy warning).
+# each step it waits (up to 3 min) for the 1-minute load to fall below a third of the cores, so that a step
+# does not start on the previous one's load (report.py warns above half the cores; importing torch adds some).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -24,7 +24,7 @@ steps=("$@")
 wait_for_idle() {
     local cores waited=0
     cores=$(nproc)
-    while awk -v c="$cores" '{ exit !($1 >= 0.5 * c) }' /proc/loadavg && (( waited < 180 )); do
+    while awk -v c="$cores" '{ exit !($1 >= c / 3) }' /proc/loadavg && (( waited < 180 )); do
         sleep 5
         waited=$((waited + 5))
     done
