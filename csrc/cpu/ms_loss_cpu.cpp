@@ -30,7 +30,6 @@ namespace {
 constexpr int64_t kBlockBytes = 32 << 20;
 constexpr int64_t kMinBlockRows = 32, kMaxBlockRows = 256;
 
-int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The row blocks of every pass over the anchors; forward and backward cut them the same way, so the
 // backward recomputes bit for bit the similarities the forward mined.

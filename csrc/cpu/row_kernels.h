@@ -14,6 +14,9 @@ namespace ms_fused::cpu {
 // The variant the passes run: "avx512", "avx2" or "default" (chosen on first use, then fixed).
 const char* cpu_capability();
 
+// a / b rounded up, for counts of blocks
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 template <typename T>
 struct Hyper {  // the hyper-parameters, in the compute dtype
   T alpha, beta, base, epsilon;

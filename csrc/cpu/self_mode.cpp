@@ -46,7 +46,6 @@ constexpr int64_t kTileBytes = 1536 * 1024;
 // small share of a pass while a tile holds many segments)
 constexpr int64_t kBandRows = 64;
 
-int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A tile's negatives share one exp per pair between its two anchors when their shifts differ by at most this:
 // exp(z - s_max) times exp(s_max - s_i) <= e^kSharedRange. A term then lost to underflow is below
@@ -261,16 +260,16 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
     }
   };
   auto offset = [&](int64_t i) { return neg_shift[i] > -inf ? -beta_base - neg_shift[i] : T(0); };
-  // A tile's sums, with the shifts its anchors have now: shared, one exp per pair, exp(z - hi) times each
-  // anchor's exp(hi - shift) (0 for an anchor without negatives); else each anchor's own exp(z - shift).
-  // col_scale gets the columns' factors or offsets; returns the factor (or offset) of each row.
+  // How a tile's terms are scaled, with the shifts its anchors have now (lo, hi: their range): shared, one exp
+  // per pair, exp(z - hi) times each anchor's factor exp(hi - shift) (0 for an anchor without negatives); else
+  // each anchor's own exp(z - shift), by its offset. `row` and `col` hold the rows' and columns' factors or
+  // offsets.
   struct Scales {
     bool shared;
-    T hi;
     std::vector<T> row, col;
   };
   auto scales = [&](const Tile& t, T lo, T hi) {
-    Scales sc{hi - lo <= kSharedRange<T>, hi, std::vector<T>(t.rows), std::vector<T>(t.cols)};
+    Scales sc{hi - lo <= kSharedRange<T>, std::vector<T>(t.rows), std::vector<T>(t.cols)};
     if (sc.shared) {
       scaled_exps(neg_shift.data() + t.col, static_cast<const T*>(nullptr), t.cols, hi, T(-1), sc.col.data());
       scaled_exps(neg_shift.data() + t.row, static_cast<const T*>(nullptr), t.rows, hi, T(-1), sc.row.data());
@@ -306,12 +305,14 @@ void self_forward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& hp
       // S_ii: no pair, but part of row i of S (docs/semantics.md "Non-finite inputs")
       if (t.diagonal()) bad[i] += sv[k * t.cols + k] - sv[k * t.cols + k];
     }
-    auto guarded = [&](int64_t i, T m) { return !(hp.beta * (m - hp.base) - neg_shift[i] > kGuard<T>); };
-    for (int64_t k = 0; k < t.rows && !unguarded; ++k) {
-      if (!guarded(t.row + k, row_max[k])) return false;
-    }
-    for (int64_t q = 0; q < t.cols && !unguarded; ++q) {
-      if (!guarded(t.col + q, col_max[q])) return false;
+    if (!unguarded) {
+      auto guarded = [&](int64_t i, T m) { return !(hp.beta * (m - hp.base) - neg_shift[i] > kGuard<T>); };
+      for (int64_t k = 0; k < t.rows; ++k) {
+        if (!guarded(t.row + k, row_max[k])) return false;
+      }
+      for (int64_t q = 0; q < t.cols; ++q) {
+        if (!guarded(t.col + q, col_max[q])) return false;
+      }
     }
     for (int64_t k = 0; k < t.rows; ++k) neg_sum[t.row + k] += row_sum[k], neg_count[t.row + k] += row_count[k];
     for (int64_t q = 0; q < t.cols; ++q) neg_sum[t.col + q] += col_sum[q], neg_count[t.col + q] += col_count[q];

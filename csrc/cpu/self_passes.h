@@ -65,7 +65,8 @@ struct ColumnWeights {
   void segment_similarities(const T* x, int64_t d, const int64_t* seg_end, int64_t first, int64_t count, T* s);   \
   /* out[k] = scale[k] exp(sign (shift[k] - base)), 0 where shift[k] = -inf; scale nullptr: 1 */                \
   void scaled_exps(const T* shift, const T* scale, int64_t len, T base, T sign, T* out);                         \
-  /* mined positives (s - eps < limit): exp(-alpha s + offset), the same way */                                  \
+  /* mined positives (s - eps < limit): exp(-alpha s + offset), the row's with its limit and offset, column */  \
+  /* k's with col_limit[k], col_offset[k] into col_sum[k] and col_count[k] */                                    \
   UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,           \
                              const T* col_limit, const T* col_offset, T* col_sum, PairCount<T>* col_count,            \
                              const Hyper<T>& hp);                                                                \

@@ -10,6 +10,7 @@
 #include <limits>
 #include <vector>
 
+#include "row_kernels.h"
 #include "simd_math.h"
 
 #ifdef MS_FUSED_X86_VARIANTS
@@ -30,7 +31,6 @@ constexpr int kChunkRegisters = 8;
 // The width of a vector register of each variant (MS_FUSED_ALL_VARIANTS)
 constexpr int kRegisterBytes_baseline = 16, kRegisterBytes_avx2 = 32, kRegisterBytes_avx512 = 64;
 
-int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // nonzero: any bit but the sign (so -0 is 0, and NaN or Inf is kept)
 template <typename T>
@@ -200,9 +200,8 @@ template <typename T, typename Chunk>
 MS_FUSED_INLINE void update_blocks(const RowLists<T>& lists, int64_t rows, int64_t cols, const T* x_rows,
                                    const T* x_cols, int64_t d, int64_t c0, int64_t width, T* dx_rows, T* dx_cols,
                                    bool pack, std::vector<T>& packed, const Chunk& chunk) {
-  // dx's rows 2 cache lines after x's: a load and a store 4 KB apart would wait on each other
-  const int64_t dx_offset = kBlockCols * width + 128 / sizeof(T);
-  if (pack) packed.resize(dx_offset + kBlockCols * width);
+  const int64_t dx_offset = kBlockCols * width;  // the block's dx_cols after its x_cols
+  if (pack) packed.resize(2 * dx_offset);
   for (int64_t b = 0; b < lists.blocks; ++b) {
     const int64_t j0 = b * kBlockCols, block = std::min(kBlockCols, cols - j0);
     const T* x_block = x_cols + c0;
@@ -283,7 +282,7 @@ MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
   int64_t count_nonzeros(const T* w, int64_t len) { MS_FUSED_DISPATCH(count_nonzeros, w, len) }                  \
   void sparse_tile_update(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows, const T* x_cols, \
                           int64_t d, T* dx_rows, T* dx_cols) {                                                   \
-    /* the lists of one tile stay allocated for the thread's next tile (at most (rows + 16) x cols entries). */  \
+    /* the lists of one tile stay allocated for the thread's next tile (nnz + 16 <= rows x cols + 16 entries) */ \
     /* The address is hidden from the optimiser: propagated into the kernel, a thread_local's address is */      \
     /* looked up again at every use. */                                                                          \
     thread_local Scratch<T> scratch;                                                                             \
