@@ -55,8 +55,8 @@ PRESETS = {
                            + _goals("ms_fused:torch", "speedup_vs_pml", 2, (4096,))
                            + _goals("ms_fused:torch", "memory_vs_pml", 10, (4096,))
                            + _goals("ms_fused:torch", "completes", None, (32768,))),
-    # the cpp self-mode kernels against their floor (half a product for S, one for (G + G^T) X): forward and
-    # step in units of one mm at D = 128 and 512
+    # the cpp self-mode kernels against their floor (half a product for S, at most one for (G + G^T) X):
+    # forward and step in units of one mm at D = 128 and 512
     ("cpu", "floor"): dict(n=[8192], d=[128, 512], dtypes=["float32"], impls=["ms_fused:cpp", "mm"], loop_max_n=0,
                            timeout_s=300, target_s=3.0, min_repeats=5, max_repeats=15, warmup=2, deadline_s=1200,
                            goals=_goals("ms_fused:cpp", "time_per_mm", 0.6, (8192,), "forward", 512)
