@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows, fused_backward
 from ._inputs import HyperParams, Problem, compute_dtype
 
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
+
 DEFAULT_CHUNK_BYTES = int(os.environ.get("MS_FUSED_TORCH_CHUNK_MB", "32")) * 2**20
 
 # rows of a narrower constant reference set (a bfloat16 memory bank) converted to the compute dtype at a time
@@ -178,6 +180,60 @@ def normalized_inputs(problem: Problem):
             r = F.normalize(r, dim=1)
     yr = problem.labels if problem.self_mode else problem.ref_labels
     return q, r, yr
+
+
+class _Context:
+    """What ChunkedMultiSimilarity's forward and backward read and write on ctx, outside autograd."""
+
+    def __init__(self, needs_input_grad: tuple):
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors = ()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+
+def _normalize_backward(x: torch.Tensor, x_hat: torch.Tensor, d_hat: torch.Tensor) -> torch.Tensor:
+    """docs/semantics.md "Gradient": the chain through x_hat = x / max(|x|, eps), row by row."""
+    norm = x.norm(dim=1, keepdim=True)
+    along = (x_hat * d_hat).sum(dim=1, keepdim=True)
+    return torch.where(norm >= NORM_EPS, (d_hat - x_hat * along) / norm.clamp(min=NORM_EPS), d_hat / NORM_EPS)
+
+
+def gradients(problem: Problem, g: torch.Tensor, needs: tuple) -> tuple:
+    """(dq, dr) of sum_i g_i l_i without autograd (None where `needs` says no), in the inputs' dtypes: for
+    callers that run where autograd does not (inside another backend's torch op)."""
+    cd = compute_dtype(problem.q.dtype)
+    q = problem.q.detach().to(cd)
+    need_r = needs[1] and not problem.self_mode
+    r = None if problem.self_mode else problem.ref.detach()
+    r = None if r is None else (r if problem.ref_normalized else r.to(cd))
+    q_hat, r_hat = q, r
+    if problem.hp.normalize:
+        q_hat = F.normalize(q, dim=1)
+        r_hat = None if r is None else (r if problem.ref_normalized else F.normalize(r, dim=1))
+    if problem.self_mode:
+        r_hat, yr = q_hat, problem.labels
+    else:
+        yr = problem.ref_labels
+    need_r_hat = needs[0] if problem.self_mode else need_r
+    chunk = chunk_rows(r_hat.shape[0], cd)
+    ctx = _Context((needs[0], need_r_hat))
+    with torch.no_grad():
+        ChunkedMultiSimilarity.forward(ctx, q_hat, r_hat, problem.labels, yr, problem.ref_self_index, problem.hp,
+                                       chunk, False)
+        dq_hat, dr_hat = ChunkedMultiSimilarity.backward(ctx, g.to(cd), None)[:2]
+    if problem.self_mode and dq_hat is not None:
+        dq_hat, dr_hat = dq_hat + dr_hat, None
+    dq = dr = None
+    if needs[0]:
+        dq = (_normalize_backward(q, q_hat, dq_hat) if problem.hp.normalize else dq_hat).to(problem.q.dtype)
+    if need_r:
+        dr = (_normalize_backward(r, r_hat, dr_hat) if problem.hp.normalize else dr_hat).to(problem.ref.dtype)
+    return dq, dr
 
 
 def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:

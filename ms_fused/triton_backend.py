@@ -223,28 +223,50 @@ def _autotune_enabled() -> bool:
     return not _interpreted() and torch.cuda.is_available() and os.environ.get("MS_FUSED_TRITON_AUTOTUNE", "1") != "0"
 
 
-_TUNED: dict = {}
+_TUNED: dict = {}     # tuning key -> the configuration the timing chose
 _TUNE_LOCK = threading.Lock()  # one timing run per key, even when several threads make the first call
+_NOTED_UNTIMED: set = set()
 
 
 def _log2_bucket(n: int) -> int:
     return max(0, int(n) - 1).bit_length()
 
 
-def _choose_config(key: tuple, candidates: list, trial) -> TileConfig:
-    """The first candidate, or (on a GPU) the fastest forward among them, timed once per key: the
-    problem's switches, dtype, D and the log2 buckets of N and M."""
+def _device_key(device: torch.device) -> tuple:
+    """What a tuning result is valid for besides the problem: the GPU's name and compile target."""
+    if device.type == "cuda":
+        return (torch.cuda.get_device_name(device), target_arch(device))
+    return (device.type,)
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _choose_config(key: tuple, candidates: list, trial, device: torch.device) -> TileConfig:
+    """The first candidate, or (on a GPU) the fastest among them, timed once per key. Timing synchronises
+    the device, so it never runs while a CUDA graph is being captured: a captured step uses the key's
+    earlier choice, or the first candidate (with one note saying how to have it timed)."""
     if len(candidates) == 1 or not _autotune_enabled():
         return candidates[0]
     with _TUNE_LOCK:
-        if key not in _TUNED:
-            times = []
-            for cfg in candidates:
-                try:
-                    times.append(triton.testing.do_bench(lambda: trial(cfg), warmup=5, rep=20))
-                except Exception:  # a candidate that does not compile or fit on this GPU is not chosen
-                    times.append(float("inf"))
-            _TUNED[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
+        if key in _TUNED:
+            return _TUNED[key]
+        if _capturing(device):
+            if key not in _NOTED_UNTIMED:
+                _NOTED_UNTIMED.add(key)
+                warnings.warn("ms_fused: the triton configuration of this loss call was not timed, since a CUDA "
+                              "graph is being captured; the first candidate runs. Run one step eagerly before "
+                              "capturing (torch.compile's mode='reduce-overhead' does: its warm-up step is eager) "
+                              "to time the candidates", RuntimeWarning, stacklevel=4)
+            return candidates[0]
+        times = []
+        for cfg in candidates:
+            try:
+                times.append(triton.testing.do_bench(lambda: trial(cfg), warmup=5, rep=20))
+            except Exception:  # a candidate that does not compile or fit on this GPU is not chosen
+                times.append(float("inf"))
+        _TUNED[key] = candidates[min(range(len(candidates)), key=times.__getitem__)]
         return _TUNED[key]
 
 
@@ -575,22 +597,27 @@ def _backward_all(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], g: tor
     return dq, dr
 
 
-def _choose_plan(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], candidates: list, needs: tuple) -> Plan:
-    """Sets plan.cfg: the first candidate, or on a GPU the one whose forward and backward together run
-    fastest, timed once per key (the problem's switches, dtype, D and the log2 buckets of N and M). A
-    candidate whose launch fails (too much shared memory, say) is never chosen."""
+def tuning_key(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], forced: Optional[TileConfig]) -> tuple:
+    """What a configuration choice is kept for: the device, the problem's switches, dtype, D, the log2
+    buckets of N and M, and a forced configuration (tests)."""
     m = q.shape[0] if r is None else r.shape[0]
-    key = (q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m), plan.ref_self_index_mode,
-           plan.hp.mining, plan.hp.normalize, needs)
+    return (_device_key(q.device), q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m),
+            plan.ref_self_index_mode, plan.hp.mining, plan.hp.normalize, forced)
+
+
+def _choose_plan(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], candidates: list, key: tuple) -> Plan:
+    """Sets plan.cfg: the first candidate, or on a GPU the one whose forward and backward (of the anchors'
+    gradient) together run fastest, timed once per key. A candidate whose launch fails (too much shared
+    memory, say) is never chosen."""
     r_ = q if r is None else r
     g = torch.ones(q.shape[0], dtype=torch.float32, device=q.device)
 
     def trial(cfg: TileConfig) -> None:
         step = Plan(plan.hp, cfg, plan.anchors, plan.refs, plan.ref_self_index, plan.bad, plan.splits)
         _forward(step, q, r_)
-        _backward_all(step, q, r, g, needs)
+        _backward_all(step, q, r, g, (True, False))
 
-    plan.cfg = _choose_config(key, candidates, trial)
+    plan.cfg = _choose_config(key, candidates, trial, q.device)
     return plan
 
 
@@ -620,90 +647,10 @@ def _fallback_warning(exc: Exception) -> None:
 def _torch_gradients(problem: Problem, g: torch.Tensor, needs: tuple) -> tuple:
     """(dq, dr) from the torch backend, for when no triton configuration launches."""
     from . import torch_backend
-    with torch.enable_grad():
-        q = problem.q.detach().requires_grad_(needs[0])
-        r = None if problem.ref is None else problem.ref.detach().requires_grad_(needs[1])
-        loss = torch_backend.per_anchor_loss(Problem(q, problem.labels, r, problem.ref_labels, problem.ref_self_index,
-                                                     problem.hp, problem.ref_normalized))
-        inputs = [t for t, need in ((q, needs[0]), (r, needs[1])) if need and t is not None]
-        grads = iter(torch.autograd.grad(loss, inputs, g.to(loss.dtype)))
-    return (next(grads) if needs[0] else None, next(grads) if needs[1] and r is not None else None)
+    return torch_backend.gradients(problem, g, needs)
 
 
-class FusedMultiSimilarity(torch.autograd.Function):
-    """(problem, q, r or None in self mode) -> (per-anchor losses (float32), counts); counts is the (2, N)
-    int32 number of mined positives and negatives per anchor (sorted order) with `count`, else empty.
-    Raises NoConfigurationFits when no candidate configuration launches (per_anchor_loss then runs the
-    torch backend); a backward that no configuration launches takes the torch backend's gradients."""
+from .triton_op import per_anchor_loss  # noqa: E402  (the torch op layer uses the launchers above)
 
-    @staticmethod
-    def forward(ctx, problem: Problem, q, r, cfg: Optional[TileConfig], splits: Optional[int], count: bool):
-        q = _unit_stride_rows(q.detach())
-        r_ = None if r is None else _unit_stride_rows(r.detach())
-        yq = problem.labels.contiguous()
-        yr = None if r is None else problem.ref_labels.contiguous()
-        ref_self_index = None if r is None or problem.ref_self_index is None else problem.ref_self_index.contiguous()
-        needs = tuple(ctx.needs_input_grad[1:3])
-        with _on_device(q.device):
-            plan = make_plan(q, r_, yq, yr, ref_self_index, problem.hp, cfg, splits, problem.ref_normalized)
-            candidates = _candidates(q, cfg)
-            if cfg is None:
-                _choose_plan(plan, q, r_, candidates, needs)
-            plan.count = count
-            loss = _first_that_launches(plan, candidates, lambda: _forward(plan, q, q if r_ is None else r_))
-        ctx.save_for_backward(q, r_)
-        ctx.plan, ctx.problem, ctx.candidates = plan, problem, candidates
-        counts = plan.counts if count else loss.new_empty((2, 0), dtype=torch.int32)
-        ctx.mark_non_differentiable(counts)
-        return loss, counts
-
-    @staticmethod
-    @fused_backward("triton")
-    def backward(ctx, g, _counts_grad):
-        q, r = ctx.saved_tensors
-        plan = ctx.plan
-        needs = tuple(ctx.needs_input_grad[1:3])
-        forward_cfg = plan.cfg
-
-        def run():
-            if plan.cfg != forward_cfg:  # the forward's statistics again, mined by this configuration's tiles
-                _forward(plan, q, q if r is None else r)
-            return _backward_all(plan, q, r, g, needs)
-
-        with _on_device(g.device):
-            try:
-                dq, dr = _first_that_launches(plan, ctx.candidates, run)
-            except NoConfigurationFits as exc:
-                _fallback_warning(exc)
-                dq, dr = _torch_gradients(ctx.problem, g, needs)
-        return None, dq, dr, None, None, None
-
-
-def _with_torch_fallback(problem: Problem, count_pairs: bool, run):
-    try:
-        return run()
-    except NoConfigurationFits as exc:
-        _fallback_warning(exc)
-        from . import torch_backend
-        return torch_backend.per_anchor_loss(problem, count_pairs=count_pairs)
-
-
-def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, splits: Optional[int] = None,
-                    count_pairs: bool = False):
-    """(N,) float32 per-anchor losses attached to autograd. `config` fixes the tile configuration and
-    `splits` the number of column splits (tests); by default both are planned. With `count_pairs` also the
-    (2, N) mined positives and negatives per anchor (kernels compiled with COUNT_PAIRS). When no candidate
-    configuration launches on this GPU, the torch backend computes the loss, with a warning that says why."""
-    reason = unavailable_reason(problem.q.device, problem.q.dtype)
-    if reason is not None:
-        raise ValueError(f"backend='triton' cannot serve {problem.q.dtype} tensors on {problem.q.device}: {reason}")
-
-    def run():
-        loss, counts = FusedMultiSimilarity.apply(problem, problem.q, problem.ref, config, splits, count_pairs)
-        return (loss, counts) if count_pairs else loss
-
-    return _with_torch_fallback(problem, count_pairs, run)
-
-
-__all__ = ["unavailable_reason", "per_anchor_loss", "FusedMultiSimilarity", "TileConfig", "tile_configs", "target_arch",
+__all__ = ["unavailable_reason", "per_anchor_loss", "TileConfig", "tile_configs", "target_arch",
            "column_splits", "record_launches", "dense_labels", "make_plan"]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from backends_under_test import backend_params
 from helpers import memory_bank_batch
-from ms_fused import torch_backend, triton_backend
+from ms_fused import torch_backend, triton_op
 from ms_fused._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows
 from ms_fused._inputs import HyperParams, check_inputs
 from ms_fused.reference import log1p_sum_exp, mined_masks, pair_masks
@@ -40,9 +40,13 @@ def saved_stats(backend, problem) -> torch.Tensor:
         hp = problem.hp
         return torch.ops.ms_fused.ms_forward(q, r, problem.labels, yr, problem.ref_self_index, hp.alpha, hp.beta,
                                              hp.base, hp.epsilon, hp.mining)[1]
-    plan = triton_backend.per_anchor_loss(problem).grad_fn.plan
-    stats = torch.empty_like(plan.stats)
-    stats[:, plan.anchors.perm.long()] = plan.stats
+    hp = problem.hp
+    out = torch.ops.ms_fused.triton_forward(problem.q, problem.ref, problem.labels, problem.ref_labels,
+                                            problem.ref_self_index, hp.alpha, hp.beta, hp.base, hp.epsilon,
+                                            hp.mining, hp.normalize, False, False, [], -1)
+    sorted_stats, perm = out[1], out[3][triton_op.PERM]
+    stats = torch.empty_like(sorted_stats)
+    stats[:, perm.long()] = sorted_stats
     stats[[LSE_POS, LSE_NEG]] *= math.log(2.0)
     return stats
 
