@@ -29,7 +29,7 @@ test-triton36:
 bench: $(STAMP)
 	$(PY) benchmarks/run.py $(if $(FULL),,--quick)
 
-# pytorch-metric-learning for the GPU machine, which reaches no registry: wheels for its Python (3.12), carried
+# pytorch-metric-learning and pytest for the GPU machine, which reaches no registry: wheels for its Python (3.12), carried
 # with the run (carry: ["benchmarks/.vendor"]) and unpacked by gpu_check.sh. Importing pml's losses and miners
 # also needs tqdm and scipy (utils/common_functions.py), which a bare torch image lacks; scikit-learn is
 # only for its accuracy calculator and testers. scipy: the newest for VENDOR_PYTHON (for 3.12: 1.18.1, which takes
@@ -37,7 +37,7 @@ bench: $(STAMP)
 VENDOR_DIR ?= benchmarks/.vendor
 VENDOR_PYTHON ?= 3.12
 VENDOR_PLATFORM ?= manylinux_2_28_x86_64
-VENDOR_WHEELS ?= pytorch-metric-learning==2.9.0 tqdm==4.70.1 'scipy>=1.16'
+VENDOR_WHEELS ?= pytorch-metric-learning==2.9.0 tqdm==4.70.1 'scipy>=1.16' pytest==9.0.3 pluggy iniconfig packaging pygments
 
 vendor:
 	rm -f $(VENDOR_DIR)/*.whl

@@ -4,7 +4,10 @@
 #      torch.mm(X, X.T), with the Triton goals checked in its report;
 #   2. the memory-bank point (run.py --preset bank): N = 256 anchors against a memory of 100 000 rows, D = 128;
 #   3. the largest self-mode batch the triton backend completes (up to 2^20 at D = 512, bfloat16);
-#   4. the GPU tests (tests/test_triton.py).
+#   4. the GPU tests: tests/test_triton.py (parity, the extra-memory bound with a 132-SM plan, a memory bank
+#      of 10^6 rows at D = 100), tests/test_triton_half.py (bfloat16 / float16 forward and backward against
+#      float64), and the CUDA cases of tests/test_compile.py (torch.compile fullgraph of a training step,
+#      mode="reduce-overhead", i.e. CUDA graphs).
 # Tables land in benchmarks/results/$RESULTS_NAME/{target,memory_bank,largest}/ (default h200).
 #
 #   bash benchmarks/gpu_check.sh             # on a CUDA machine
@@ -22,7 +25,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 BUDGET_S=${BUDGET_S:-450}            # the whole script; the lease allows 8 minutes
-PYTEST_TIMEOUT_S=${PYTEST_TIMEOUT_S:-120}
+PYTEST_TIMEOUT_S=${PYTEST_TIMEOUT_S:-180}
 RECORD_TIMEOUT_S=${RECORD_TIMEOUT_S:-60}
 RESULTS_NAME=${RESULTS_NAME:-h200}
 start=$(date +%s)
@@ -46,9 +49,10 @@ if [[ $DRY_RUN == 0 ]] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.
     echo "no CUDA device here; use --dry-run to exercise the script on a CPU" >&2
     exit 2
 fi
-# pml: the image's own when its losses and miners import, else the vendored wheels (make vendor), unpacked
+# pml and pytest: the image's own when they import, else the vendored wheels (make vendor), unpacked
 # outside the repository (a wheel is a zip file, and scipy's compiled modules cannot be imported from one)
 pml_imports() { $PY -c 'import pytorch_metric_learning.losses, pytorch_metric_learning.miners' 2>/dev/null; }
+pytest_imports() { $PY -c 'import pytest' 2>/dev/null; }
 rm -rf "$VENDOR_SITE"
 wheels=()
 if [[ -n "$VENDOR_DIR" && -d "$VENDOR_DIR" ]]; then
@@ -56,7 +60,7 @@ if [[ -n "$VENDOR_DIR" && -d "$VENDOR_DIR" ]]; then
     wheels=("$VENDOR_DIR"/*.whl)
     shopt -u nullglob
 fi
-if (( ${#wheels[@]} )) && ! pml_imports; then
+if (( ${#wheels[@]} )) && ! { pml_imports && pytest_imports; }; then
     if $PY -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
             "$VENDOR_SITE" "${wheels[@]}"; then
         echo "== vendored: ${#wheels[@]} wheels of $VENDOR_DIR unpacked into $VENDOR_SITE"
@@ -65,8 +69,8 @@ if (( ${#wheels[@]} )) && ! pml_imports; then
     fi
     if ! pml_imports; then
         # a pml that is found but does not import would fail every pml record: recorded as not installed instead
-        rm -rf "$VENDOR_SITE"
-        echo "== vendored wheels set aside: pml does not import from them with this Python"
+        rm -rf "$VENDOR_SITE"/pytorch_metric_learning
+        echo "== vendored pml set aside: it does not import from the wheels with this Python"
     fi
 fi
 $PY - <<'EOF'
@@ -117,9 +121,9 @@ if [[ $DRY_RUN == 1 ]]; then
     benchmark largest 60 "${dev[@]}" --n 1024,2048 --d 64 --impls ms_fused:torch --modes forward_backward --no-check
 else
     # the goals and bank presets (sweep.PRESETS) are the target point and the memory-bank point, goals checked
-    benchmark target 150 --preset goals --device cuda
-    benchmark memory_bank 60 --preset bank --device cuda --no-check
-    benchmark largest 90 --device cuda --dtypes bfloat16 --target-s 0.2 --n 65536,131072,262144,524288,1048576 \
+    benchmark target 110 --preset goals --device cuda
+    benchmark memory_bank 50 --preset bank --device cuda --no-check
+    benchmark largest 60 --device cuda --dtypes bfloat16 --target-s 0.2 --n 65536,131072,262144,524288,1048576 \
         --d 512 --impls ms_fused:triton,mm --modes forward_backward --no-check --no-plots
 fi
 
@@ -127,17 +131,18 @@ fi
 $PY benchmarks/prediction.py "$results" --out "$results/prediction.md" || echo "== prediction table failed"
 
 # 4. the GPU tests, last: the figures above are what a short lease must not lose
+GPU_TESTS=(tests/test_triton.py tests/test_triton_half.py tests/test_compile.py -k "triton or cuda")
 tests_rc=0
 if ! $PY -c 'import pytest' 2>/dev/null; then
     echo "== pytest is not installed: GPU tests NOT run"
     tests_rc=3
 elif [[ $DRY_RUN == 1 ]]; then
-    echo "== (dry run) collecting tests/test_triton.py only"
-    timeout 120 $PY -m pytest tests/test_triton.py -q --collect-only -p no:cacheprovider | tail -3
+    echo "== (dry run) collecting the GPU tests only"
+    timeout 120 $PY -m pytest "${GPU_TESTS[@]}" -q --collect-only -p no:cacheprovider | tail -3
     tests_rc=${PIPESTATUS[0]}
 else
-    echo "== pytest tests/test_triton.py (time-out ${PYTEST_TIMEOUT_S} s)"
-    timeout -k 10 "$PYTEST_TIMEOUT_S" $PY -m pytest tests/test_triton.py -q -p no:cacheprovider -x 2>&1 \
+    echo "== pytest ${GPU_TESTS[*]} (time-out ${PYTEST_TIMEOUT_S} s)"
+    timeout -k 10 "$PYTEST_TIMEOUT_S" $PY -m pytest "${GPU_TESTS[@]}" -q -p no:cacheprovider 2>&1 \
         | tee "$results/gpu_tests.log"
     tests_rc=${PIPESTATUS[0]}
     [[ $tests_rc == 124 ]] && echo "== GPU tests TIMED OUT after ${PYTEST_TIMEOUT_S} s"

@@ -281,12 +281,17 @@ class _SplitPlan:
         real = self.real = tb.column_splits
         plan = self
 
-        def planned(n_rows, n_cols, cfg, device, other_programs=1, splits=None, rows_per_program=None):
-            own = real(n_rows, n_cols, cfg, device, other_programs, splits=splits, rows_per_program=rows_per_program)
+        def planned(n_rows, n_cols, cfg, device, other_programs=1, splits=None, rows_per_program=None,
+                    max_splits=None):
+            own = real(n_rows, n_cols, cfg, device, other_programs, splits=splits, rows_per_program=rows_per_program,
+                       max_splits=max_splits)
             if cfg != tb.tile_configs(plan.d, getattr(torch, plan.dtype), tb.target_arch(device))[0]:
                 raise RuntimeError(f"the counted launch runs {cfg}, not the predicted point's first choice")
             rows_t, cols_t = plan.to_target[n_rows], plan.to_target[n_cols]
-            target = real(rows_t, cols_t, cfg, device, other_programs, rows_per_program=rows_per_program)
+            # the backward's cap on its partial sums (tb.backward_splits), for the point's rows
+            max_t = None if max_splits is None else max(1, max(rows_t, tb._n_sms(device) * tb.PARTIAL_ROWS_PER_SM) // rows_t)
+            target = real(rows_t, cols_t, cfg, device, other_programs, rows_per_program=rows_per_program,
+                          max_splits=max_t)
             used = own
             if plan.as_target:
                 col_tiles = triton.cdiv(n_cols, cfg.block_m)

@@ -125,6 +125,12 @@ def check_same_device(device: torch.device, **tensors) -> None:
             raise ValueError(f"{name} is on {t.device} but embeddings is on {device}; put every tensor on one device")
 
 
+def _in_graph(x: torch.Tensor) -> bool:
+    """Inside torch.compile's tracing or a CUDA graph's capture, where reading a tensor's value on the host is
+    impossible (a graph break, a failed capture)."""
+    return torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: HyperParams,
                  ref_normalized: bool = False) -> Problem:
     q = check_embedding("embeddings", embeddings)
@@ -156,8 +162,8 @@ def check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, hp: Hy
         ref_self_index = torch.arange(q.shape[0], device=q.device)
     elif ref_self_index is not None:
         ref_self_index = check_labels("ref_self_index", ref_self_index, q.shape[0], "embeddings")
-        if torch.compiler.is_compiling():
-            # a compiled graph cannot branch on tensor values: it asserts the range instead (RuntimeError)
+        if _in_graph(q):
+            # a compiled or captured graph cannot branch on tensor values: it asserts the range instead
             torch._assert_async(((ref_self_index >= -1) & (ref_self_index < r.shape[0])).all(),
                                 "ref_self_index must hold row numbers of ref_emb or -1")
             return Problem(q, yq, r, yr, ref_self_index, hp, ref_normalized)
@@ -172,7 +178,7 @@ def check_finite_inputs(problem: Problem) -> None:
     for name, x in (("embeddings", problem.q), ("ref_emb", problem.ref)):
         if x is None:
             continue
-        if torch.compiler.is_compiling():  # as above: asserted inside the graph, a RuntimeError when it fires
+        if _in_graph(x):  # as above: asserted inside the graph, a RuntimeError when it fires
             torch._assert_async(torch.isfinite(x).all(), f"{name} contains NaN or Inf (check_finite=True)")
         elif not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf (check_finite=True)")

@@ -306,8 +306,11 @@ def _on_device(device: torch.device):
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
-    # float32 operands use exact ("ieee") products, never TF32; the interpreter mis-computes bfloat16 dots
-    return dtype == torch.float32 or (_interpreted() and dtype == torch.bfloat16)
+    """float32 operands use exact ("ieee") products, never TF32. Under the interpreter half-precision dots are
+    upcast too: numpy computes bfloat16 dots wrongly and float16 ones with float16 sums, where a GPU's tensor
+    cores multiply the half operands exactly and add in float32, as an upcast float32 dot does (the
+    backward's weights are rounded to the half type first, as the GPU's are)."""
+    return dtype == torch.float32 or (_interpreted() and dtype in (torch.float16, torch.bfloat16))
 
 
 def _n_sms(device: torch.device) -> int:
@@ -323,11 +326,12 @@ MIN_SPLIT_COLUMNS_PER_ROW = 1.5
 
 
 def column_splits(n_rows: int, n_cols: int, cfg: TileConfig, device: torch.device, other_programs: int = 1,
-                  splits: Optional[int] = None, rows_per_program: Optional[int] = None) -> tuple:
+                  splits: Optional[int] = None, rows_per_program: Optional[int] = None,
+                  max_splits: Optional[int] = None) -> tuple:
     """(number of splits, columns per split): enough programs for WAVES waves on the GPU's SMs when the
-    row blocks (of `rows_per_program`, default block_n) alone are too few (a memory bank), else 1; a
-    resident configuration keeps MIN_SPLIT_COLUMNS_PER_ROW columns per row in a split. `splits` forces a
-    count (tests)."""
+    row blocks (of `rows_per_program`, default block_n) alone are too few (a memory bank), else 1, and at
+    most `max_splits`; a resident configuration keeps MIN_SPLIT_COLUMNS_PER_ROW columns per row in a split.
+    `splits` forces a count (tests)."""
     rows_per_program = rows_per_program or cfg.block_n
     row_blocks = triton.cdiv(n_rows, rows_per_program) * other_programs
     col_tiles = triton.cdiv(n_cols, cfg.block_m)
@@ -337,6 +341,8 @@ def column_splits(n_rows: int, n_cols: int, cfg: TileConfig, device: torch.devic
         tiles_per_split = max(1, col_tiles // want)
         if cfg.resident:
             tiles_per_split = max(tiles_per_split, math.ceil(MIN_SPLIT_COLUMNS_PER_ROW * rows_per_program / cfg.block_m))
+        if max_splits is not None:
+            tiles_per_split = max(tiles_per_split, triton.cdiv(col_tiles, max(1, max_splits)))
     else:
         tiles_per_split = triton.cdiv(col_tiles, max(1, splits))
     return triton.cdiv(col_tiles, tiles_per_split), tiles_per_split * cfg.block_m
@@ -417,7 +423,7 @@ class Plan:
     anchors: SortedRows
     refs: Optional[SortedRows]         # None in self mode
     ref_self_index: Optional[torch.Tensor]  # int32 per sorted anchor: its own sorted reference row, or -1
-    bad: torch.Tensor                  # int8 per sorted anchor: its row of S touches a NaN/Inf (forward input)
+    bad: torch.Tensor                  # int8 per sorted anchor: its input row holds a NaN/Inf (the sweep flags the rest)
     splits: Optional[int] = None       # forced column splits (tests); None plans them
     # _autograd.py's layout, float32, sorted order, LSE rows in base 2 (A2, B2; NaN for a bad anchor)
     stats: Optional[torch.Tensor] = None
@@ -437,18 +443,25 @@ class Plan:
 
 def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileConfig], splits: Optional[int],
               ref_normalized: bool = False) -> Plan:
+    """The label order, row norms and bands of one call. `bad` flags the anchors whose own input row holds a
+    NaN or Inf; the sweep flags every anchor whose row of S does (a bad reference row, an overflowing
+    product), so reference rows are never scanned here. Unit reference rows (ref_normalized, or no
+    normalisation) are not read at all: only their labels are."""
     norm_q, inv_q, bad_q = _row_stats(q)
+    if not hp.normalize:
+        norm_q = inv_q = torch.ones_like(norm_q)
     lab_q, lab_r = dense_labels(yq, yr)
     if r is None:
         side = _sort(lab_q, norm_q, inv_q)
         anchors = _with_band(side, side[1])
         refs, ref_self_index_sorted = None, None
-        bad = bad_q.any().expand(q.shape[0])
     else:
-        norm_r, inv_r, bad_r = _row_stats(r)
+        if hp.normalize and not ref_normalized:
+            norm_r, inv_r, _ = _row_stats(r)
+        else:  # unit rows already: used as they are
+            norm_r = inv_r = torch.ones(r.shape[0], dtype=torch.float32, device=r.device)
         side_q, side_r = _sort(lab_q, norm_q, inv_q), _sort(lab_r, norm_r, inv_r)
         anchors, refs = _with_band(side_q, side_r[1]), _with_band(side_r, side_q[1])
-        bad = bad_q[anchors.perm.long()] | bad_r.any()
         ref_self_index_sorted = None
         if ref_self_index is not None:
             rank_r = torch.empty_like(refs.perm).scatter_(
@@ -456,12 +469,7 @@ def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileC
             ref_self_index_in = ref_self_index[anchors.perm.long()]
             ref_self_index_sorted = torch.where(ref_self_index_in >= 0, rank_r[ref_self_index_in.clamp(min=0)],
                                                 -1).to(torch.int32)
-    if not hp.normalize:
-        ones = torch.ones_like(anchors.norm)
-        anchors = anchors._replace(norm=ones, inv=ones)
-    if refs is not None and (not hp.normalize or ref_normalized):  # unit rows already: used as they are
-        ones = torch.ones_like(refs.norm)
-        refs = refs._replace(norm=ones, inv=ones)
+    bad = bad_q[anchors.perm.long()]
     cfg = cfg or tile_configs(q.shape[1], q.dtype, target_arch(q.device))[0]
     return Plan(hp, cfg, anchors, refs, ref_self_index_sorted, bad.to(torch.int8).contiguous(), splits)
 
@@ -477,33 +485,69 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
     sweep_rows = cfg.block_n * cfg.row_groups
     n_splits, cols_per_split = column_splits(n, m, cfg, dev, splits=plan.splits, rows_per_program=sweep_rows)
+    # the band kernels split their block's band as the sweep splits the columns: enough programs for a memory
+    # bank's few anchor blocks (the band's width is not known here without a device sync)
+    band_splits, _ = column_splits(n, m, cfg, dev, splits=plan.splits)
     loss = torch.empty(n, dtype=torch.float32, device=dev)
-    stats = torch.full((N_STATS, n), float("inf"), dtype=torch.float32, device=dev)
+    stats = torch.empty((N_STATS, n), dtype=torch.float32, device=dev)
     parts = torch.empty(3, n_splits * n, dtype=torch.float32, device=dev)
+    band_parts = torch.empty(3, band_splits * n, dtype=torch.float32, device=dev)  # min_pos, positives' shift, sum
     # unread (placeholders) unless counting
     count_parts = torch.empty(n_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
+    pos_count_parts = torch.empty(band_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
     counts = torch.zeros((2, n) if plan.count else (2, 1), dtype=torch.int32, device=dev)
     rows = dict(a_ptr=q, a_perm_ptr=a.perm, inv_a_ptr=a.inv, ya_ptr=a.labels, band_lo_ptr=a.band_lo,
                 band_hi_ptr=a.band_hi, b_ptr=r, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels,
                 NA=n, NB=m, D=d, stride_a=q.stride(0), stride_b=r.stride(0),
                 NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
-    row_blocks = triton.cdiv(n, cfg.block_n)
+    band_grid = (triton.cdiv(n, cfg.block_n), band_splits)
     if hp.mining:
-        _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index,
-                min_pos_ptr=stats[MIN_POS], REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
-    _launch(kernels.sweep_kernel, (triton.cdiv(n, sweep_rows), n_splits), cfg, **rows, min_pos_ptr=stats[MIN_POS],
+        _launch(kernels.band_min_kernel, band_grid, cfg, **rows, ref_self_index_ptr=ref_self_index,
+                min_pos_part_ptr=band_parts[0], n_band_splits=band_splits,
+                REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
+    else:
+        band_parts[0].fill_(float("inf"))
+    _launch(kernels.sweep_kernel, (triton.cdiv(n, sweep_rows), n_splits), cfg, **rows,
+            min_pos_part_ptr=band_parts[0], n_band_splits=band_splits,
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
             COUNT_PAIRS=plan.count, ROW_GROUPS=cfg.row_groups)
-    _launch(kernels.finish_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index, bad_ptr=plan.bad,
-            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
-            loss_ptr=loss, max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
-            counts_ptr=counts,
-            n_splits=n_splits, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
+    _launch(kernels.finish_kernel, band_grid, cfg, **rows, ref_self_index_ptr=ref_self_index,
+            max_neg_part_ptr=parts[0], pos_shift_part_ptr=band_parts[1], pos_sum_part_ptr=band_parts[2],
+            pos_count_part_ptr=pos_count_parts, n_splits=n_splits, n_band_splits=band_splits,
+            alpha2=hp.alpha * LOG2E, base=hp.base, eps=hp.epsilon,
             REF_SELF_INDEX_MODE=plan.ref_self_index_mode, MINING=hp.mining, COUNT_PAIRS=plan.count)
+    loss_rows = 64
+    _launch(kernels.loss_kernel, (triton.cdiv(n, loss_rows),), None, a_perm_ptr=a.perm, bad_ptr=plan.bad,
+            min_pos_part_ptr=band_parts[0], max_neg_part_ptr=parts[0], shift_part_ptr=parts[1],
+            sum_part_ptr=parts[2], count_part_ptr=count_parts, pos_shift_part_ptr=band_parts[1],
+            pos_sum_part_ptr=band_parts[2], pos_count_part_ptr=pos_count_parts, loss_ptr=loss,
+            min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS],
+            lse_neg_ptr=stats[LSE_NEG], counts_ptr=counts, NA=n, n_splits=n_splits, n_band_splits=band_splits,
+            alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, COUNT_PAIRS=plan.count, BLOCK_N=loss_rows)
     plan.stats = stats
     plan.counts = counts if plan.count else None
     return loss
+
+
+# rows of float32 partial sums per SM that the backward may hold when the rows alone are too few to fill
+# the GPU (one 64-row block per SM: 8448 rows on 132 SMs, 8.7 MB at D = 256)
+PARTIAL_ROWS_PER_SM = 64
+
+
+def backward_splits(na: int, nb: int, d: int, cfg: TileConfig, device: torch.device,
+                    splits: Optional[int] = None) -> tuple:
+    """(column splits, columns per split, whether the sums go through float32 partial sums) of the backward
+    that pairs `na` rows with `nb` columns. The partial sums take n_splits * na * d * 4 bytes, the step's one
+    O(N * D) extra: the splits are capped so that they hold at most max(na, SMs * PARTIAL_ROWS_PER_SM) rows,
+    one float32 copy of the rows or one wave of 64-row accumulators, whichever is larger (docs/semantics.md
+    "Memory"). A resident program's whole-D accumulator leaves no registers for the normalisation chain:
+    it stores its sums too, and combine_grad_kernel finishes them in narrow D-slices."""
+    d_slices = triton.cdiv(d, cfg.block_dout(d))
+    most = max(1, max(na, _n_sms(device) * PARTIAL_ROWS_PER_SM) // na)
+    n_splits, cols_per_split = column_splits(na, nb, cfg, device, other_programs=d_slices, splits=splits,
+                                             max_splits=most)
+    return n_splits, cols_per_split, n_splits > 1 or cfg.resident
 
 
 def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedRows, b: SortedRows,
@@ -518,10 +562,7 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     block_dout = cfg.block_dout(d)
     d_slices = triton.cdiv(d, block_dout)
     row_blocks = triton.cdiv(na, cfg.block_n)
-    n_splits, cols_per_split = column_splits(na, nb, cfg, dev, other_programs=d_slices, splits=plan.splits)
-    # a resident program's whole-D accumulator leaves no registers for the normalisation chain: it stores
-    # its sums and combine_grad_kernel finishes them in narrow D-slices, as for split columns
-    split = n_splits > 1 or cfg.resident
+    n_splits, cols_per_split, split = backward_splits(na, nb, d, cfg, dev, plan.splits)
     part = torch.empty((n_splits * na, d) if split else (1, 1), dtype=torch.float32, device=dev)
     x_dot_dx = torch.empty(n_splits * na if split else 1, dtype=torch.float32, device=dev)
     # unread unless a REF_SELF_INDEX_OF_* mode
@@ -557,13 +598,21 @@ def _scale_weights(dtype: torch.dtype, cfg: TileConfig) -> bool:
     return dtype != torch.float16 and not cfg.resident
 
 
-def _unit_upstream(g: torch.Tensor):
-    """g / c and c = max|g| (1 when that is 0 or not finite), so the weights fed to half-precision dots
-    stay in [-2, 2] even for g = 1/N with a large N; the kernels multiply c back in."""
+# float16 weights are scaled by this before the gradient's half-precision dot and the sums scaled back: a
+# weight below 2^-14 (6.1e-5) of the largest would be subnormal in float16 and lose bits (10^5 comparable
+# hard negatives give weights of about 1e-5 each). After _unit_upstream every |weight| <= 1, |G + G^T| <= 2,
+# so 2^14 keeps them below float16's largest (65504); a power of two, so the scaling itself is exact.
+FLOAT16_WEIGHT_SCALE = 2.0 ** 14
+
+
+def _unit_upstream(g: torch.Tensor, weight_scale: float = 1.0):
+    """(g / c * weight_scale, c / weight_scale) with c = max|g| (1 when that is 0 or not finite), so the
+    weights fed to half-precision dots are at most 2 * weight_scale in magnitude even for g = 1/N with a large
+    N; the kernels multiply the second factor back in."""
     g = g.to(torch.float32).contiguous()
     c = g.abs().amax().reshape(1)
     c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
-    return g / c, c
+    return g / c * weight_scale, c / weight_scale
 
 
 def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
@@ -579,7 +628,7 @@ def _candidates(q: torch.Tensor, cfg: Optional[TileConfig]) -> list:
 def _backward_all(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], g: torch.Tensor, needs: tuple) -> tuple:
     """(dq, dr) of the loss call that `plan` holds the statistics of, for upstream gradient g (None where
     `needs` says no gradient is wanted)."""
-    g_unit, g_scale = _unit_upstream(g)
+    g_unit, g_scale = _unit_upstream(g, FLOAT16_WEIGHT_SCALE if q.dtype == torch.float16 else 1.0)
     g_sorted = g_unit[plan.anchors.perm.long()]
     dq = dr = None
     if plan.self_mode:
@@ -650,7 +699,13 @@ def _torch_gradients(problem: Problem, g: torch.Tensor, needs: tuple) -> tuple:
     return torch_backend.gradients(problem, g, needs)
 
 
-from .triton_op import per_anchor_loss  # noqa: E402  (the torch op layer uses the launchers above)
+def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, splits: Optional[int] = None,
+                    count_pairs: bool = False):
+    """(N,) float32 per-anchor losses attached to autograd (with `count_pairs`, also the (2, N) mined
+    positives and negatives per anchor), through the torch ops of triton_op.py; `config` and `splits`
+    force the tile configuration and column splits (tests)."""
+    from . import triton_op  # it imports this module
+    return triton_op.per_anchor_loss(problem, config, splits, count_pairs)
 
 __all__ = ["unavailable_reason", "per_anchor_loss", "TileConfig", "tile_configs", "target_arch",
            "column_splits", "record_launches", "dense_labels", "make_plan"]

@@ -24,7 +24,7 @@ Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = 
 row touches a NaN/Inf is saved with A2 = B2 = NaN, the flag of the statistics layout (ms_fused/_autograd.py).
 
 Forward: band_min_kernel (min_pos over the band), sweep_kernel (max_neg and the hard-negative sum over all
-columns, split across programs when there are few anchor blocks), finish_kernel (combines the splits, then
+columns, the sum NaN for a row whose S holds a NaN or Inf, split across programs when there are few anchor blocks), finish_kernel (combines the splits, then
 the hard-positive sum over the band, the loss). With COUNT_PAIRS, sweep_kernel also counts each anchor's
 hard negatives per split and finish_kernel adds them up and counts the hard positives (int32 per anchor);
 without it, nothing is counted. Backward: backward_kernel (one S recompute per tile, the
@@ -92,7 +92,7 @@ def _dot_rows(a_ptr, a_off, a_ok, a_res, b_ptr, b_off, b_ok, b_res, D,
             k_ok = ks < D
             a = tl.load(a_ptr + a_off[:, None] + ks[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptr + b_off[None, :] + ks[:, None], mask=k_ok[:, None] & b_ok[None, :], other=0.0)
-            if DOT_F32:  # float32 inputs, and the interpreter, whose bfloat16 dot is wrong
+            if DOT_F32:  # float32 inputs, and the interpreter (half operands upcast exactly)
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision="ieee")
@@ -197,35 +197,96 @@ def _add_exp2(shift, total, z, keep):
     return new_shift, total
 
 
-@triton.jit(do_not_specialize=["NA", "NB"])
+@triton.jit
+def _add_exp2_flagging_non_finite(shift, total, z, keep, S):
+    """_add_exp2, and a NaN total once any S of the row is NaN or +-Inf, kept or not (docs/semantics.md
+    "Non-finite inputs"): S * 0 is 0 for a finite S and NaN otherwise, and a sum propagates NaN on every
+    target (a GPU's max.f32 would drop it)."""
+    new_shift = tl.maximum(shift, tl.max(tl.where(keep, z, -INF), axis=1))
+    terms = tl.exp2(tl.where(keep, z - new_shift[:, None], -INF)) + S * 0.0
+    return new_shift, total * tl.exp2(shift - new_shift) + tl.sum(terms, axis=1)
+
+
+@triton.jit
+def _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Columns [start, end) of this program's share of its block's band: the band's tiles in n_band_splits
+    consecutive runs, run program_id(1) (empty for programs past the band's last tile)."""
+    lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
+    per_split = tl.cdiv(tl.cdiv(hi - lo, BLOCK_M), n_band_splits) * BLOCK_M
+    start = lo + tl.program_id(1) * per_split
+    return start, tl.minimum(hi, start + per_split)
+
+
+@triton.jit(do_not_specialize=["NA", "NB", "n_band_splits"])
 def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr,
-                    b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
-                    NA, NB, D, stride_a, stride_b,
+                    b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_part_ptr,
+                    NA, NB, D, stride_a, stride_b, n_band_splits,
                     REF_SELF_INDEX_MODE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     RESIDENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Forward stage 1, one program per anchor block: min_pos_i = min over P_i of S_ip (INF when P_i is empty)."""
+    """Forward stage 1, program (anchor block, band split): min over the split's share of P_i of S_ip
+    (INF when it holds none); the sweep and loss_kernel take the minimum over the splits."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
     inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
     ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
-    a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
     ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
-    lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
+    c0, c1 = _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N, BLOCK_M)
     min_pos = tl.full([BLOCK_N], INF, tl.float32)
-    for start in range(lo, hi, BLOCK_M):
-        cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
-            a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
-            stride_b, start, hi, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
-        pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
-                             True, REF_SELF_INDEX_MODE)
-        min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
-    tl.store(min_pos_ptr + rows, min_pos, mask=row_ok)
+    if c0 < c1:
+        a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32,
+                                           RESIDENT)
+        for start in range(c0, c1, BLOCK_M):
+            cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
+                a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+                stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
+            pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index,
+                                 row_ok[:, None] & col_ok[None, :], True, REF_SELF_INDEX_MODE)
+            min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
+    tl.store(min_pos_part_ptr + tl.program_id(1) * NA + rows, min_pos, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
+@triton.jit
+def _min_of_parts(part_ptr, rows, row_ok, NA, n_parts, ROWS: tl.constexpr):
+    """The minimum over n_parts (n_parts, NA) partial minima (exact in any order)."""
+    out = tl.full([ROWS], INF, tl.float32)
+    for k in range(0, n_parts):
+        out = tl.minimum(out, tl.load(part_ptr + k * NA + rows, mask=row_ok, other=INF))
+    return out
+
+
+@triton.jit
+def _max_of_parts(part_ptr, rows, row_ok, NA, n_parts, ROWS: tl.constexpr):
+    """The maximum over n_parts partial maxima."""
+    out = tl.full([ROWS], -INF, tl.float32)
+    for k in range(0, n_parts):
+        out = tl.maximum(out, tl.load(part_ptr + k * NA + rows, mask=row_ok, other=-INF))
+    return out
+
+
+@triton.jit
+def _log1p_sum_of_parts(shift_ptr, sum_ptr, count_ptr, rows, row_ok, NA, n_parts,
+                        COUNT_PAIRS: tl.constexpr, ROWS: tl.constexpr):
+    """log2(1 + sum) of partial sums (part k: sum_k = sum 2^(z - shift_k)) added in part order (deterministic),
+    with the "1" as 2^0; and the parts' pair counts added up (0 without COUNT_PAIRS)."""
+    shift = tl.zeros([ROWS], dtype=tl.float32)
+    total = tl.full([ROWS], 1.0, tl.float32)
+    count = tl.zeros([ROWS], dtype=tl.int32)
+    for k in range(0, n_parts):
+        part = k * NA + rows
+        if COUNT_PAIRS:
+            count += tl.load(count_ptr + part, mask=row_ok, other=0)
+        shift_k = tl.load(shift_ptr + part, mask=row_ok, other=0.0)
+        new_shift = tl.maximum(shift, shift_k)
+        total = (total * tl.exp2(shift - new_shift)
+                 + tl.load(sum_ptr + part, mask=row_ok, other=0.0) * tl.exp2(shift_k - new_shift))
+        shift = new_shift
+    return shift + tl.log2(total), count
+
+
+@triton.jit(do_not_specialize=["NA", "NB", "cols_per_split", "n_band_splits"])
 def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
-                 b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
+                 b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_part_ptr, n_band_splits,
                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                  NA, NB, D, stride_a, stride_b, cols_per_split, beta2, base, eps,
                  MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
@@ -250,7 +311,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
         a1_off, a1_ok, a1_res = a0_off, a0_ok, a0_res
     lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, ROWS)
     if MINING:
-        min_pos = tl.load(min_pos_ptr + rows, mask=row_ok, other=INF)
+        min_pos = _min_of_parts(min_pos_part_ptr, rows, row_ok, NA, n_band_splits, ROWS)
     max_neg = tl.full([ROWS], -INF, tl.float32)
     shift = tl.zeros([ROWS], dtype=tl.float32)
     total = tl.zeros([ROWS], dtype=tl.float32)
@@ -272,7 +333,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
         if COUNT_PAIRS:
             n_hard += tl.sum(hard.to(tl.int32), axis=1)
         z = (S - base) * beta2
-        shift, total = _add_exp2(shift, total, z, hard)
+        shift, total = _add_exp2_flagging_non_finite(shift, total, z, hard, S)
     part = split * NA + rows
     tl.store(max_neg_part_ptr + part, max_neg, mask=row_ok)
     tl.store(shift_part_ptr + part, shift, mask=row_ok)
@@ -281,71 +342,81 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
         tl.store(count_part_ptr + part, n_hard, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["NA", "NB", "n_splits"])
-def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr, bad_ptr,
-                  b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
-                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
-                  loss_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
-                  NA, NB, D, stride_a, stride_b, n_splits, alpha2, beta2, base, eps,
+@triton.jit(do_not_specialize=["NA", "NB", "n_splits", "n_band_splits"])
+def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr,
+                  b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, max_neg_part_ptr,
+                  pos_shift_part_ptr, pos_sum_part_ptr, pos_count_part_ptr,
+                  NA, NB, D, stride_a, stride_b, n_splits, n_band_splits, alpha2, base, eps,
                   REF_SELF_INDEX_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr,
                   DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr, RESIDENT: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Forward stage 3, one program per anchor block: the splits combined in split order (deterministic),
-    with the "1" of log(1 + sum) as exp2(0); then the hard positives over the band (S - eps < max_neg) and
-    the loss A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for anchors whose row touched a NaN/Inf (`bad`).
-    Writes the loss at the anchor's input row and saves max_neg, A2, B2 in sorted order (min_pos is
-    band_min_kernel's), A2 = B2 = NaN for a bad anchor. With COUNT_PAIRS, counts_ptr gets (2, NA) int32 in
-    sorted order: each anchor's hard positives, then its hard negatives (the splits' counts added up)."""
+    """Forward stage 3, program (anchor block, band split): max_neg from the sweep's splits, then over the
+    split's share of the band the sum of exp2(-alpha2 (S - base) - shift) of the hard positives
+    (S - eps < max_neg) with an online shift, and (COUNT_PAIRS) their number: one partial per band split,
+    which loss_kernel combines."""
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
-    max_neg = tl.full([BLOCK_N], -INF, tl.float32)
     shift = tl.zeros([BLOCK_N], dtype=tl.float32)
-    total = tl.full([BLOCK_N], 1.0, tl.float32)
-    if COUNT_PAIRS:
-        n_neg = tl.zeros([BLOCK_N], dtype=tl.int32)
-        n_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
-    for split in range(0, n_splits):
-        part = split * NA + rows
-        if COUNT_PAIRS:
-            n_neg += tl.load(count_part_ptr + part, mask=row_ok, other=0)
-        max_neg = tl.maximum(max_neg, tl.load(max_neg_part_ptr + part, mask=row_ok, other=-INF))
-        shift_k = tl.load(shift_part_ptr + part, mask=row_ok, other=0.0)
-        new_shift = tl.maximum(shift, shift_k)
-        total = (total * tl.exp2(shift - new_shift)
-                 + tl.load(sum_part_ptr + part, mask=row_ok, other=0.0) * tl.exp2(shift_k - new_shift))
-        shift = new_shift
-    lse_neg = shift + tl.log2(total)
-
-    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
-    ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
-    a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
-    ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
-    lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, BLOCK_N)
-    shift = tl.zeros([BLOCK_N], dtype=tl.float32)
-    total = tl.full([BLOCK_N], 1.0, tl.float32)
-    for start in range(lo, hi, BLOCK_M):
-        cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
-            a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
-            stride_b, start, hi, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
-        pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
-                             True, REF_SELF_INDEX_MODE)
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    n_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
+    c0, c1 = _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N, BLOCK_M)
+    if c0 < c1:
         if MINING:
-            hard = pos & (S - eps < max_neg[:, None])
-        else:
-            hard = pos
-        if COUNT_PAIRS:
-            n_pos += tl.sum(hard.to(tl.int32), axis=1)
-        z = (S - base) * (-alpha2)
-        shift, total = _add_exp2(shift, total, z, hard)
-    lse_pos = shift + tl.log2(total)
+            max_neg = _max_of_parts(max_neg_part_ptr, rows, row_ok, NA, n_splits, BLOCK_N)
+        inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
+        ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
+        ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
+        a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32,
+                                           RESIDENT)
+        for start in range(c0, c1, BLOCK_M):
+            cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
+                a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+                stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
+            pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index,
+                                 row_ok[:, None] & col_ok[None, :], True, REF_SELF_INDEX_MODE)
+            if MINING:
+                hard = pos & (S - eps < max_neg[:, None])
+            else:
+                hard = pos
+            if COUNT_PAIRS:
+                n_pos += tl.sum(hard.to(tl.int32), axis=1)
+            z = (S - base) * (-alpha2)
+            shift, total = _add_exp2(shift, total, z, hard)
+    part = tl.program_id(1) * NA + rows
+    tl.store(pos_shift_part_ptr + part, shift, mask=row_ok)
+    tl.store(pos_sum_part_ptr + part, total, mask=row_ok)
+    if COUNT_PAIRS:
+        tl.store(pos_count_part_ptr + part, n_pos, mask=row_ok)
 
-    bad = tl.load(bad_ptr + rows, mask=row_ok, other=0) != 0
+
+@triton.jit(do_not_specialize=["NA", "n_splits", "n_band_splits"])
+def loss_kernel(a_perm_ptr, bad_ptr, min_pos_part_ptr, max_neg_part_ptr, shift_part_ptr, sum_part_ptr,
+                count_part_ptr, pos_shift_part_ptr, pos_sum_part_ptr, pos_count_part_ptr,
+                loss_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
+                NA, n_splits, n_band_splits, alpha2, beta2,
+                COUNT_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Forward stage 4, one program per BLOCK_N anchors: the sweep's and the band's partials combined in
+    split order (deterministic), with the "1" of log(1 + sum) as exp2(0), into the loss
+    A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for a bad anchor: its input row held a NaN/Inf (`bad`) or
+    its row of S did (a NaN negatives' sum, the sweep's flag). Writes the loss at the anchor's input row and saves
+    min_pos, max_neg, A2, B2 in sorted order, A2 = B2 = NaN for a bad anchor. With COUNT_PAIRS, counts_ptr
+    gets (2, NA) int32 in sorted order: each anchor's hard positives, then its hard negatives."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < NA
+    min_pos = _min_of_parts(min_pos_part_ptr, rows, row_ok, NA, n_band_splits, BLOCK_N)
+    max_neg = _max_of_parts(max_neg_part_ptr, rows, row_ok, NA, n_splits, BLOCK_N)
+    lse_neg, n_neg = _log1p_sum_of_parts(shift_part_ptr, sum_part_ptr, count_part_ptr, rows, row_ok, NA, n_splits,
+                                         COUNT_PAIRS, BLOCK_N)
+    lse_pos, n_pos = _log1p_sum_of_parts(pos_shift_part_ptr, pos_sum_part_ptr, pos_count_part_ptr, rows, row_ok, NA,
+                                         n_band_splits, COUNT_PAIRS, BLOCK_N)
+    bad = (tl.load(bad_ptr + rows, mask=row_ok, other=0) != 0) | (lse_neg != lse_neg)
     lse_pos = tl.where(bad, float("nan"), lse_pos)
     lse_neg = tl.where(bad, float("nan"), lse_neg)
     loss = lse_pos / alpha2 + lse_neg / beta2
     input_row = tl.load(a_perm_ptr + rows, mask=row_ok, other=0)
     tl.store(loss_ptr + input_row, loss, mask=row_ok)
+    tl.store(min_pos_ptr + rows, min_pos, mask=row_ok)
     tl.store(max_neg_ptr + rows, max_neg, mask=row_ok)
     tl.store(lse_pos_ptr + rows, lse_pos, mask=row_ok)
     tl.store(lse_neg_ptr + rows, lse_neg, mask=row_ok)
@@ -400,8 +471,11 @@ def _accumulate(acc, x_dot_dx, W, S, b_ptr, b_off, inv_b, col_ok, douts, dout_ok
     else:
         b = (b.to(tl.float32) * inv_b[:, None]).to(b_ptr.dtype.element_ty)
     if DOT_F32:
+        if b_ptr.dtype.element_ty != tl.float32:
+            # the interpreter's float32 dot on the operands a GPU's half-precision dot takes: W rounded alike
+            W = W.to(b_ptr.dtype.element_ty).to(tl.float32)
         acc = tl.dot(W, b.to(tl.float32), acc, input_precision="ieee")
-    else:  # half-precision operands for the tensor cores; |W| <= 2 after the upstream scaling
+    else:  # half-precision operands for the tensor cores; |W| <= 2 (2^15 in float16) after the upstream scaling
         acc = tl.dot(W.to(b_ptr.dtype.element_ty), b, acc)
     return acc, x_dot_dx
 

@@ -127,11 +127,15 @@ TOLERANCE = {
     # float32 accumulation over D (S) and over the M terms of each log-sum-exp
     torch.float32: Tol(loss=1e-5, grad=1e-5),
     # float32 compute on the same rounded inputs; the gradient is stored in float16 (unit roundoff 2^-11)
-    # and triton's gradient GEMM takes float16 weights
+    # and triton's gradient GEMM takes float16 weights (scaled by 2^14 so that none is subnormal) and rows;
+    # up to 3.7e-4 seen (triton, GPU rounding under the interpreter)
     torch.float16: Tol(loss=1e-5, grad=2e-3),
-    # the gradient is stored in bfloat16 (unit roundoff 2^-9 ≈ 2e-3) and triton's gradient GEMM takes
-    # bfloat16 weights; ~3.5e-3 seen
-    torch.bfloat16: Tol(loss=1e-5, grad=1e-2),
+    # the gradient is stored in bfloat16 (unit roundoff 2^-9 ≈ 2e-3), and triton's gradient GEMM takes
+    # bfloat16 weights and bfloat16 normalised rows (each rounded, as a GPU's tensor cores take them, also
+    # under the interpreter); the normalisation chain's projection dx̂ − x̂(x̂·dx̂) removes most of dx̂ on
+    # clustered batches, which raises the relative error of what is left: up to 1.0e-2 seen (triton,
+    # 36 draws of tests/test_triton_half.py's shapes), 3.5e-3 on the float32-weight backends
+    torch.bfloat16: Tol(loss=1e-5, grad=2e-2),
 }
 
 

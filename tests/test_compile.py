@@ -129,3 +129,110 @@ def test_check_finite_compiles_and_asserts_inside_the_graph():
     bad[3, 0] = float("nan")
     with pytest.raises(RuntimeError, match="embeddings contains NaN or Inf"):
         compiled(bad, y, None, None)
+
+
+# ---- training steps on the triton backend (interpreted on the CPU): the loss is one op in the graph ----------
+
+def _sgd_steps(model, loss_of, batches, compile_forward):
+    """Losses and final parameters after one SGD step per batch; the model's forward and the loss compiled
+    whole (fullgraph: any graph break fails) when `compile_forward`."""
+    step = torch.compile(loss_of, fullgraph=True, dynamic=False, backend="aot_eager") if compile_forward else loss_of
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for batch in batches:
+        opt.zero_grad()
+        loss = step(model, *batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
+
+
+def _embedder(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 12))
+
+
+def _assert_same_training(eager, compiled):
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for p, q in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_training_step_compiles_without_graph_breaks(device):
+    batches = [tuple(t.to(device) for t in clustered_batch(44, 16, 5, seed=40 + k, dtype=torch.float32))
+               for k in range(3)]
+
+    def loss_of(model, x, y):
+        return multi_similarity_loss(model(x), y, backend="triton")
+
+    eager = _sgd_steps(_embedder(7).to(device), loss_of, batches, compile_forward=False)
+    compiled = _sgd_steps(_embedder(7).to(device), loss_of, batches, compile_forward=True)
+    assert float(eager[0][0]) > 0
+    _assert_same_training(eager, compiled)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_memory_bank_step_compiles_without_graph_breaks(device):
+    gen = torch.Generator().manual_seed(41)
+    bank = torch.nn.functional.normalize(torch.randn(70, 12, generator=gen), dim=1).to(device)
+    bank_labels = torch.randint(0, 5, (70,), generator=gen).to(device)
+    batches = []
+    for k in range(3):
+        x, y = clustered_batch(20, 16, 5, seed=50 + k, dtype=torch.float32)
+        own = torch.full((20,), -1)
+        own[::2] = torch.arange(10) + 7 * k  # half of the anchors have their copy in the bank
+        batches.append((x.to(device), y.to(device), own.to(device)))
+
+    def loss_of(model, x, y, own):
+        return multi_similarity_loss(model(x), y, bank, bank_labels, ref_self_index=own, ref_normalized=True,
+                                     backend="triton")
+
+    eager = _sgd_steps(_embedder(8).to(device), loss_of, batches, compile_forward=False)
+    compiled = _sgd_steps(_embedder(8).to(device), loss_of, batches, compile_forward=True)
+    assert float(eager[0][0]) > 0
+    _assert_same_training(eager, compiled)
+
+
+def test_triton_module_with_inductor():
+    """The default compiler end to end: the loss stays one opaque op, Inductor compiles the rest."""
+    x, y = clustered_batch(40, 16, 5, seed=3, dtype=torch.float32)
+    torch.manual_seed(0)
+    model = Embedder()
+    model.loss = MultiSimilarityLoss(backend="triton")
+    assert threshold_gap(model.net(x).detach(), y) > 1e-5
+    eager = module_step(model, x, y)
+    compiled_model = torch.compile(model, fullgraph=True, dynamic=False)
+    assert float(eager[0]) > 0
+    assert_close(module_step(compiled_model, x, y), eager, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_triton_training_step_under_cuda_graphs():
+    """mode="reduce-overhead": the compiled forward and backward replay as CUDA graphs; their warm-up step
+    is eager, so autotuning (which synchronises) runs before any capture, and nothing in the ops syncs."""
+    batches = [tuple(t.cuda() for t in clustered_batch(512, 16, 32, seed=70 + k, dtype=torch.float32))
+               for k in range(4)]
+
+    def loss_of(model, x, y):
+        return multi_similarity_loss(model(x).to(torch.bfloat16), y, backend="triton")
+
+    def steps(compiled):
+        model = _embedder(9).cuda()
+        step = torch.compile(loss_of, fullgraph=True, mode="reduce-overhead") if compiled else loss_of
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        losses = []
+        for x, y in batches:
+            opt.zero_grad()
+            loss = step(model, x, y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach().clone())
+        return torch.stack(losses), [p.detach().clone() for p in model.parameters()]
+
+    eager, compiled = steps(False), steps(True)
+    assert float(eager[0][0]) > 0
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    for p, q in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
