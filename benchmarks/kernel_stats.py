@@ -146,7 +146,8 @@ def occupancy(arch: Arch, registers: int, warps: int, shared: int) -> int:
         return 0
     regs_per_warp = -(-registers * 32 // 256) * 256
     by_regs = (arch.regs_per_sm // max(1, regs_per_warp)) // warps
-    by_smem = arch.smem_per_sm // (shared + arch.smem_reserved)
+    per_cta = shared + arch.smem_reserved
+    by_smem = arch.smem_per_sm // per_cta if per_cta else arch.max_ctas  # a kernel without shared memory
     return min(by_regs, by_smem, arch.max_warps // warps, arch.max_ctas)
 
 

@@ -119,10 +119,12 @@ def test_triton_interpreter_counter_counts_loaded_bytes_and_multiply_adds_per_la
 
 
 @pytest.mark.parametrize("mode, counted, point, used", [
-    # self mode: the point gives a split more columns than are counted: one split of all of them
-    ("self", (256, 256), (4096, 4096), [("forward", 1, 256), ("backward", 1, 256)]),
-    # memory bank: the point's 224 columns per split (7 tiles of 32) against the counted size's own 192 and 96
-    ("memory", (64, 2048), (64, 65536), [("forward", 10, 224), ("backward", 10, 224)]),
+    # self mode: the point gives a split more columns than are counted: one split of all of them (the forward
+    # plans the sweep's splits, then the band kernels')
+    ("self", (256, 256), (4096, 4096), [("forward", 1, 256), ("forward", 1, 256), ("backward", 1, 256)]),
+    # memory bank: the point's 224 columns per split (7 tiles of 32) against the counted size's own 192 and 96;
+    # the backward's 512 (16 tiles): its partial sums are capped at one 64-row block per SM, 132 splits
+    ("memory", (64, 2048), (64, 65536), [("forward", 10, 224), ("forward", 10, 224), ("backward", 4, 512)]),
 ])
 def test_kernel_stats_counts_the_roofline_with_the_predicted_points_column_splits(monkeypatch, mode, counted,
                                                                                  point, used):

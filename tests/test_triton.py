@@ -422,7 +422,7 @@ def out_of_resources_at(monkeypatch, fails):
     return ran
 
 
-@pytest.mark.parametrize("where", ["everywhere", "first forward", "first backward"])
+@pytest.mark.parametrize("where", ["everywhere", "first forward", "first backward", "every backward"])
 def test_a_launch_that_does_not_fit_falls_back(monkeypatch, where):
     """Out of resources: the next candidate configuration runs (the backward re-mines with the forward of
     the configuration it runs); after the last, the torch backend, with one warning."""
@@ -431,7 +431,8 @@ def test_a_launch_that_does_not_fit_falls_back(monkeypatch, where):
     first = triton_backend.tile_configs(24, torch.float32, triton_backend.target_arch(torch.device(DEVICE)))[0]
     fails = {"everywhere": lambda name, cfg: True,
              "first forward": lambda name, cfg: cfg == first and name != "backward_kernel",
-             "first backward": lambda name, cfg: cfg == first and name == "backward_kernel"}[where]
+             "first backward": lambda name, cfg: cfg == first and name == "backward_kernel",
+             "every backward": lambda name, cfg: name == "backward_kernel"}[where]
     ran = out_of_resources_at(monkeypatch, fails)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -441,6 +442,10 @@ def test_a_launch_that_does_not_fit_falls_back(monkeypatch, where):
     if where == "everywhere":
         # one warning per loss call; only the configuration-free row statistics launched
         assert len(ours) == 2 and all(cfg is None for _, cfg in ran)
+    elif where == "every backward":
+        # the forward ran on triton, each backward's gradients came from the torch backend, with one warning
+        assert len(ours) == 2 and any(name == "sweep_kernel" for name, _ in ran)
+        assert not any(name == "backward_kernel" for name, _ in ran)
     else:
         assert not ours and ran and all(cfg != first for name, cfg in ran if cfg is not None and
                                         (name == "backward_kernel" or where == "first forward"))
@@ -539,3 +544,36 @@ def test_gpu_memory_bank_of_a_million_rows_at_d_100(dtype):
     assert float(out["torch"][0].mean()) > 0
     assert rel_err(out["triton"][0], out["torch"][0]) <= 1e-4
     assert rel_err(out["triton"][1], out["torch"][1]) <= (2e-2 if dtype == torch.bfloat16 else 2e-3)
+
+
+def test_autotuning_never_times_under_cuda_graph_capture(monkeypatch):
+    """Timing synchronises the device: while a CUDA graph is being captured, a key's earlier choice or the
+    first candidate runs, with one warning; eagerly the candidates are timed once per key."""
+    import warnings
+    monkeypatch.setattr(triton_backend, "_autotune_enabled", lambda: True)
+    monkeypatch.setattr(triton_backend, "_TUNED", {})
+    monkeypatch.setattr(triton_backend, "_NOTED_UNTIMED", set())
+    timed = []
+    monkeypatch.setattr(triton_backend.triton.testing, "do_bench", lambda fn, **kw: (timed.append(fn), fn())[1])
+    candidates = triton_backend.tile_configs(64, torch.bfloat16)
+    speeds = {cfg: 0.0 if k == 1 else 1.0 for k, cfg in enumerate(candidates)}  # the second is the fastest
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert triton_backend._choose_config(("key",), candidates, lambda cfg: speeds[cfg], cuda) == candidates[0]
+    assert not timed and len([w for w in caught if "not timed" in str(w.message)]) == 1
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: False)
+    chosen = triton_backend._choose_config(("key",), candidates, lambda cfg: speeds[cfg], cuda)
+    assert len(timed) == len(candidates) and chosen == candidates[1]
+    monkeypatch.setattr(triton_backend, "_capturing", lambda device: True)  # now the timed choice is kept
+    assert triton_backend._choose_config(("key",), candidates, lambda cfg: speeds[cfg], cuda) == chosen
+    assert len(timed) == len(candidates)
+
+
+def test_tuning_key_names_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(triton_backend, "target_arch", lambda device: "sm_90")
+    assert triton_backend._device_key(torch.device("cuda")) == ("NVIDIA H100 80GB HBM3", "sm_90")
+    assert triton_backend._device_key(torch.device("cpu")) == ("cpu",)
