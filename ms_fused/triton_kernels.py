@@ -217,6 +217,32 @@ def _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N: tl.c
     return start, tl.minimum(hi, start + per_split)
 
 
+@triton.jit
+def _band_rows(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, row0, NA, D, stride_a,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_F32: tl.constexpr, RESIDENT: tl.constexpr):
+    """What a band kernel holds of its anchor block: inverse norms, labels, own columns, row offsets and
+    (RESIDENT) the rows themselves."""
+    rows = row0 + tl.arange(0, BLOCK_N)
+    row_ok = rows < NA
+    a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
+    return (tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0), tl.load(ya_ptr + rows, mask=row_ok, other=-1),
+            tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1), a_off, a_res)
+
+
+@triton.jit
+def _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+               stride_b, start, end, D, REF_SELF_INDEX_MODE: tl.constexpr, NORMALIZE: tl.constexpr,
+               DOT_F32: tl.constexpr, RESIDENT: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """S of the block against band columns [start, start + BLOCK_M) below `end`, and its positives."""
+    cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
+        a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
+        stride_b, start, end, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
+    pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
+                         True, REF_SELF_INDEX_MODE)
+    return S, pos
+
+
 @triton.jit(do_not_specialize=["NA", "NB", "n_band_splits"])
 def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_part_ptr,
@@ -228,20 +254,15 @@ def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, ba
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
-    inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
-    ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
-    ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
     c0, c1 = _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N, BLOCK_M)
     min_pos = tl.full([BLOCK_N], INF, tl.float32)
     if c0 < c1:
-        a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32,
-                                           RESIDENT)
+        inv_a, ya, ref_self_index, a_off, a_res = _band_rows(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr,
+                                                             row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
         for start in range(c0, c1, BLOCK_M):
-            cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
-                a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
-                stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
-            pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index,
-                                 row_ok[:, None] & col_ok[None, :], True, REF_SELF_INDEX_MODE)
+            S, pos = _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_ptr, b_perm_ptr,
+                                inv_b_ptr, yb_ptr, stride_b, start, c1, D, REF_SELF_INDEX_MODE, NORMALIZE, DOT_F32,
+                                RESIDENT, BLOCK_N, BLOCK_M, BLOCK_D)
             min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
     tl.store(min_pos_part_ptr + tl.program_id(1) * NA + rows, min_pos, mask=row_ok)
 
@@ -364,17 +385,12 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
     if c0 < c1:
         if MINING:
             max_neg = _max_of_parts(max_neg_part_ptr, rows, row_ok, NA, n_splits, BLOCK_N)
-        inv_a = tl.load(inv_a_ptr + rows, mask=row_ok, other=1.0)
-        ya = tl.load(ya_ptr + rows, mask=row_ok, other=-1)
-        ref_self_index = tl.load(ref_self_index_ptr + rows, mask=row_ok, other=-1)
-        a_off, a_ok, a_res = _anchor_block(a_ptr, a_perm_ptr, row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32,
-                                           RESIDENT)
+        inv_a, ya, ref_self_index, a_off, a_res = _band_rows(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr,
+                                                             row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
         for start in range(c0, c1, BLOCK_M):
-            cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
-                a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
-                stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
-            pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index,
-                                 row_ok[:, None] & col_ok[None, :], True, REF_SELF_INDEX_MODE)
+            S, pos = _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_ptr, b_perm_ptr,
+                                inv_b_ptr, yb_ptr, stride_b, start, c1, D, REF_SELF_INDEX_MODE, NORMALIZE, DOT_F32,
+                                RESIDENT, BLOCK_N, BLOCK_M, BLOCK_D)
             if MINING:
                 hard = pos & (S - eps < max_neg[:, None])
             else:

@@ -15,19 +15,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from backends_under_test import INTERPRETER_WARNINGS, triton_backend_or_skip
 from helpers import assert_matches_reference, clustered_batch, loss_and_grads, memory_bank_batch, rel_err, threshold_gap
 from ms_fused import multi_similarity_loss
 from ms_fused._inputs import HyperParams, check_inputs
 
-triton_backend = pytest.importorskip("ms_fused.triton_backend")
-if triton_backend.unavailable_reason(torch.device("cpu")) is not None and not torch.cuda.is_available():
-    pytest.skip(f"triton backend unusable here: {triton_backend.unavailable_reason(torch.device('cpu'))}",
-                allow_module_level=True)
-
-# numpy warns where the GPU is silent: exp() overflows on unmined tile entries that a select then drops,
-# and Inf inputs make NaN products before their rows are flagged
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+triton_backend = triton_backend_or_skip()
+pytestmark = INTERPRETER_WARNINGS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -6,15 +6,11 @@ the GPU's (tests/helpers.py TOLERANCE)."""
 import pytest
 import torch
 
+from backends_under_test import INTERPRETER_WARNINGS, triton_backend_or_skip
 from helpers import assert_matches_reference, clustered_batch, loss_and_grads, memory_bank_batch, rel_err
 
-triton_backend = pytest.importorskip("ms_fused.triton_backend")
-if triton_backend.unavailable_reason(torch.device("cpu")) is not None and not torch.cuda.is_available():
-    pytest.skip(f"triton backend unusable here: {triton_backend.unavailable_reason(torch.device('cpu'))}",
-                allow_module_level=True)
-
-pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
-              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+triton_backend = triton_backend_or_skip()
+pytestmark = INTERPRETER_WARNINGS
 
 HALF = [torch.bfloat16, torch.float16]
 
