@@ -272,10 +272,21 @@ def _launch(kernel, grid: tuple, cfg: Optional[TileConfig], backward: bool = Fal
     if cfg is not None:
         warps, stages = (cfg.bwd_warps, cfg.bwd_stages) if backward else (cfg.num_warps, cfg.num_stages)
         options.update(num_warps=warps, num_stages=stages)
-        args.update(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.k_step(args["D"]), RESIDENT=cfg.resident)
+        args.update(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.k_step(args["D_vecs"] * args["ALIGN"]),
+                    RESIDENT=cfg.resident)
     if not _interpreted():
         options["enable_fp_fusion"] = False  # S +- eps and beta2 (S - base) round alike in every kernel
     kernel[grid](**args, **options)
+
+
+def load_align(d: int, *rows: torch.Tensor) -> int:
+    """The kernels' ALIGN (triton_kernels.py, "Alignment"): the largest power of two up to 16 that divides D
+    and the row stride of every tensor in `rows`, so that rows Triton already knew to be multiples of 16 stay
+    so; 1 when a tensor does not start at a 16-byte boundary, since Triton then assumes nothing of its address
+    and a larger ALIGN would only compile another variant."""
+    if any(t.data_ptr() % 16 for t in rows):
+        return 1
+    return math.gcd(16, d, *(t.stride(0) for t in rows))
 
 
 def _on_device(device: torch.device):
@@ -372,9 +383,10 @@ def _row_stats(x: torch.Tensor):
     inv = torch.empty_like(norm)
     bad = torch.empty(rows, dtype=torch.int8, device=x.device)
     block_n = 32
+    align = load_align(x.shape[1], x)
     _launch(kernels.row_stats_kernel, (triton.cdiv(rows, block_n),), None, x_ptr=x, norm_ptr=norm, inv_ptr=inv,
-            bad_ptr=bad, n_rows=rows, D=x.shape[1], stride_n=x.stride(0), norm_eps=NORM_EPS,
-            BLOCK_N=block_n, BLOCK_D=_pow2(x.shape[1], 16, 128))
+            bad_ptr=bad, n_rows=rows, D_vecs=x.shape[1] // align, stride_n_vecs=x.stride(0) // align,
+            norm_eps=NORM_EPS, ALIGN=align, BLOCK_N=block_n, BLOCK_D=_pow2(x.shape[1], 16, 128))
     return norm, inv, bad.bool()
 
 
@@ -461,10 +473,11 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     # unread (placeholders) unless counting
     count_parts = torch.empty(n_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
     counts = torch.zeros((2, n) if plan.count else (2, 1), dtype=torch.int32, device=dev)
+    align = load_align(d, q, r)
     rows = dict(a_ptr=q, a_perm_ptr=a.perm, inv_a_ptr=a.inv, ya_ptr=a.labels, band_lo_ptr=a.band_lo,
                 band_hi_ptr=a.band_hi, b_ptr=r, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels,
-                NA=n, NB=m, D=d, stride_a=q.stride(0), stride_b=r.stride(0),
-                NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
+                NA=n, NB=m, D_vecs=d // align, stride_a_vecs=q.stride(0) // align, stride_b_vecs=r.stride(0) // align,
+                ALIGN=align, NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
     row_blocks = triton.cdiv(n, cfg.block_n)
     if hp.mining:
         _launch(kernels.band_min_kernel, (row_blocks,), cfg, **rows, ref_self_index_ptr=ref_self_index,
@@ -505,6 +518,7 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     # unread unless a REF_SELF_INDEX_OF_* mode
     ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
     stats = plan.stats
+    align = load_align(d, a_rows, b_rows)
     _launch(kernels.backward_kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
             a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
             ref_self_index_rows_ptr=ref_self_index,
@@ -512,7 +526,8 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
             g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG],
             lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
             out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
-            NA=na, NB=nb, D=d, stride_a=a_rows.stride(0), stride_b=b_rows.stride(0), stride_out=out.stride(0),
+            NA=na, NB=nb, D_vecs=d // align, stride_a_vecs=a_rows.stride(0) // align,
+            stride_b_vecs=b_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, ALIGN=align,
             cols_per_split=cols_per_split, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base,
             eps=hp.epsilon, norm_eps=NORM_EPS,
             ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode, MINING=hp.mining,
@@ -522,9 +537,9 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
         combine_n, combine_dout = 32, min(block_dout, 128)
         _launch(kernels.combine_grad_kernel, (triton.cdiv(na, combine_n), triton.cdiv(d, combine_dout)), None,
                 a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, g_scale_ptr=g_scale,
-                part_ptr=part, x_dot_dx_part_ptr=x_dot_dx, out_ptr=out, NA=na, D=d, stride_a=a_rows.stride(0),
-                stride_out=out.stride(0), n_splits=n_splits, norm_eps=NORM_EPS, NORMALIZE=hp.normalize,
-                BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
+                part_ptr=part, x_dot_dx_part_ptr=x_dot_dx, out_ptr=out, NA=na, D_vecs=d // align,
+                stride_a_vecs=a_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, n_splits=n_splits,
+                norm_eps=NORM_EPS, NORMALIZE=hp.normalize, ALIGN=align, BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
     return out
 
 
