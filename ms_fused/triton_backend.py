@@ -150,11 +150,13 @@ def arch_family(arch: str) -> str:
 # Hopper, bfloat16 / float16, D <= resident_widest_d(): the anchor rows stay resident and each column tile
 # is loaded once.
 # The backward's (64, D) float32 accumulator takes 128 of 255 registers at D = 512, so the column tile
-# narrows as D grows (32 columns up to D = 256, 16 up to 512): the widest that compiles without spills
-# under Triton 3.6 and 3.9. The backward keeps 8 warps (two warpgroups share the accumulator's D); the
-# forward runs 4, so that each 64-row dot is one warpgroup's (8 would compute it twice). Skipping zero
-# tiles is off there: the branch around the second product costs registers the narrow tile saves.
-_RESIDENT_BLOCK_M = ((256, 32), (512, 16))
+# narrows as D grows (32 columns up to D = 128, 16 up to 512): the widest that compiles without spills
+# under Triton 3.6 and 3.9 (32 columns above D = 128 spill the backward at D = 256 under 3.9, and the sweep
+# at D = 130 under 3.6, whose 4-byte copies take more registers than 16-byte ones). The backward keeps 8
+# warps (two warpgroups share the accumulator's D); the forward runs 4, so that each 64-row dot is one
+# warpgroup's (8 would compute it twice). Skipping zero tiles is off there: the branch around the second
+# product costs registers the narrow tile saves.
+_RESIDENT_BLOCK_M = ((128, 32), (512, 16))
 
 
 def triton_version() -> tuple:
