@@ -125,6 +125,8 @@ ARCHS = {a.name: a for a in [
          matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned", copy="cp.async", copy_pattern=ASYNC_COPY),
     Arch("sm_90", "H100, H200 (compiled as sm_90a)", "cuda", 232448, 233472, max_warps=64, max_ctas=32,
          matrix="wgmma", matrix_pattern=r"\bwgmma\.mma_async", copy="cp.async", copy_pattern=ASYNC_COPY),
+    Arch("sm_100", "B200, GB200 (compiled as sm_100a)", "cuda", 232448, 233472, max_warps=64, max_ctas=32,
+         matrix="tcgen05.mma", matrix_pattern=r"\btcgen05\.mma", copy="cp.async", copy_pattern=ASYNC_COPY),
     Arch("gfx942", "MI300 (ROCm)", "hip", 65536, 65536, smem_reserved=0,
          matrix="v_mfma", matrix_pattern=r"\bv_mfma_"),
 ]}

@@ -40,6 +40,8 @@ LOG2E = 1.0 / math.log(2.0)
 SMS_WITHOUT_GPU = 132  # an H200's SM count: the split plan when no GPU answers
 ARCH_WITHOUT_GPU = "sm_90"  # the target whose configurations run when no GPU answers (interpreter, compile stubs)
 WAVES = 2              # programs per SM the column split aims for
+# the newest NVIDIA target that tests/test_kernel_compile.py compiles the kernels for (kernel_stats.ARCHS)
+NEWEST_COMPILED_CC = 100
 
 
 def _interpreted() -> bool:
@@ -86,10 +88,18 @@ def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[
 
 def auto_skip_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why backend="auto" passes over this backend on `device` although it can run there, else None: on
-    targets where Triton's compiler has no tensor-core path (sm_75 and older) the torch backend is faster."""
+    targets where Triton's compiler has no tensor-core path (sm_75 and older) the torch backend is faster;
+    on NVIDIA targets newer than NEWEST_COMPILED_CC the kernels have never been compiled (no check of spills,
+    shared memory or matrix instructions), and backend="triton" runs them there on request only."""
     device = torch.device(device)
-    if device.type == "cuda" and arch_family(target_arch(device)) == "turing":
-        return f"Triton compiles no tensor-core instructions for {target_arch(device)}"
+    if device.type != "cuda":
+        return None
+    arch = target_arch(device)
+    if arch_family(arch) == "turing":
+        return f"Triton compiles no tensor-core instructions for {arch}"
+    if not arch.startswith("gfx") and _capability(arch) > NEWEST_COMPILED_CC:
+        return (f"the triton kernels are compiled and checked for NVIDIA targets up to sm_{NEWEST_COMPILED_CC}, "
+                f"not for {arch}; backend='triton' runs its {arch_family(arch)} configurations there unchecked")
     return None
 
 
@@ -130,14 +140,19 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, int(x) - 1).bit_length()))
 
 
+def _capability(arch: str) -> int:
+    return int(arch.split("_")[1].rstrip("a"))
+
+
 def arch_family(arch: str) -> str:
-    """The configuration list a target uses: "hopper" (sm_90: wgmma, 227 KB of shared memory per block),
-    "ampere" (sm_80: mma, 163 KB), "ampere_small" (sm_86/sm_89 and newer consumer parts: mma, 99 KB),
-    "turing" (sm_75 and older: no tensor-core path in Triton's compiler, 64 KB), "cdna" (AMD gfx9 Instinct:
-    MFMA, 64 KB of LDS) or "rdna" (other AMD targets, treated like cdna but without MFMA)."""
+    """The configuration list a target uses: "hopper" (sm_90: wgmma, sm_100 and sm_103: tcgen05; 227 KB of
+    shared memory per block), "ampere" (sm_80: mma, 163 KB), "ampere_small" (sm_86/sm_89 and newer consumer
+    parts: mma, 99 KB), "turing" (sm_75 and older: no tensor-core path in Triton's compiler, 64 KB), "cdna"
+    (AMD gfx9 Instinct: MFMA, 64 KB of LDS) or "rdna" (other AMD targets, treated like cdna but without
+    MFMA). auto_skip_reason keeps "auto" off the NVIDIA targets that no compile check covers."""
     if arch.startswith("gfx"):
         return "cdna" if arch.startswith("gfx9") else "rdna"
-    cc = int(arch.split("_")[1].rstrip("a"))
+    cc = _capability(arch)
     if cc in (90, 100, 103):  # datacenter Hopper and Blackwell: 227 KB per block
         return "hopper"
     if cc == 80:

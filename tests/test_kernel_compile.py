@@ -4,8 +4,8 @@ benchmarks/kernel_stats.py --compile-only runs Triton's real compiler against a 
 target (nothing is launched), through the backend's own launch code with MS_FUSED_TRITON_ARCH=<target>, for
 each dtype's first configuration in every mode (kernel_stats.COMPILE_CASES), one process per target. Every
 target must compile every kernel variant with no register spill, with shared memory within the target's
-per-block limit, and with the target's matrix instruction (wgmma, mma.sync, v_mfma) in every bfloat16
-and float16 kernel that calls tl.dot. On NVIDIA targets from sm_80 on, every pipelined kernel that
+per-block limit, and with the target's matrix instruction (wgmma, tcgen05.mma, mma.sync, v_mfma) in every
+bfloat16 and float16 kernel that calls tl.dot. On NVIDIA targets from sm_80 on, every pipelined kernel that
 streams column tiles copies them asynchronously (cp.async) with no 2-byte loads, for rows that are not
 multiples of 16 elements (D = 100, 130) as for the others. sm_75 (T4) is held to the shared memory limit only:
 its bf16 dots have no tensor-core instruction and its large tiles spill, so the backend's "auto" routing

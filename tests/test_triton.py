@@ -413,6 +413,24 @@ def test_auto_takes_torch_where_triton_has_no_tensor_cores(monkeypatch):
     assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
 
 
+def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
+    """sm_100 (B200) is compiled and checked like sm_90 (test_kernel_compile.py); a newer target is not, so
+    "auto" passes it to torch and backend="triton" still runs there."""
+    import kernel_stats
+
+    from ms_fused import backends
+    assert f"sm_{triton_backend.NEWEST_COMPILED_CC}" in kernel_stats.ARCHS
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, "sm_100")
+    assert triton_backend.arch_family("sm_100") == "hopper"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+    for arch in ("sm_103", "sm_120"):
+        fake_gpu(monkeypatch, arch)
+        assert arch in triton_backend.auto_skip_reason(cuda) and "sm_100" in triton_backend.auto_skip_reason(cuda)
+        assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.torch_backend"
+        assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+
+
 def out_of_resources_at(monkeypatch, fails):
     """Make `fails(kernel name, cfg)` launches raise Triton's out-of-resources error; returns the log of
     (kernel, cfg) launches that went through."""
