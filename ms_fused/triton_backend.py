@@ -40,6 +40,8 @@ LOG2E = 1.0 / math.log(2.0)
 SMS_WITHOUT_GPU = 132  # an H200's SM count: the split plan when no GPU answers
 ARCH_WITHOUT_GPU = "sm_90"  # the target whose configurations run when no GPU answers (interpreter, compile stubs)
 WAVES = 2              # programs per SM the column split aims for
+# the oldest Triton release the kernels are compiled and tested with (setup.py's extra, requirements-dev.txt)
+MIN_TRITON = (3, 6)
 # the newest NVIDIA target that tests/test_kernel_compile.py compiles the kernels for (kernel_stats.ARCHS)
 NEWEST_COMPILED_CC = 100
 
@@ -66,6 +68,9 @@ def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[
     """None when this backend can serve `dtype` tensors (any dtype when None) on `device`, else why not."""
     if _IMPORT_ERROR is not None:
         return f"triton could not be imported ({_IMPORT_ERROR})"
+    if triton_version() < MIN_TRITON:
+        return (f"the triton backend needs Triton {'.'.join(map(str, MIN_TRITON))} or newer, the oldest release its "
+                f"kernels are compiled and tested with; Triton {triton.__version__} is installed")
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         return (f"the triton backend supports float16, bfloat16 and float32, not {dtype}; "
                 "use backend='torch' (or 'auto', which routes it there)")
@@ -183,9 +188,10 @@ def triton_version() -> tuple:
 
 def resident_widest_d() -> int:
     """The widest D a resident configuration takes. At D = 512 the backward fits its 255 registers only
-    under Triton 3.6's ptxas options; from 3.9 on, Triton calls ptxas with --regAllocOptLevel=2, which
-    spills it (kernel_stats.py shows both), and 3.7 / 3.8 are unchecked: there D <= 256."""
-    return 512 if triton_version() <= (3, 6) else 256
+    under Triton 3.6's ptxas options, the release it was compiled with; from 3.9 on, Triton calls ptxas with
+    --regAllocOptLevel=2, which spills it (kernel_stats.py shows both), and 3.7 / 3.8 are unchecked: there
+    D <= 256."""
+    return 512 if triton_version() == (3, 6) else 256
 
 
 def _resident_block_m(d: int) -> Optional[int]:

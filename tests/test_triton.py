@@ -431,6 +431,23 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
         assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
 
 
+def test_triton_older_than_the_compiled_release_is_refused(monkeypatch):
+    """The kernels are compiled and tested with Triton 3.6 and newer (setup.py's extra asks for it); an older
+    Triton makes the backend unavailable, with both versions in the reason; the resident D = 512
+    configurations are Triton 3.6's alone."""
+    from ms_fused import backends
+    monkeypatch.setattr(triton_backend.triton, "__version__", "3.5.1")
+    reason = triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32)
+    assert reason is not None and "3.5.1" in reason and "3.6" in reason
+    with pytest.raises(ValueError, match="3.5.1"):
+        backends.resolve("triton", torch.device(DEVICE), torch.float32)
+    for version, widest in (("3.5.0", 256), ("3.6.0", 512), ("3.6.2", 512), ("3.7.0", 256), ("3.9.0", 256)):
+        monkeypatch.setattr(triton_backend.triton, "__version__", version)
+        assert triton_backend.resident_widest_d() == widest, version
+    monkeypatch.setattr(triton_backend.triton, "__version__", "3.6.0")
+    assert triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32) is None
+
+
 def out_of_resources_at(monkeypatch, fails):
     """Make `fails(kernel name, cfg)` launches raise Triton's out-of-resources error; returns the log of
     (kernel, cfg) launches that went through."""
