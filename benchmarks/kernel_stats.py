@@ -23,7 +23,8 @@
 5. Compile statistics per GPU family, without a GPU: Triton's real compiler runs against a stub driver that
    answers the target (nothing is launched), with MS_FUSED_TRITON_ARCH set so the backend picks that
    target's configurations. NVIDIA: Triton's own `ptxas -v` log (registers, spills), shared memory from the
-   kernel's metadata, matrix instructions counted in the PTX. AMD (gfx942): VGPRs, SGPRs, spills and
+   kernel's metadata, matrix instructions, asynchronous copies (cp.async) and 2-byte loads counted in the
+   PTX. AMD (gfx942): VGPRs, SGPRs, spills and
    scratch from the amdgcn assembly's metadata, LDS from the kernel's metadata, v_mfma counted in it.
    Occupancy (CTAs per SM or workgroups per CU) follows from each target's limits (ARCHS, occupancy()).
 """
@@ -61,6 +62,8 @@ TARGETS = {
 COMPILE_CASES = [
     ("self", 300, 300, 512, "bfloat16"), ("self", 300, 300, 128, "bfloat16"), ("memory", 100, 700, 128, "bfloat16"),
     ("reference", 100, 90, 96, "bfloat16"),
+    # rows that are not multiples of 16 elements: 4 (D = 100) and 2 (D = 130) elements per load
+    ("self", 300, 300, 100, "bfloat16"), ("self", 300, 300, 130, "bfloat16"),
     ("self", 300, 300, 512, "float16"), ("self", 300, 300, 128, "float16"), ("reference", 100, 90, 96, "float16"),
     ("self", 300, 300, 512, "float32"), ("self", 300, 300, 128, "float32"), ("reference", 100, 90, 96, "float32"),
     # N large enough that no launch splits its columns: the variants a training-size batch runs
@@ -94,24 +97,36 @@ class Arch:
     smem_reserved: int = 1024   # shared memory the system reserves per CTA (NVIDIA, sm_80 on)
     matrix: str = ""            # the matrix instruction bf16/fp16 dots must become: its name in the report
     matrix_pattern: str = ""    # ... and a regular expression for it in the PTX / amdgcn
-    asserted: bool = True       # the CI test asserts spills, shared memory and matrix instructions
+    copy: str = ""              # the asynchronous global-to-shared copy the column-tile kernels must use
+    copy_pattern: str = ""      # ... and a regular expression for it in the PTX
+    asserted: bool = True       # the CI test asserts spills, shared memory, matrix instructions and copies
 
     @property
     def capability(self) -> int:
         return int(self.name[3:]) if self.vendor == "cuda" else 0
 
 
+# cp.async (sm_80 on; 4, 8 or 16 bytes a thread), or a TMA bulk copy
+ASYNC_COPY = r"\bcp\.async\.(?:c[ag]\.shared\.global|bulk)"
+# a scalar 2-byte global load: too narrow for cp.async (the pipeliner leaves such a load synchronous)
+NARROW_LOAD = r"\bld\.global(?:\.(?!v\d)[\w:]+)*\.[bus]16\b"
+# the kernels that stream column tiles through a loop: pipelined (2 or more stages), each must copy them
+# asynchronously where the target can
+COLUMN_TILE_KERNELS = ("band_min_kernel", "sweep_kernel", "finish_kernel", "backward_kernel")
+
 ARCHS = {a.name: a for a in [
     Arch("sm_75", "T4, RTX 20", "cuda", 65536, 65536, max_warps=32, max_ctas=16, smem_reserved=0,
          matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned", asserted=False),
     Arch("sm_80", "A100", "cuda", 166912, 167936, max_warps=64, max_ctas=32,
-         matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned"),
+         matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned", copy="cp.async", copy_pattern=ASYNC_COPY),
     Arch("sm_86", "RTX 30, A10", "cuda", 101376, 102400, max_warps=48, max_ctas=16,
-         matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned"),
+         matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned", copy="cp.async", copy_pattern=ASYNC_COPY),
     Arch("sm_89", "RTX 40, L4, L40", "cuda", 101376, 102400, max_warps=48, max_ctas=24,
-         matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned"),
+         matrix="mma.sync", matrix_pattern=r"\bmma\.sync\.aligned", copy="cp.async", copy_pattern=ASYNC_COPY),
     Arch("sm_90", "H100, H200 (compiled as sm_90a)", "cuda", 232448, 233472, max_warps=64, max_ctas=32,
-         matrix="wgmma", matrix_pattern=r"\bwgmma\.mma_async"),
+         matrix="wgmma", matrix_pattern=r"\bwgmma\.mma_async", copy="cp.async", copy_pattern=ASYNC_COPY),
+    Arch("sm_100", "B200, GB200 (compiled as sm_100a)", "cuda", 232448, 233472, max_warps=64, max_ctas=32,
+         matrix="tcgen05.mma", matrix_pattern=r"\btcgen05\.mma", copy="cp.async", copy_pattern=ASYNC_COPY),
     Arch("gfx942", "MI300 (ROCm)", "hip", 65536, 65536, smem_reserved=0,
          matrix="v_mfma", matrix_pattern=r"\bv_mfma_"),
 ]}
@@ -492,7 +507,9 @@ def _nvidia_stats(kernel, arch: Arch) -> dict:
     return dict(registers=_num(r"Used (\d+) registers", log), spill_stores=stores, spill_loads=loads,
                 spills=bool(stores or loads), stack_bytes=_num(r"(\d+) bytes stack frame", log),
                 ptxas=how, gpu_name=re.search(r"^\.target\s+(\w+)", kernel.asm["ptx"], re.M).group(1),
-                matrix_count=len(re.findall(arch.matrix_pattern, kernel.asm["ptx"])))
+                matrix_count=len(re.findall(arch.matrix_pattern, kernel.asm["ptx"])),
+                async_copies=len(re.findall(arch.copy_pattern, kernel.asm["ptx"])) if arch.copy_pattern else 0,
+                narrow_loads=len(re.findall(NARROW_LOAD, kernel.asm["ptx"])))
 
 
 def _amd_stats(kernel, arch: Arch) -> dict:
@@ -528,6 +545,11 @@ def problems(row: dict) -> list:
                    if arch.vendor == "cuda" else f"spills ({row['vgpr_spills']} VGPRs, {row['scratch_bytes']} B scratch)")
     if row["needs_matrix"] and not row["matrix_count"]:
         out.append(f"no {arch.matrix} instruction")
+    if row.get("needs_copy"):
+        if not row["async_copies"]:
+            out.append(f"no {arch.copy}")
+        if row["narrow_loads"]:
+            out.append(f"{row['narrow_loads']} 2-byte loads")
     return out
 
 
@@ -610,10 +632,11 @@ def compile_stats(arch_name: str) -> list:
                         continue
                     seen.add(key)
                     stats = _amd_stats(kernel, arch) if arch.vendor == "hip" else _nvidia_stats(kernel, arch)
-                    warps = kernel.metadata.num_warps
+                    warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
                     shared = kernel.metadata.shared
                     row = dict(base, kernel=name, config=config, num_warps=warps, shared_bytes=shared,
                                shared_limit=arch.smem_per_block, needs_matrix=dtype != "float32" and _uses_dot(kernel),
+                               needs_copy=bool(arch.copy_pattern) and name in COLUMN_TILE_KERNELS and stages > 1,
                                ctas_per_sm=occupancy(arch, stats["registers"], warps, shared), ok=True, **stats)
                     row["problems"] = problems(row)
                     rows.append(row)
@@ -708,7 +731,7 @@ def roofline_goal_lines(lines_for: list) -> list:
 
 def arch_summary_rows(compiled: list) -> list:
     """One line per (Triton, target): variants, spills, shared memory against the limit, matrix instructions,
-    fewest CTAs per SM, the CI test's verdict."""
+    asynchronous copies, fewest CTAs per SM, the CI test's verdict."""
     out = []
     for triton_version, _, arch_name, rows in _groups(compiled):
         arch = ARCHS[arch_name]
@@ -718,12 +741,15 @@ def arch_summary_rows(compiled: list) -> list:
         most = max(good, key=lambda r: r["shared_bytes"], default=None)
         dots = [r for r in good if r["needs_matrix"]]
         missing = [r for r in dots if not r["matrix_count"]]
+        streamed = [r for r in good if r.get("needs_copy")]
+        synchronous = [r for r in streamed if not r["async_copies"] or r["narrow_loads"]]
         fewest = min(good, key=lambda r: r["ctas_per_sm"], default=None)
         failing = [r for r in rows if r["problems"]]
         tool = rows[0].get("tool", "")
         out.append(dict(arch=arch_name, gpus=arch.gpus, triton=triton_version + (f" ({tool})" if tool else ""),
                         variants=len(good), compile_errors=len(failed), spilled=spilled, most_shared=most,
-                        dots=len(dots), missing_matrix=missing, fewest=fewest, failing=failing,
+                        dots=len(dots), missing_matrix=missing, streamed=len(streamed), synchronous=synchronous,
+                        fewest=fewest, failing=failing,
                         asserted=arch.asserted))
     return out
 
@@ -743,15 +769,17 @@ WHICH_GPUS_TEXT = [
     "memory from the compiler (ptxas for NVIDIA, the amdgcn metadata for AMD) and the matrix instructions from "
     "the generated code. `tests/test_kernel_compile.py` compiles every first choice for every target below with "
     "the Triton it runs under, and fails on a register spill, on shared memory over the target's per-block limit, "
-    "or on a bfloat16/float16 kernel with a `tl.dot` but no matrix instruction (sm_75: the shared memory limit "
-    "only).",
+    "on a bfloat16/float16 kernel with a `tl.dot` but no matrix instruction, or on a pipelined kernel that "
+    "streams column tiles (band_min, sweep, finish, backward) without asynchronous copies (`cp.async`) or with "
+    "2-byte loads, D = 100 and D = 130 included (sm_75: the shared memory limit only; gfx942: no copy check).",
 ]
 
 
 def which_gpus_lines(compiled: list) -> list:
     lines = ["| target | GPUs | Triton | kernel variants | register spills | most shared memory / per-block limit | "
-             "matrix instruction in every bf16/fp16 tl.dot kernel | fewest CTAs per SM (CU) | CI test |",
-             "|---|---|---|---:|---|---|---|---|---|"]
+             "matrix instruction in every bf16/fp16 tl.dot kernel | asynchronous copies in every pipelined column-tile "
+             "kernel | fewest CTAs per SM (CU) | CI test |",
+             "|---|---|---|---:|---|---|---|---|---|---|"]
     for s in arch_summary_rows(compiled):
         arch = ARCHS[s["arch"]]
         most = s["most_shared"]
@@ -760,6 +788,8 @@ def which_gpus_lines(compiled: list) -> list:
                   f"{arch.matrix}: missing in {len(s['missing_matrix'])} of {s['dots']}")
         fewest = f"{s['fewest']['ctas_per_sm']} ({s['fewest']['kernel']}, {s['fewest']['dtype']}, D = {s['fewest']['d']})" \
             if s["fewest"] else "—"
+        copies = "—" if not arch.copy else (f"{arch.copy}: yes ({s['streamed']} kernels)" if not s["synchronous"] else
+                                            f"{arch.copy}: missing in {len(s['synchronous'])} of {s['streamed']}")
         n_failing = len(s["failing"])
         verdict = "passes" if not n_failing else f"fails ({n_failing} variant{'s' if n_failing > 1 else ''})"
         if not s["asserted"]:
@@ -767,7 +797,7 @@ def which_gpus_lines(compiled: list) -> list:
         if s["compile_errors"]:
             verdict += f"; {s['compile_errors']} launches did not compile"
         lines.append(f"| {s['arch']} | {s['gpus']} | {s['triton']} | {s['variants']} | {_spill_text(s, arch)} | {shared} | "
-                     f"{matrix} | {fewest} | {verdict} |")
+                     f"{matrix} | {copies} | {fewest} | {verdict} |")
     return lines
 
 
@@ -842,10 +872,13 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
                   "Triton's real compiler against a stub driver that answers the target (nothing is launched), "
                   "through the backend's own launch code with MS_FUSED_TRITON_ARCH=<target>, for each dtype's first "
                   "configuration in every mode (self D = 512 and 128, memory bank D = 128 in bfloat16, reference "
-                  "D = 96), with and without pair counting; a kernel variant is listed once per target. The CI test "
+                  "D = 96; self D = 100 and 130 in bfloat16, rows that are not multiples of 16 elements), with and "
+                  "without pair counting; a kernel variant is listed once per target. The CI test "
                   "(tests/test_kernel_compile.py) fails a target on a register spill, shared memory over the "
-                  "per-block limit, or a bf16/fp16 kernel with a `tl.dot` but no matrix instruction (sm_75: "
-                  "shared memory only).", ""] + which_gpus_lines(compiled) + [""] + \
+                  "per-block limit, a bf16/fp16 kernel with a `tl.dot` but no matrix instruction, or a pipelined "
+                  "column-tile kernel (band_min, sweep, finish, backward with 2 or more stages) without asynchronous "
+                  "copies or with 2-byte loads (sm_75: shared memory only; gfx942: no copy check).", ""] + \
+                 which_gpus_lines(compiled) + [""] + \
                  [f"- {x}" for x in OCCUPANCY_FORMULAS] + [""]
         for triton_version, python, arch_name, rows in _groups(compiled):
             arch = ARCHS[arch_name]
@@ -865,9 +898,9 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
                           "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
             else:
                 lines += ["| kernel | mode | dtype | D | pairs counted | configuration | warps | registers | "
-                          "spill stores (B) | spill loads (B) | shared memory (B) | " + arch.matrix + " | CTAs per SM | "
-                          "CI problems |",
-                          "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+                          "spill stores (B) | spill loads (B) | shared memory (B) | " + arch.matrix + " | "
+                          + (arch.copy or "asynchronous copies") + " | 2-byte loads | CTAs per SM | CI problems |",
+                          "|---|---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
             for c in rows:
                 if not c.get("ok"):  # the problem in the configuration column, the other cells empty
                     cells = [c["kernel"], c["mode"], c["dtype"], c["d"], c["count_pairs"], "; ".join(c["problems"])]
@@ -885,7 +918,8 @@ def markdown(work: list, compiled: list, roof: list, command: str, peak: float, 
                 else:
                     lines.append(f"| {c['kernel']} | {c['mode']} | {c['dtype']} | {c['d']} | {c['count_pairs']} | "
                                  f"{c['config']} | {c['num_warps']} | {c['registers']} | {c['spill_stores']} | "
-                                 f"{c['spill_loads']} | {c['shared_bytes']} | {matrix} | {c['ctas_per_sm']} | {probs} |")
+                                 f"{c['spill_loads']} | {c['shared_bytes']} | {matrix} | {c.get('async_copies', '—')} | "
+                                 f"{c.get('narrow_loads', '—')} | {c['ctas_per_sm']} | {probs} |")
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -40,6 +40,10 @@ LOG2E = 1.0 / math.log(2.0)
 SMS_WITHOUT_GPU = 132  # an H200's SM count: the split plan when no GPU answers
 ARCH_WITHOUT_GPU = "sm_90"  # the target whose configurations run when no GPU answers (interpreter, compile stubs)
 WAVES = 2              # programs per SM the column split aims for
+# the oldest Triton release the kernels are compiled and tested with (setup.py's extra, requirements-dev.txt)
+MIN_TRITON = (3, 6)
+# the newest NVIDIA target that tests/test_kernel_compile.py compiles the kernels for (kernel_stats.ARCHS)
+NEWEST_COMPILED_CC = 100
 
 
 def _interpreted() -> bool:
@@ -64,6 +68,9 @@ def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[
     """None when this backend can serve `dtype` tensors (any dtype when None) on `device`, else why not."""
     if _IMPORT_ERROR is not None:
         return f"triton could not be imported ({_IMPORT_ERROR})"
+    if triton_version() < MIN_TRITON:
+        return (f"the triton backend needs Triton {'.'.join(map(str, MIN_TRITON))} or newer, the oldest release its "
+                f"kernels are compiled and tested with; Triton {triton.__version__} is installed")
     if dtype is not None and dtype not in SUPPORTED_DTYPES:
         return (f"the triton backend supports float16, bfloat16 and float32, not {dtype}; "
                 "use backend='torch' (or 'auto', which routes it there)")
@@ -86,10 +93,18 @@ def unavailable_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[
 
 def auto_skip_reason(device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why backend="auto" passes over this backend on `device` although it can run there, else None: on
-    targets where Triton's compiler has no tensor-core path (sm_75 and older) the torch backend is faster."""
+    targets where Triton's compiler has no tensor-core path (sm_75 and older) the torch backend is faster;
+    on NVIDIA targets newer than NEWEST_COMPILED_CC the kernels have never been compiled (no check of spills,
+    shared memory or matrix instructions), and backend="triton" runs them there on request only."""
     device = torch.device(device)
-    if device.type == "cuda" and arch_family(target_arch(device)) == "turing":
-        return f"Triton compiles no tensor-core instructions for {target_arch(device)}"
+    if device.type != "cuda":
+        return None
+    arch = target_arch(device)
+    if arch_family(arch) == "turing":
+        return f"Triton compiles no tensor-core instructions for {arch}"
+    if not arch.startswith("gfx") and _capability(arch) > NEWEST_COMPILED_CC:
+        return (f"the triton kernels are compiled and checked for NVIDIA targets up to sm_{NEWEST_COMPILED_CC}, "
+                f"not for {arch}; backend='triton' runs its {arch_family(arch)} configurations there unchecked")
     return None
 
 
@@ -130,14 +145,19 @@ def _pow2(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << max(0, int(x) - 1).bit_length()))
 
 
+def _capability(arch: str) -> int:
+    return int(arch.split("_")[1].rstrip("a"))
+
+
 def arch_family(arch: str) -> str:
-    """The configuration list a target uses: "hopper" (sm_90: wgmma, 227 KB of shared memory per block),
-    "ampere" (sm_80: mma, 163 KB), "ampere_small" (sm_86/sm_89 and newer consumer parts: mma, 99 KB),
-    "turing" (sm_75 and older: no tensor-core path in Triton's compiler, 64 KB), "cdna" (AMD gfx9 Instinct:
-    MFMA, 64 KB of LDS) or "rdna" (other AMD targets, treated like cdna but without MFMA)."""
+    """The configuration list a target uses: "hopper" (sm_90: wgmma, sm_100 and sm_103: tcgen05; 227 KB of
+    shared memory per block), "ampere" (sm_80: mma, 163 KB), "ampere_small" (sm_86/sm_89 and newer consumer
+    parts: mma, 99 KB), "turing" (sm_75 and older: no tensor-core path in Triton's compiler, 64 KB), "cdna"
+    (AMD gfx9 Instinct: MFMA, 64 KB of LDS) or "rdna" (other AMD targets, treated like cdna but without
+    MFMA). auto_skip_reason keeps "auto" off the NVIDIA targets that no compile check covers."""
     if arch.startswith("gfx"):
         return "cdna" if arch.startswith("gfx9") else "rdna"
-    cc = int(arch.split("_")[1].rstrip("a"))
+    cc = _capability(arch)
     if cc in (90, 100, 103):  # datacenter Hopper and Blackwell: 227 KB per block
         return "hopper"
     if cc == 80:
@@ -150,11 +170,13 @@ def arch_family(arch: str) -> str:
 # Hopper, bfloat16 / float16, D <= resident_widest_d(): the anchor rows stay resident and each column tile
 # is loaded once.
 # The backward's (64, D) float32 accumulator takes 128 of 255 registers at D = 512, so the column tile
-# narrows as D grows (32 columns up to D = 256, 16 up to 512): the widest that compiles without spills
-# under Triton 3.6 and 3.9. The backward keeps 8 warps (two warpgroups share the accumulator's D); the
-# forward runs 4, so that each 64-row dot is one warpgroup's (8 would compute it twice). Skipping zero
-# tiles is off there: the branch around the second product costs registers the narrow tile saves.
-_RESIDENT_BLOCK_M = ((256, 32), (512, 16))
+# narrows as D grows (32 columns up to D = 128, 16 up to 512): the widest that compiles without spills
+# under Triton 3.6 and 3.9 (32 columns above D = 128 spill the backward at D = 256 under 3.9, and the sweep
+# at D = 130 under 3.6, whose 4-byte copies take more registers than 16-byte ones). The backward keeps 8
+# warps (two warpgroups share the accumulator's D); the forward runs 4, so that each 64-row dot is one
+# warpgroup's (8 would compute it twice). Skipping zero tiles is off there: the branch around the second
+# product costs registers the narrow tile saves.
+_RESIDENT_BLOCK_M = ((128, 32), (512, 16))
 
 
 def triton_version() -> tuple:
@@ -166,9 +188,10 @@ def triton_version() -> tuple:
 
 def resident_widest_d() -> int:
     """The widest D a resident configuration takes. At D = 512 the backward fits its 255 registers only
-    under Triton 3.6's ptxas options; from 3.9 on, Triton calls ptxas with --regAllocOptLevel=2, which
-    spills it (kernel_stats.py shows both), and 3.7 / 3.8 are unchecked: there D <= 256."""
-    return 512 if triton_version() <= (3, 6) else 256
+    under Triton 3.6's ptxas options, the release it was compiled with; from 3.9 on, Triton calls ptxas with
+    --regAllocOptLevel=2, which spills it (kernel_stats.py shows both), and 3.7 / 3.8 are unchecked: there
+    D <= 256."""
+    return 512 if triton_version() == (3, 6) else 256
 
 
 def _resident_block_m(d: int) -> Optional[int]:
@@ -294,10 +317,21 @@ def _launch(kernel, grid: tuple, cfg: Optional[TileConfig], backward: bool = Fal
     if cfg is not None:
         warps, stages = (cfg.bwd_warps, cfg.bwd_stages) if backward else (cfg.num_warps, cfg.num_stages)
         options.update(num_warps=warps, num_stages=stages)
-        args.update(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.k_step(args["D"]), RESIDENT=cfg.resident)
+        args.update(BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, BLOCK_D=cfg.k_step(args["D_vecs"] * args["ALIGN"]),
+                    RESIDENT=cfg.resident)
     if not _interpreted():
         options["enable_fp_fusion"] = False  # S +- eps and beta2 (S - base) round alike in every kernel
     kernel[grid](**args, **options)
+
+
+def load_align(d: int, *rows: torch.Tensor) -> int:
+    """The kernels' ALIGN (triton_kernels.py, "Alignment"): the largest power of two up to 16 that divides D
+    and the row stride of every tensor in `rows`, so that rows Triton already knew to be multiples of 16 stay
+    so; 1 when a tensor does not start at a 16-byte boundary, since Triton then assumes nothing of its address
+    and a larger ALIGN would only compile another variant."""
+    if any(t.data_ptr() % 16 for t in rows):
+        return 1
+    return math.gcd(16, d, *(t.stride(0) for t in rows))
 
 
 def _on_device(device: torch.device):
@@ -400,9 +434,10 @@ def _row_stats(x: torch.Tensor):
     inv = torch.empty_like(norm)
     bad = torch.empty(rows, dtype=torch.int8, device=x.device)
     block_n = 32
+    align = load_align(x.shape[1], x)
     _launch(kernels.row_stats_kernel, (triton.cdiv(rows, block_n),), None, x_ptr=x, norm_ptr=norm, inv_ptr=inv,
-            bad_ptr=bad, n_rows=rows, D=x.shape[1], stride_n=x.stride(0), norm_eps=NORM_EPS,
-            BLOCK_N=block_n, BLOCK_D=_pow2(x.shape[1], 16, 128))
+            bad_ptr=bad, n_rows=rows, D_vecs=x.shape[1] // align, stride_n_vecs=x.stride(0) // align,
+            norm_eps=NORM_EPS, ALIGN=align, BLOCK_N=block_n, BLOCK_D=_pow2(x.shape[1], 16, 128))
     return norm, inv, bad.bool()
 
 
@@ -496,10 +531,11 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     count_parts = torch.empty(n_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
     pos_count_parts = torch.empty(band_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
     counts = torch.zeros((2, n) if plan.count else (2, 1), dtype=torch.int32, device=dev)
+    align = load_align(d, q, r)
     rows = dict(a_ptr=q, a_perm_ptr=a.perm, inv_a_ptr=a.inv, ya_ptr=a.labels, band_lo_ptr=a.band_lo,
                 band_hi_ptr=a.band_hi, b_ptr=r, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels,
-                NA=n, NB=m, D=d, stride_a=q.stride(0), stride_b=r.stride(0),
-                NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
+                NA=n, NB=m, D_vecs=d // align, stride_a_vecs=q.stride(0) // align, stride_b_vecs=r.stride(0) // align,
+                ALIGN=align, NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
     band_grid = (triton.cdiv(n, cfg.block_n), band_splits)
     if hp.mining:
         _launch(kernels.band_min_kernel, band_grid, cfg, **rows, ref_self_index_ptr=ref_self_index,
@@ -568,6 +604,7 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     # unread unless a REF_SELF_INDEX_OF_* mode
     ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
     stats = plan.stats
+    align = load_align(d, a_rows, b_rows)
     _launch(kernels.backward_kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
             a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
             ref_self_index_rows_ptr=ref_self_index,
@@ -575,7 +612,8 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
             g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG],
             lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
             out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
-            NA=na, NB=nb, D=d, stride_a=a_rows.stride(0), stride_b=b_rows.stride(0), stride_out=out.stride(0),
+            NA=na, NB=nb, D_vecs=d // align, stride_a_vecs=a_rows.stride(0) // align,
+            stride_b_vecs=b_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, ALIGN=align,
             cols_per_split=cols_per_split, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base,
             eps=hp.epsilon, norm_eps=NORM_EPS,
             ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode, MINING=hp.mining,
@@ -585,9 +623,9 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
         combine_n, combine_dout = 32, min(block_dout, 128)
         _launch(kernels.combine_grad_kernel, (triton.cdiv(na, combine_n), triton.cdiv(d, combine_dout)), None,
                 a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, g_scale_ptr=g_scale,
-                part_ptr=part, x_dot_dx_part_ptr=x_dot_dx, out_ptr=out, NA=na, D=d, stride_a=a_rows.stride(0),
-                stride_out=out.stride(0), n_splits=n_splits, norm_eps=NORM_EPS, NORMALIZE=hp.normalize,
-                BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
+                part_ptr=part, x_dot_dx_part_ptr=x_dot_dx, out_ptr=out, NA=na, D_vecs=d // align,
+                stride_a_vecs=a_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, n_splits=n_splits,
+                norm_eps=NORM_EPS, NORMALIZE=hp.normalize, ALIGN=align, BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
     return out
 
 

@@ -19,6 +19,14 @@ column tile (one dot per block, the tiles joined), so a column tile serves ROW_G
 Without RESIDENT (D too wide for the target's shared memory), anchor and column K-chunks are re-read per
 tile.
 
+Alignment. Triton knows of an integer argument only whether it is a multiple of 16, so D = 100, D = 130 or a
+column slice of a wider tensor would leave every row load at one element (2 bytes) and the column tiles without
+asynchronous copies. The launchers therefore pass D and the row strides in vectors of ALIGN elements (the `*_vecs`
+arguments, triton_backend.load_align) and each kernel multiplies them back by the constexpr ALIGN: the compiler
+then knows that every row starts at a multiple of ALIGN elements and that the K mask (ks < D) changes only at such
+multiples, so row loads move ALIGN elements (up to 16 bytes) at a time and the pipeliner copies column tiles with
+cp.async. The loaded values, and so every S, are the same whatever ALIGN is.
+
 Exponentials are in base 2: with alpha2 = alpha * log2(e), exp(-alpha (S - base)) = exp2(-alpha2 (S - base)).
 Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = A * log2(e)); an anchor whose
 row touches a NaN/Inf is saved with A2 = B2 = NaN, the flag of the statistics layout (ms_fused/_autograd.py).
@@ -45,9 +53,10 @@ REF_SELF_INDEX_OF_COLS = tl.constexpr(3)
 
 
 @triton.jit(do_not_specialize=["n_rows"])
-def row_stats_kernel(x_ptr, norm_ptr, inv_ptr, bad_ptr, n_rows, D, stride_n, norm_eps,
-                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def row_stats_kernel(x_ptr, norm_ptr, inv_ptr, bad_ptr, n_rows, D_vecs, stride_n_vecs, norm_eps,
+                     ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """norm = ||x_i||, inv = 1 / max(norm, eps) (F.normalize's clamp), bad = the row holds a NaN or Inf."""
+    D, stride_n = D_vecs * ALIGN, stride_n_vecs * ALIGN
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_rows
     row_base = x_ptr + rows.to(tl.int64)[:, None] * stride_n
@@ -246,11 +255,13 @@ def _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_p
 @triton.jit(do_not_specialize=["NA", "NB", "n_band_splits"])
 def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_part_ptr,
-                    NA, NB, D, stride_a, stride_b, n_band_splits,
+                    NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, n_band_splits,
                     REF_SELF_INDEX_MODE: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
-                    RESIDENT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                    RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 1, program (anchor block, band split): min over the split's share of P_i of S_ip
     (INF when it holds none); the sweep and loss_kernel take the minimum over the splits."""
+    D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
@@ -309,13 +320,14 @@ def _log1p_sum_of_parts(shift_ptr, sum_ptr, count_ptr, rows, row_ok, NA, n_parts
 def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                  b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_part_ptr, n_band_splits,
                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
-                 NA, NB, D, stride_a, stride_b, cols_per_split, beta2, base, eps,
+                 NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, cols_per_split, beta2, base, eps,
                  MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
-                 RESIDENT: tl.constexpr, ROW_GROUPS: tl.constexpr,
+                 RESIDENT: tl.constexpr, ROW_GROUPS: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 2, program (ROW_GROUPS anchor blocks, column split): over the split's columns, max_neg
     and the hard-negative sum of exp2(beta2 (S - base) - shift) with an online shift (starting at 0, so the
     final shift is max(0, max z)). Hard negatives: S + eps > min_pos, tested as written."""
+    D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
     ROWS: tl.constexpr = ROW_GROUPS * BLOCK_N
     row0 = tl.program_id(0) * ROWS
     split = tl.program_id(1)
@@ -367,14 +379,15 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
 def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band_lo_ptr, band_hi_ptr,
                   b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, max_neg_part_ptr,
                   pos_shift_part_ptr, pos_sum_part_ptr, pos_count_part_ptr,
-                  NA, NB, D, stride_a, stride_b, n_splits, n_band_splits, alpha2, base, eps,
+                  NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, n_splits, n_band_splits, alpha2, base, eps,
                   REF_SELF_INDEX_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr,
-                  DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr, RESIDENT: tl.constexpr,
+                  DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr, RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 3, program (anchor block, band split): max_neg from the sweep's splits, then over the
     split's share of the band the sum of exp2(-alpha2 (S - base) - shift) of the hard positives
     (S - eps < max_neg) with an online shift, and (COUNT_PAIRS) their number: one partial per band split,
     which loss_kernel combines."""
+    D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
@@ -518,12 +531,12 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, ref_self_index_cols_ptr,
                     g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr,
                     out_ptr, part_ptr, x_dot_dx_part_ptr,
-                    NA, NB, D, stride_a, stride_b, stride_out, cols_per_split,
+                    NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, stride_out_vecs, cols_per_split,
                     alpha2, beta2, base, eps, norm_eps,
                     ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, REF_SELF_INDEX_MODE: tl.constexpr,
                     MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     SCALE_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, SKIP_ZERO_TILES: tl.constexpr,
-                    RESIDENT: tl.constexpr,
+                    RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr):
     """dA for BLOCK_N sorted rows of A, output columns [pid(2) * BLOCK_DOUT, +BLOCK_DOUT), over the columns
     of one split: dA_hat_i = sum_j W_ij b_hat_j with W = G (ANCHOR_ROWS), G^T (ANCHOR_COLS) or G + G^T
@@ -532,6 +545,8 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
     x_hat_i . dx_hat_i = sum_j W_ij S_ij, so the normalisation chain needs no other D-slice.
     RESIDENT: one D-slice (BLOCK_DOUT = BLOCK_D >= D); each column tile is loaded once, for S and for W @ b;
     the launcher always stores partial sums then (SPLIT), the normalisation chain needs registers."""
+    D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
+    stride_out = stride_out_vecs * ALIGN
     row0 = tl.program_id(0) * BLOCK_N
     split = tl.program_id(1)
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -595,9 +610,11 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
 
 @triton.jit(do_not_specialize=["NA", "n_splits"])
 def combine_grad_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, g_scale_ptr, part_ptr, x_dot_dx_part_ptr,
-                        out_ptr, NA, D, stride_a, stride_out, n_splits, norm_eps,
-                        NORMALIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DOUT: tl.constexpr):
+                        out_ptr, NA, D_vecs, stride_a_vecs, stride_out_vecs, n_splits, norm_eps,
+                        NORMALIZE: tl.constexpr, ALIGN: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_DOUT: tl.constexpr):
     """The split partial sums of backward_kernel added in split order, then the normalisation chain."""
+    D, stride_a, stride_out = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_out_vecs * ALIGN
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
     douts = tl.program_id(1) * BLOCK_DOUT + tl.arange(0, BLOCK_DOUT)

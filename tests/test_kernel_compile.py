@@ -4,9 +4,12 @@ benchmarks/kernel_stats.py --compile-only runs Triton's real compiler against a 
 target (nothing is launched), through the backend's own launch code with MS_FUSED_TRITON_ARCH=<target>, for
 each dtype's first configuration in every mode (kernel_stats.COMPILE_CASES), one process per target. Every
 target must compile every kernel variant with no register spill, with shared memory within the target's
-per-block limit, and with the target's matrix instruction (wgmma, mma.sync, v_mfma) in every bfloat16 and
-float16 kernel that calls tl.dot. sm_75 (T4) is held to the shared memory limit only: its bf16 dots have no
-tensor-core instruction and its large tiles spill, so the backend's "auto" routing decides what runs there.
+per-block limit, and with the target's matrix instruction (wgmma, tcgen05.mma, mma.sync, v_mfma) in every
+bfloat16 and float16 kernel that calls tl.dot. On NVIDIA targets from sm_80 on, every pipelined kernel that
+streams column tiles copies them asynchronously (cp.async) with no 2-byte loads, for rows that are not
+multiples of 16 elements (D = 100, 130) as for the others. sm_75 (T4) is held to the shared memory limit only:
+its bf16 dots have no tensor-core instruction and its large tiles spill, so the backend's "auto" routing
+decides what runs there.
 
 Catches what the interpreter lets through: non-constexpr globals, dot dtype rules, loop-carried types, register
 allocation, shared memory. Runs the targets in parallel processes (one per core); a few minutes on 2 cores.
@@ -22,13 +25,14 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kernel_stats import ARCHS  # noqa: E402  (benchmarks/ is on sys.path through conftest)
+from kernel_stats import ARCHS, COLUMN_TILE_KERNELS  # noqa: E402  (benchmarks/ is on sys.path through conftest)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # every target by default; MS_FUSED_COMPILE_TARGETS=sm_90 (comma-separated) narrows it, e.g. for a second Triton
 TARGETS = [a for a in os.environ.get("MS_FUSED_COMPILE_TARGETS", ",".join(ARCHS)).split(",") if a]
 assert set(TARGETS) <= set(ARCHS), f"MS_FUSED_COMPILE_TARGETS: unknown targets {set(TARGETS) - set(ARCHS)}"
 ASSERTED = [a for a in TARGETS if ARCHS[a].asserted]
+WITH_ASYNC_COPIES = [a for a in ASSERTED if ARCHS[a].copy]
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="on a GPU machine the GPU tests compile and run the kernels themselves")
@@ -83,6 +87,19 @@ def test_triton_matrix_instructions_in_every_half_precision_dot_kernel(compiled,
     assert rows, f"no bf16/fp16 kernel with a tl.dot compiled for {arch}"
     missing = [_name(r) for r in rows if not r["matrix_count"]]
     assert not missing, f"no {ARCHS[arch].matrix} instruction on {arch} in:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("arch", WITH_ASYNC_COPIES)
+def test_triton_column_tiles_are_copied_asynchronously(compiled, arch):
+    """The aligned load path (triton_kernels.py, "Alignment"): D = 100 loads 4 bfloat16 elements at a time,
+    D = 130 two; either way the pipeliner turns the column-tile loads into cp.async."""
+    rows = [r for r in compiled[arch] if r.get("ok") and r["needs_copy"]]
+    compiled_for = {(r["kernel"], r["d"]) for r in rows if r["dtype"] == "bfloat16"}
+    wanted = {(k, d) for k in COLUMN_TILE_KERNELS for d in (100, 130)}
+    assert wanted <= compiled_for, f"not compiled, or not pipelined, on {arch}: {sorted(wanted - compiled_for)}"
+    synchronous = [f"{_name(r)}: {r['async_copies']} asynchronous copies, {r['narrow_loads']} 2-byte loads"
+                   for r in rows if not r["async_copies"] or r["narrow_loads"]]
+    assert not synchronous, f"column tiles loaded synchronously on {arch}:\n" + "\n".join(synchronous)
 
 
 # ---- the interpreter counts behind bytes per multiply-add ---------------------------------------------------

@@ -49,6 +49,39 @@ def test_two_runs_are_bitwise_identical():
     two_runs_are_bitwise_identical_in(torch.bfloat16, *clustered_batch(30, 24, 5, seed=18))
 
 
+def test_load_alignment_follows_d_the_row_strides_and_the_start():
+    """ALIGN (triton_kernels.py, "Alignment") divides D and every row stride, is at most 16, and is 1 for rows
+    that do not start at a 16-byte boundary."""
+    align = triton_backend.load_align
+    wide = torch.zeros(8, 256, dtype=torch.bfloat16)
+    assert align(256, wide) == 16
+    assert align(100, wide[:, :100]) == 4 and align(100, wide[:, :100].contiguous()) == 4
+    assert align(130, torch.zeros(8, 130, dtype=torch.bfloat16)) == 2
+    assert align(101, torch.zeros(8, 101)) == 1
+    assert align(96, wide[:, 8:104]) == 16   # 16 bytes in
+    assert align(96, wide[:, 4:100]) == 1    # 8 bytes in: Triton assumes nothing of the address
+    assert align(128, wide[:, :128], torch.zeros(5, 136, dtype=torch.bfloat16)[:, :128]) == 8
+    assert align(64, torch.zeros(1, 64).expand(8, 64)) == 16  # stride 0
+
+
+@pytest.mark.parametrize("start, expected_align", [(0, 4), (3, 1)])
+def test_rows_read_with_any_alignment_give_the_same_bits(start, expected_align):
+    """D = 100 as a column slice of rows of 136 (the memory's rows contiguous, stride 100): read 4 elements
+    at a time (start 0), or one (start 3: 6 bytes into a 16-byte block), the loss and the gradients are those
+    of the contiguous copy, bit for bit."""
+    x, y, r, yr = clustered_batch(40, 100, 5, seed=37, m=30)
+    wide = torch.zeros(40, 136, dtype=torch.bfloat16)
+    wide[:, start:start + 100] = x.to(torch.bfloat16)
+    view = wide[:, start:start + 100]
+    r16 = r.to(torch.bfloat16)
+    assert triton_backend.load_align(100, view, r16) == expected_align
+    for args in ((y,), (y, r16, yr)):
+        sliced = loss_and_grads("triton", view, *args)
+        copied = loss_and_grads("triton", view.contiguous(), *args)
+        assert torch.equal(sliced[0], copied[0])
+        assert all(torch.equal(a, b) for a, b in zip(sliced[1], copied[1]))
+
+
 def direct(**options):
     """triton_backend.per_anchor_loss with tile or split options, as a loss_and_grads callable."""
     def loss(x, y, r, yr, ref_self_index=None, reduction="none"):
@@ -289,14 +322,15 @@ if triton_backend.kernels is not None:
 
     @triton.jit
     def s_tiles_kernel(a_ptr, a_perm_ptr, inv_a_ptr, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, out_ptr, sink_ptr,
-                       NA, NB, D, stride_a, stride_b, col_start,
+                       NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, col_start,
                        ROW_GROUPS: tl.constexpr, CHAINED: tl.constexpr, NORMALIZE: tl.constexpr,
-                       DOT_F32: tl.constexpr, RESIDENT: tl.constexpr,
+                       DOT_F32: tl.constexpr, RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         """Writes every S tile that the kernels' own helpers compute for ROW_GROUPS stacked anchor blocks
         against the columns from col_start on (the sweep: ROW_GROUPS = cfg.row_groups, columns from a split
         start; the band, finish and backward kernels: one block, columns from a band start). CHAINED feeds
         S to a second product, as the backward does (on a GPU that gives the S dot another layout)."""
+        D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
         ROWS: tl.constexpr = ROW_GROUPS * BLOCK_N
         row0 = tl.program_id(0) * ROWS
         rows = row0 + tl.arange(0, ROWS)
@@ -330,10 +364,12 @@ def s_tiles(x, cfg, row_groups, col_start, backward=False):
     out = torch.full((n, n), float("nan"), device=x.device)
     sink = torch.zeros(n, device=x.device)
     rows = cfg.block_n * row_groups
+    align = triton_backend.load_align(d, x)
     triton_backend._launch(s_tiles_kernel, (triton.cdiv(n, rows),), cfg, backward=backward, a_ptr=x, a_perm_ptr=perm,
                            inv_a_ptr=inv, b_ptr=x, b_perm_ptr=perm, inv_b_ptr=inv, yb_ptr=perm, out_ptr=out,
-                           sink_ptr=sink, NA=n, NB=n, D=d, stride_a=x.stride(0), stride_b=x.stride(0),
-                           col_start=col_start, ROW_GROUPS=row_groups, CHAINED=backward, NORMALIZE=True,
+                           sink_ptr=sink, NA=n, NB=n, D_vecs=d // align, stride_a_vecs=x.stride(0) // align,
+                           stride_b_vecs=x.stride(0) // align, ALIGN=align, col_start=col_start,
+                           ROW_GROUPS=row_groups, CHAINED=backward, NORMALIZE=True,
                            DOT_F32=triton_backend._dot_f32(x.dtype))
     return out
 
@@ -398,6 +434,41 @@ def test_auto_takes_torch_where_triton_has_no_tensor_cores(monkeypatch):
         backends.resolve("triton", cuda, torch.bfloat16)
     fake_gpu(monkeypatch, "sm_80")
     assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+
+
+def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
+    """sm_100 (B200) is compiled and checked like sm_90 (test_kernel_compile.py); a newer target is not, so
+    "auto" passes it to torch and backend="triton" still runs there."""
+    import kernel_stats
+
+    from ms_fused import backends
+    assert f"sm_{triton_backend.NEWEST_COMPILED_CC}" in kernel_stats.ARCHS
+    cuda = torch.device("cuda")
+    fake_gpu(monkeypatch, "sm_100")
+    assert triton_backend.arch_family("sm_100") == "hopper"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+    for arch in ("sm_103", "sm_120"):
+        fake_gpu(monkeypatch, arch)
+        assert arch in triton_backend.auto_skip_reason(cuda) and "sm_100" in triton_backend.auto_skip_reason(cuda)
+        assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.torch_backend"
+        assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+
+
+def test_triton_older_than_the_compiled_release_is_refused(monkeypatch):
+    """The kernels are compiled and tested with Triton 3.6 and newer (setup.py's extra asks for it); an older
+    Triton makes the backend unavailable, with both versions in the reason; the resident D = 512
+    configurations are Triton 3.6's alone."""
+    from ms_fused import backends
+    monkeypatch.setattr(triton_backend.triton, "__version__", "3.5.1")
+    reason = triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32)
+    assert reason is not None and "3.5.1" in reason and "3.6" in reason
+    with pytest.raises(ValueError, match="3.5.1"):
+        backends.resolve("triton", torch.device(DEVICE), torch.float32)
+    for version, widest in (("3.5.0", 256), ("3.6.0", 512), ("3.6.2", 512), ("3.7.0", 256), ("3.9.0", 256)):
+        monkeypatch.setattr(triton_backend.triton, "__version__", version)
+        assert triton_backend.resident_widest_d() == widest, version
+    monkeypatch.setattr(triton_backend.triton, "__version__", "3.6.0")
+    assert triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32) is None
 
 
 def out_of_resources_at(monkeypatch, fails):
