@@ -395,36 +395,75 @@ class SortedRows(NamedTuple):
     band_hi: torch.Tensor   # int32: one past the last
 
 
-def dense_labels(yq: torch.Tensor, yr: Optional[torch.Tensor]):
-    """int32 labels that keep equality of the int64 ones. In reference mode the anchors' classes are
-    numbered first, so that a block of sorted anchors meets a band holding its own classes only."""
-    y = yq if yr is None else torch.cat([yq, yr])
-    total = y.shape[0]
-    if total >= 2**30:
-        raise ValueError(f"the triton backend takes fewer than 2**30 rows in all, got {total}")
+def dense_labels(y: torch.Tensor) -> torch.Tensor:
+    """int32 labels 0, 1, ... in the order of the int64 ones, keeping equality."""
+    if y.shape[0] >= 2**30:
+        raise ValueError(f"the triton backend takes fewer than 2**30 rows, got {y.shape[0]}")
     values, order = torch.sort(y)
     first = torch.ones_like(values, dtype=torch.int32)
     first[1:] = (values[1:] != values[:-1]).to(torch.int32)
-    dense = torch.empty_like(first).scatter_(0, order, torch.cumsum(first, 0, dtype=torch.int32) - 1)
-    if yr is None:
-        return dense, None
-    n = yq.shape[0]
-    in_anchors = torch.zeros(total, dtype=torch.bool, device=y.device)
-    in_anchors[dense[:n].long()] = True
-    key = torch.where(in_anchors[dense.long()], dense, dense + total)
-    return key[:n], key[n:]
+    return torch.empty_like(first).scatter_(0, order, torch.cumsum(first, 0, dtype=torch.int32) - 1)
 
 
-def _sort(labels: torch.Tensor, norm: torch.Tensor, inv: torch.Tensor):
+def _self_order(labels: torch.Tensor, norm: torch.Tensor, inv: torch.Tensor) -> SortedRows:
+    """Self mode: rows sorted by label; each row's band is the range of its label."""
     sorted_labels, perm = torch.sort(labels, stable=True)
-    return perm.to(torch.int32), sorted_labels, norm[perm], inv[perm]
+    lo = torch.searchsorted(sorted_labels, sorted_labels, side="left", out_int32=True)
+    hi = torch.searchsorted(sorted_labels, sorted_labels, side="right", out_int32=True)
+    return SortedRows(perm.to(torch.int32), sorted_labels, norm[perm], inv[perm], lo, hi)
 
 
-def _with_band(side: tuple, other_labels: torch.Tensor) -> SortedRows:
-    perm, labels, norm, inv = side
-    lo = torch.searchsorted(other_labels, labels, side="left", out_int32=True)
-    hi = torch.searchsorted(other_labels, labels, side="right", out_int32=True)
-    return SortedRows(perm, labels, norm, inv, lo, hi)
+# Reference mode: the reference rows keep their own order (a memory bank is never sorted); a partition kernel
+# lists the rows whose label an anchor has, grouped by the block of group_rows sorted anchors where that label
+# starts, so a block of sorted anchors finds its positives in one range of the list (plus, at its two ends,
+# rows of the labels that share a group with its first or last label). At most MAX_GROUPS groups keep the
+# partition's work at MAX_GROUPS per reference row; what runs outside the kernels is O(N log N) and a count
+# table of groups x M / PARTITION_BLOCK integers.
+GROUP_ROWS = 16
+MAX_GROUPS = 256
+PARTITION_BLOCK = 4096
+
+
+def _group_rows(n: int) -> int:
+    return GROUP_ROWS * max(1, triton.cdiv(triton.cdiv(n, GROUP_ROWS), MAX_GROUPS))
+
+
+def _reference_order(q, r, yq, yr, norm_q, inv_q, unit_refs: bool):
+    """(anchors, refs, band): the anchors sorted by label with dense codes and their bands into the list;
+    the reference rows in their own order with the codes of the anchors' labels (-2 for other labels); the
+    band kernels' columns (the list: rows, codes, inverse norms)."""
+    n, m, dev = q.shape[0], r.shape[0], q.device
+    if n >= 2**30 or m >= 2**31:
+        raise ValueError(f"the triton backend takes fewer than 2**30 anchors and 2**31 reference rows, got {n}, {m}")
+    ys, perm = torch.sort(yq, stable=True)
+    first = torch.ones(n, dtype=torch.int32, device=dev)
+    first[1:] = (ys[1:] != ys[:-1]).to(torch.int32)
+    codes = torch.cumsum(first, 0, dtype=torch.int32) - 1
+    group_rows = _group_rows(n)
+    n_groups, n_blocks = triton.cdiv(n, group_rows), triton.cdiv(m, PARTITION_BLOCK)
+    ref_index = torch.empty((2, m), dtype=torch.int32, device=dev)  # own order, code
+    group = torch.empty(m, dtype=torch.int32, device=dev)
+    counts = torch.empty((n_groups, n_blocks), dtype=torch.int32, device=dev)
+    _launch(kernels.ref_codes_kernel, (n_blocks,), None, yr_ptr=yr, ya_sorted_ptr=ys, code_sorted_ptr=codes,
+            perm_ptr=ref_index[0], code_ptr=ref_index[1], group_ptr=group, count_ptr=counts, M=m, NA=n,
+            n_groups=n_groups, search_steps=n.bit_length(), group_rows=group_rows, BLOCK=PARTITION_BLOCK)
+    if unit_refs:
+        ref_norms = torch.ones((2, m), dtype=torch.float32, device=dev)
+    else:
+        ref_norms = torch.stack(_row_stats(r)[:2])
+    ends = torch.cumsum(counts.flatten(), 0, dtype=torch.int32)
+    offsets = ends - counts.flatten()
+    band = torch.empty((2, m), dtype=torch.int32, device=dev)
+    band_inv = torch.empty(m, dtype=torch.float32, device=dev)
+    _launch(kernels.band_list_kernel, (n_blocks,), None, group_ptr=group, code_ptr=ref_index[1], inv_ptr=ref_norms[1],
+            offset_ptr=offsets, list_ptr=band[0], list_code_ptr=band[1], list_inv_ptr=band_inv, M=m,
+            n_groups=n_groups, BLOCK=PARTITION_BLOCK)
+    group_of_row = torch.searchsorted(ys, ys, side="left") // group_rows
+    anchors = SortedRows(perm.to(torch.int32), codes, norm_q[perm], inv_q[perm],
+                         offsets.view(n_groups, n_blocks)[group_of_row, 0].contiguous(),
+                         ends.view(n_groups, n_blocks)[group_of_row, -1].contiguous())
+    refs = SortedRows(ref_index[0], ref_index[1], ref_norms[0], ref_norms[1], None, None)
+    return anchors, refs, SortedRows(band[0], band[1], band_inv, band_inv, None, None), (ref_index, ref_norms)
 
 
 def _row_stats(x: torch.Tensor):
@@ -457,9 +496,12 @@ class Plan:
     cfg: TileConfig
     anchors: SortedRows
     refs: Optional[SortedRows]         # None in self mode
-    ref_self_index: Optional[torch.Tensor]  # int32 per sorted anchor: its own sorted reference row, or -1
+    ref_self_index: Optional[torch.Tensor]  # int32 per sorted anchor: the reference row of its own copy, or -1
     bad: torch.Tensor                  # int8 per sorted anchor: its input row holds a NaN/Inf (the sweep flags the rest)
     splits: Optional[int] = None       # forced column splits (tests); None plans them
+    band: Optional[SortedRows] = None  # reference mode: the band kernels' columns (_reference_order's list)
+    # reference mode: refs' (perm, labels) int32 and (norm, inv) float32 as (2, M) tensors, refs' rows views of them
+    ref_tensors: Optional[tuple] = None
     # _autograd.py's layout, float32, sorted order, LSE rows in base 2 (A2, B2; NaN for a bad anchor)
     stats: Optional[torch.Tensor] = None
     count: bool = False                # count each anchor's mined pairs in the forward
@@ -481,32 +523,22 @@ def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileC
     """The label order, row norms and bands of one call. `bad` flags the anchors whose own input row holds a
     NaN or Inf; the sweep flags every anchor whose row of S does (a bad reference row, an overflowing
     product), so reference rows are never scanned here. Unit reference rows (ref_normalized, or no
-    normalisation) are not read at all: only their labels are."""
+    normalisation) are not read at all outside the kernels, nor sorted: only their labels are read, by a
+    kernel."""
     norm_q, inv_q, bad_q = _row_stats(q)
     if not hp.normalize:
         norm_q = inv_q = torch.ones_like(norm_q)
-    lab_q, lab_r = dense_labels(yq, yr)
+    refs = band = ref_tensors = ref_self_index_sorted = None
     if r is None:
-        side = _sort(lab_q, norm_q, inv_q)
-        anchors = _with_band(side, side[1])
-        refs, ref_self_index_sorted = None, None
+        anchors = _self_order(dense_labels(yq), norm_q, inv_q)
     else:
-        if hp.normalize and not ref_normalized:
-            norm_r, inv_r, _ = _row_stats(r)
-        else:  # unit rows already: used as they are
-            norm_r = inv_r = torch.ones(r.shape[0], dtype=torch.float32, device=r.device)
-        side_q, side_r = _sort(lab_q, norm_q, inv_q), _sort(lab_r, norm_r, inv_r)
-        anchors, refs = _with_band(side_q, side_r[1]), _with_band(side_r, side_q[1])
-        ref_self_index_sorted = None
+        anchors, refs, band, ref_tensors = _reference_order(q, r, yq, yr, norm_q, inv_q,
+                                                            not hp.normalize or ref_normalized)
         if ref_self_index is not None:
-            rank_r = torch.empty_like(refs.perm).scatter_(
-                0, refs.perm.long(), torch.arange(r.shape[0], dtype=torch.int32, device=r.device))
-            ref_self_index_in = ref_self_index[anchors.perm.long()]
-            ref_self_index_sorted = torch.where(ref_self_index_in >= 0, rank_r[ref_self_index_in.clamp(min=0)],
-                                                -1).to(torch.int32)
-    bad = bad_q[anchors.perm.long()]
+            ref_self_index_sorted = ref_self_index[anchors.perm.long()].to(torch.int32)
     cfg = cfg or tile_configs(q.shape[1], q.dtype, target_arch(q.device))[0]
-    return Plan(hp, cfg, anchors, refs, ref_self_index_sorted, bad.to(torch.int8).contiguous(), splits)
+    return Plan(hp, cfg, anchors, refs, ref_self_index_sorted, bad_q[anchors.perm.long()].to(torch.int8), splits,
+                band=band, ref_tensors=ref_tensors)
 
 
 def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -532,13 +564,16 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     pos_count_parts = torch.empty(band_splits * n if plan.count else 1, dtype=torch.int32, device=dev)
     counts = torch.zeros((2, n) if plan.count else (2, 1), dtype=torch.int32, device=dev)
     align = load_align(d, q, r)
-    rows = dict(a_ptr=q, a_perm_ptr=a.perm, inv_a_ptr=a.inv, ya_ptr=a.labels, band_lo_ptr=a.band_lo,
-                band_hi_ptr=a.band_hi, b_ptr=r, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels,
+    rows = dict(a_ptr=q, a_perm_ptr=a.perm, inv_a_ptr=a.inv, ya_ptr=a.labels, b_ptr=r, b_perm_ptr=b.perm,
+                inv_b_ptr=b.inv, yb_ptr=b.labels,
                 NA=n, NB=m, D_vecs=d // align, stride_a_vecs=q.stride(0) // align, stride_b_vecs=r.stride(0) // align,
                 ALIGN=align, NORMALIZE=hp.normalize, DOT_F32=_dot_f32(q.dtype))
+    band_side = b if plan.band is None else plan.band
+    band_rows = dict(rows, band_lo_ptr=a.band_lo, band_hi_ptr=a.band_hi, b_perm_ptr=band_side.perm,
+                     inv_b_ptr=band_side.inv, yb_ptr=band_side.labels)
     band_grid = (triton.cdiv(n, cfg.block_n), band_splits)
     if hp.mining:
-        _launch(kernels.band_min_kernel, band_grid, cfg, **rows, ref_self_index_ptr=ref_self_index,
+        _launch(kernels.band_min_kernel, band_grid, cfg, **band_rows, ref_self_index_ptr=ref_self_index,
                 min_pos_part_ptr=band_parts[0], n_band_splits=band_splits,
                 REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
     else:
@@ -548,7 +583,7 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
             COUNT_PAIRS=plan.count, ROW_GROUPS=cfg.row_groups)
-    _launch(kernels.finish_kernel, band_grid, cfg, **rows, ref_self_index_ptr=ref_self_index,
+    _launch(kernels.finish_kernel, band_grid, cfg, **band_rows, ref_self_index_ptr=ref_self_index,
             max_neg_part_ptr=parts[0], pos_shift_part_ptr=band_parts[1], pos_sum_part_ptr=band_parts[2],
             pos_count_part_ptr=pos_count_parts, n_splits=n_splits, n_band_splits=band_splits,
             alpha2=hp.alpha * LOG2E, base=hp.base, eps=hp.epsilon,

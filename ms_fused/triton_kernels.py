@@ -216,6 +216,55 @@ def _add_exp2_flagging_non_finite(shift, total, z, keep, S):
     return new_shift, total * tl.exp2(shift - new_shift) + tl.sum(terms, axis=1)
 
 
+@triton.jit(do_not_specialize=["M", "NA", "n_groups", "search_steps", "group_rows"])
+def ref_codes_kernel(yr_ptr, ya_sorted_ptr, code_sorted_ptr, perm_ptr, code_ptr, group_ptr, count_ptr,
+                     M, NA, n_groups, search_steps, group_rows, BLOCK: tl.constexpr):
+    """Reference mode's label order, computed here instead of sorting the reference rows: for each reference
+    row j (kept in its own order, perm[j] = j), p = the first sorted anchor with its label (binary search in
+    the anchors' sorted labels); code[j] = that anchor's dense code, group[j] = p // group_rows, or -2 / -1
+    when no anchor has the label. count[g, block] = the block's rows of group g."""
+    blk = tl.program_id(0)
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = j < M
+    y = tl.load(yr_ptr + j, mask=ok, other=0)
+    lo = tl.zeros([BLOCK], dtype=tl.int32)
+    hi = tl.zeros([BLOCK], dtype=tl.int32) + NA
+    for _ in range(0, search_steps):  # lo = the first sorted anchor whose label is >= y
+        active = lo < hi
+        mid = (lo + hi) // 2
+        less = tl.load(ya_sorted_ptr + mid, mask=active & ok, other=0) < y
+        lo = tl.where(active & less, mid + 1, lo)
+        hi = tl.where(active & ~less, mid, hi)
+    found = ok & (lo < NA) & (tl.load(ya_sorted_ptr + lo, mask=ok & (lo < NA), other=0) == y)
+    code = tl.where(found, tl.load(code_sorted_ptr + lo, mask=found, other=0), -2)
+    group = tl.where(found, lo // group_rows, -1)
+    tl.store(perm_ptr + j, j, mask=ok)
+    tl.store(code_ptr + j, code, mask=ok)
+    tl.store(group_ptr + j, group, mask=ok)
+    for g in range(0, n_groups):
+        tl.store(count_ptr + g * tl.num_programs(0) + blk, tl.sum((group == g).to(tl.int32)))
+
+
+@triton.jit(do_not_specialize=["M", "n_groups"])
+def band_list_kernel(group_ptr, code_ptr, inv_ptr, offset_ptr, list_ptr, list_code_ptr, list_inv_ptr,
+                     M, n_groups, BLOCK: tl.constexpr):
+    """The band kernels' columns in reference mode: every reference row whose label an anchor has, grouped by
+    group (ref_codes_kernel) and in row order within a group, at offset[g, block] + its rank in the block;
+    with its code and inverse norm beside it. The rows of a block of sorted anchors then lie in one range."""
+    blk = tl.program_id(0)
+    j = blk * BLOCK + tl.arange(0, BLOCK)
+    ok = j < M
+    group = tl.load(group_ptr + j, mask=ok, other=-1)
+    code = tl.load(code_ptr + j, mask=ok, other=0)
+    inv = tl.load(inv_ptr + j, mask=ok, other=1.0)
+    for g in range(0, n_groups):
+        member = group == g
+        at = tl.load(offset_ptr + g * tl.num_programs(0) + blk) + tl.cumsum(member.to(tl.int32), 0) - 1
+        tl.store(list_ptr + at, j, mask=member)
+        tl.store(list_code_ptr + at, code, mask=member)
+        tl.store(list_inv_ptr + at, inv, mask=member)
+
+
 @triton.jit
 def _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """Columns [start, end) of this program's share of its block's band: the band's tiles in n_band_splits
@@ -247,7 +296,12 @@ def _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_p
     cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
         a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
         stride_b, start, end, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
-    pos, _ = _pair_masks(ya, yb, rows, cols, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
+    if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_ROWS:
+        # reference mode's band columns are a list of reference rows: the own copy is named by its row
+        col_ids = tl.load(b_perm_ptr + cols, mask=col_ok, other=-1)
+    else:
+        col_ids = cols
+    pos, _ = _pair_masks(ya, yb, rows, col_ids, ref_self_index, ref_self_index, row_ok[:, None] & col_ok[None, :],
                          True, REF_SELF_INDEX_MODE)
     return S, pos
 
@@ -267,14 +321,13 @@ def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, ba
     row_ok = rows < NA
     c0, c1 = _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N, BLOCK_M)
     min_pos = tl.full([BLOCK_N], INF, tl.float32)
-    if c0 < c1:
-        inv_a, ya, ref_self_index, a_off, a_res = _band_rows(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr,
-                                                             row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
-        for start in range(c0, c1, BLOCK_M):
-            S, pos = _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_ptr, b_perm_ptr,
-                                inv_b_ptr, yb_ptr, stride_b, start, c1, D, REF_SELF_INDEX_MODE, NORMALIZE, DOT_F32,
-                                RESIDENT, BLOCK_N, BLOCK_M, BLOCK_D)
-            min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
+    inv_a, ya, ref_self_index, a_off, a_res = _band_rows(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr,
+                                                         row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
+    for start in range(c0, c1, BLOCK_M):
+        S, pos = _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_ptr, b_perm_ptr,
+                            inv_b_ptr, yb_ptr, stride_b, start, c1, D, REF_SELF_INDEX_MODE, NORMALIZE, DOT_F32,
+                            RESIDENT, BLOCK_N, BLOCK_M, BLOCK_D)
+        min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
     tl.store(min_pos_part_ptr + tl.program_id(1) * NA + rows, min_pos, mask=row_ok)
 
 
@@ -317,7 +370,7 @@ def _log1p_sum_of_parts(shift_ptr, sum_ptr, count_ptr, rows, row_ok, NA, n_parts
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split", "n_band_splits"])
-def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
+def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr,
                  b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_part_ptr, n_band_splits,
                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                  NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, cols_per_split, beta2, base, eps,
@@ -342,7 +395,9 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                                               DOT_F32, RESIDENT)
     else:
         a1_off, a1_ok, a1_res = a0_off, a0_ok, a0_res
-    lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, ROWS)
+    # labels are dense codes, sorted over the anchors: the block's labels are the codes in [y_first, y_last]
+    y_first = tl.load(ya_ptr + row0)
+    y_last = tl.load(ya_ptr + tl.minimum(row0 + ROWS, NA) - 1)
     if MINING:
         min_pos = _min_of_parts(min_pos_part_ptr, rows, row_ok, NA, n_band_splits, ROWS)
     max_neg = tl.full([ROWS], -INF, tl.float32)
@@ -356,8 +411,9 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
         cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
             a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
             stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
-        _, neg = _pair_masks(ya, yb, rows, cols, rows, cols, row_ok[:, None] & col_ok[None, :],
-                             (start < hi) & (start + BLOCK_M > lo), REF_SELF_INDEX_NONE)
+        in_band = tl.sum(((yb >= y_first) & (yb <= y_last)).to(tl.int32)) > 0
+        _, neg = _pair_masks(ya, yb, rows, cols, rows, cols, row_ok[:, None] & col_ok[None, :], in_band,
+                             REF_SELF_INDEX_NONE)
         if MINING:
             max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, S, -INF), axis=1))
             hard = neg & (S + eps > min_pos[:, None])
@@ -395,23 +451,22 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
     total = tl.zeros([BLOCK_N], dtype=tl.float32)
     n_pos = tl.zeros([BLOCK_N], dtype=tl.int32)
     c0, c1 = _band_chunk(band_lo_ptr, band_hi_ptr, row0, NA, n_band_splits, BLOCK_N, BLOCK_M)
-    if c0 < c1:
+    if MINING:
+        max_neg = _max_of_parts(max_neg_part_ptr, rows, row_ok, NA, n_splits, BLOCK_N)
+    inv_a, ya, ref_self_index, a_off, a_res = _band_rows(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr,
+                                                         row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
+    for start in range(c0, c1, BLOCK_M):
+        S, pos = _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_ptr, b_perm_ptr,
+                            inv_b_ptr, yb_ptr, stride_b, start, c1, D, REF_SELF_INDEX_MODE, NORMALIZE, DOT_F32,
+                            RESIDENT, BLOCK_N, BLOCK_M, BLOCK_D)
         if MINING:
-            max_neg = _max_of_parts(max_neg_part_ptr, rows, row_ok, NA, n_splits, BLOCK_N)
-        inv_a, ya, ref_self_index, a_off, a_res = _band_rows(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr,
-                                                             row0, NA, D, stride_a, BLOCK_N, BLOCK_D, DOT_F32, RESIDENT)
-        for start in range(c0, c1, BLOCK_M):
-            S, pos = _band_tile(a_ptr, a_off, a_res, inv_a, ya, rows, row_ok, ref_self_index, b_ptr, b_perm_ptr,
-                                inv_b_ptr, yb_ptr, stride_b, start, c1, D, REF_SELF_INDEX_MODE, NORMALIZE, DOT_F32,
-                                RESIDENT, BLOCK_N, BLOCK_M, BLOCK_D)
-            if MINING:
-                hard = pos & (S - eps < max_neg[:, None])
-            else:
-                hard = pos
-            if COUNT_PAIRS:
-                n_pos += tl.sum(hard.to(tl.int32), axis=1)
-            z = (S - base) * (-alpha2)
-            shift, total = _add_exp2(shift, total, z, hard)
+            hard = pos & (S - eps < max_neg[:, None])
+        else:
+            hard = pos
+        if COUNT_PAIRS:
+            n_pos += tl.sum(hard.to(tl.int32), axis=1)
+        z = (S - base) * (-alpha2)
+        shift, total = _add_exp2(shift, total, z, hard)
     part = tl.program_id(1) * NA + rows
     tl.store(pos_shift_part_ptr + part, shift, mask=row_ok)
     tl.store(pos_sum_part_ptr + part, total, mask=row_ok)

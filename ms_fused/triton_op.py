@@ -40,28 +40,31 @@ def _config(values: List[int]) -> Optional[tb.TileConfig]:
     return tb.TileConfig(**{f.name: (bool(v) if f.type in (bool, "bool") else int(v)) for f, v in zip(fields, values)})
 
 
-def _pack(plan: tb.Plan, n: int, m: int, device) -> tuple:
+def _pack(plan: tb.Plan, device) -> tuple:
+    """The plan as the forward op returns it: anchor_index (6, N) int32, anchor_norms (2, N) float32, and the
+    reference rows' (2, M) index (own order, label codes) and norms, as _reference_order made them (no copy);
+    (2, 0) in self mode."""
     a = plan.anchors
     own = plan.ref_self_index if plan.ref_self_index is not None else torch.full_like(a.perm, -1)
     anchor_index = torch.stack([a.perm, a.labels, a.band_lo, a.band_hi, own, plan.bad.to(torch.int32)])
     anchor_norms = torch.stack([a.norm, a.inv])
     if plan.refs is None:
-        return (anchor_index, anchor_norms, torch.empty((4, 0), dtype=torch.int32, device=device),
+        return (anchor_index, anchor_norms, torch.empty((2, 0), dtype=torch.int32, device=device),
                 torch.empty((2, 0), dtype=torch.float32, device=device))
-    b = plan.refs
-    return anchor_index, anchor_norms, torch.stack([b.perm, b.labels, b.band_lo, b.band_hi]), torch.stack([b.norm, b.inv])
+    return (anchor_index, anchor_norms) + plan.ref_tensors
 
 
 def _unpack(hp: HyperParams, cfg: tb.TileConfig, splits: Optional[int], has_own: bool, anchor_index, anchor_norms,
             ref_index, ref_norms) -> tb.Plan:
+    """The forward's plan again, for the backward (which needs no band list: it sweeps every column)."""
     anchors = tb.SortedRows(anchor_index[PERM], anchor_index[LABELS], anchor_norms[NORM], anchor_norms[INV],
                             anchor_index[BAND_LO], anchor_index[BAND_HI])
     refs = None
     if ref_index.shape[1]:
-        refs = tb.SortedRows(ref_index[PERM], ref_index[LABELS], ref_norms[NORM], ref_norms[INV],
-                             ref_index[BAND_LO], ref_index[BAND_HI])
+        refs = tb.SortedRows(ref_index[PERM], ref_index[LABELS], ref_norms[NORM], ref_norms[INV], None, None)
     own = anchor_index[OWN_COLUMN] if has_own else None
-    return tb.Plan(hp, cfg, anchors, refs, own, anchor_index[BAD].to(torch.int8), splits)
+    return tb.Plan(hp, cfg, anchors, refs, own, anchor_index[BAD].to(torch.int8), splits,
+                   ref_tensors=None if refs is None else (ref_index, ref_norms))
 
 
 def _problem(q, r, labels, ref_labels, ref_self_index, hp, ref_normalized) -> Problem:
@@ -77,7 +80,7 @@ def forward_impl(q: Tensor, r: Optional[Tensor], labels: Tensor, ref_labels: Opt
                    splits: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss (N,) float32 in input order, the saved statistics (N_STATS, N) float32 in label order (LSE rows
     in base 2), counts (2, N) int32 in label order (2, 0) without `count`, then the plan: anchor_index
-    (6, N) int32 and anchor_norms (2, N) float32, ref_index (4, M) int32 and ref_norms (2, M) float32
+    (6, N) int32 and anchor_norms (2, N) float32, ref_index (2, M) int32 and ref_norms (2, M) float32
     (M = 0 in self mode)). `config` forces a configuration (TileConfig's fields, [] = plan one), `splits`
     the column splits (-1 = plan them)."""
     hp = HyperParams(alpha, beta, base, epsilon, mining, normalize)
@@ -109,7 +112,7 @@ def forward_impl(q: Tensor, r: Optional[Tensor], labels: Tensor, ref_labels: Opt
             loss = loss.float()
             counts = counts.to(torch.int32) if count else torch.empty((2, 0), dtype=torch.int32, device=q.device)
             stats = torch.full((N_STATS, n), float("nan"), dtype=torch.float32, device=q.device)
-    return (loss, stats, counts) + _pack(plan, n, m, q.device)
+    return (loss, stats, counts) + _pack(plan, q.device)
 
 
 # forward_impl stays callable as a plain function (tests count what it does outside the kernels)
@@ -122,7 +125,7 @@ def _triton_forward_fake(q, r, labels, ref_labels, ref_self_index, alpha, beta, 
     n, m = q.shape[0], (0 if r is None else r.shape[0])
     f32, i32 = torch.float32, torch.int32
     return (q.new_empty(n, dtype=f32), q.new_empty((N_STATS, n), dtype=f32), q.new_empty((2, n if count else 0), dtype=i32),
-            q.new_empty((6, n), dtype=i32), q.new_empty((2, n), dtype=f32), q.new_empty((4, m), dtype=i32),
+            q.new_empty((6, n), dtype=i32), q.new_empty((2, n), dtype=f32), q.new_empty((2, m), dtype=i32),
             q.new_empty((2, m), dtype=f32))
 
 
@@ -153,6 +156,9 @@ def triton_backward(grad: Tensor, q: Tensor, r: Optional[Tensor], labels: Tensor
 
             def run():
                 if plan.cfg != forward_cfg:  # the forward's statistics again, mined by this configuration's tiles
+                    if r_ is not None:  # (the band list, which the backward does not keep)
+                        plan.band = tb.make_plan(q_, r_, labels.contiguous(), ref_labels.contiguous(), None, hp,
+                                                 plan.cfg, plan.splits, ref_normalized).band
                     tb._forward(plan, q_, q_ if r_ is None else r_)
                 return tb._backward_all(plan, q_, r_, grad, needs)
 
