@@ -26,6 +26,8 @@
    kernel's metadata, matrix instructions counted in the PTX. AMD (gfx942): VGPRs, SGPRs, spills and
    scratch from the amdgcn assembly's metadata, LDS from the kernel's metadata, v_mfma counted in it.
    Occupancy (CTAs per SM or workgroups per CU) follows from each target's limits (ARCHS, occupancy()).
+6. Instructions per tile, read from the compiled code, and the roofline with every ceiling (tensor, bytes, issue,
+   MUFU): benchmarks/sass_stats.py, which compiles through stub_compiler() and counts bytes with count_work().
 """
 from __future__ import annotations
 
