@@ -127,7 +127,7 @@ else
         --d 512 --impls ms_fused:triton,mm --modes forward_backward --no-check --no-plots
 fi
 
-# the roofline's prediction (benchmarks/results/kernel_stats.json) beside what was just measured
+# the roofline predictions (benchmarks/results/kernel_stats.json, sass_stats.json) beside what was just measured
 $PY benchmarks/prediction.py "$results" --out "$results/prediction.md" || echo "== prediction table failed"
 
 # 4. the GPU tests, last: the figures above are what a short lease must not lose

@@ -27,10 +27,13 @@
    PTX. AMD (gfx942): VGPRs, SGPRs, spills and
    scratch from the amdgcn assembly's metadata, LDS from the kernel's metadata, v_mfma counted in it.
    Occupancy (CTAs per SM or workgroups per CU) follows from each target's limits (ARCHS, occupancy()).
+6. Instructions per tile, read from the compiled code, and the roofline with every ceiling (tensor, bytes, issue,
+   MUFU): benchmarks/sass_stats.py, which compiles through stub_compiler() and counts bytes with count_work().
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -553,8 +556,12 @@ def problems(row: dict) -> list:
     return out
 
 
-def compile_stats(arch_name: str) -> list:
-    """Every kernel variant of COMPILE_CASES compiled for one target through the backend's own launch code."""
+@contextlib.contextmanager
+def stub_compiler(arch_name: str):
+    """Triton's real compiler for one target against a stub driver that answers it: inside the block, every
+    kernel launch through the backend (CPU tensors standing in for GPU ones) only compiles, and is appended to
+    the yielded list as (kernel name, compiled kernel, launch configuration text, launch keyword arguments).
+    Yields (that list, the ptxas version text or "")."""
     arch = ARCHS[arch_name]
     os.environ.pop("TRITON_INTERPRET", None)
     # a fresh cache: every kernel is compiled here, so its figures are Triton's own ptxas log (a cached cubin
@@ -562,8 +569,6 @@ def compile_stats(arch_name: str) -> list:
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ms_fused_kernel_stats_")
     os.environ["MS_FUSED_TRITON_AUTOTUNE"] = "0"
     os.environ["MS_FUSED_TRITON_ARCH"] = arch.name
-    import torch
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime import jit as jitmod
     from triton.runtime.driver import driver
@@ -591,12 +596,10 @@ def compile_stats(arch_name: str) -> list:
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append((self.fn.__name__, kernel, _launch_config(kwargs)))
+        compiled.append((self.fn.__name__, kernel, _launch_config(kwargs), kwargs))
         return kernel
 
     jitmod.JITFunction.run = compile_only
-
-    import ms_fused
     from ms_fused import triton_backend as tb
 
     real_reason = tb.unavailable_reason
@@ -604,8 +607,22 @@ def compile_stats(arch_name: str) -> list:
     supported = getattr(tb, "SUPPORTED_DTYPES", None)
     tb.unavailable_reason = lambda device, dtype=None: (
         None if dtype is None or supported is None or dtype in supported else real_reason(device, dtype))
-    rows, seen = [], set()
     try:
+        yield compiled, tool
+    finally:
+        jitmod.JITFunction.run = real_run
+        tb.unavailable_reason = real_reason
+
+
+def compile_stats(arch_name: str) -> list:
+    """Every kernel variant of COMPILE_CASES compiled for one target through the backend's own launch code."""
+    arch = ARCHS[arch_name]
+    rows, seen = [], set()
+    with stub_compiler(arch_name) as (compiled, tool):
+        import torch
+        import triton
+
+        import ms_fused
         for mode, n, m, d, dtype in COMPILE_CASES:
             dt = getattr(torch, dtype)
             gen = torch.Generator().manual_seed(0)
@@ -626,7 +643,7 @@ def compile_stats(arch_name: str) -> list:
                     error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                 base = dict(arch=arch.name, triton=triton.__version__, tool=tool, mode=mode, dtype=dtype, d=d,
                             count_pairs=count)
-                for name, kernel, config in compiled:
+                for name, kernel, config, _ in compiled:
                     key = (name, dtype, kernel.hash if hasattr(kernel, "hash") else id(kernel))
                     if key in seen:
                         continue
@@ -644,9 +661,6 @@ def compile_stats(arch_name: str) -> list:
                     row = dict(base, kernel="(launch)", config="", ok=False, error=error)
                     row["problems"] = problems(row)
                     rows.append(row)
-    finally:
-        jitmod.JITFunction.run = real_run
-        tb.unavailable_reason = real_reason
     return rows
 
 

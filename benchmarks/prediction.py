@@ -1,6 +1,7 @@
 """The roofline prediction beside the measurement: for the target point and the memory-bank point, the
-forward and the step as time over one mm, predicted by benchmarks/kernel_stats.py (results/kernel_stats.json)
-and measured by run.py on a GPU (gpu_check.sh's results.json files).
+forward and the step as time over one mm, predicted by benchmarks/kernel_stats.py (results/kernel_stats.json:
+tensor cores and bytes) and, for the target point, by benchmarks/sass_stats.py (results/sass_stats.json: every
+ceiling, per Triton), and measured by run.py on a GPU (gpu_check.sh's results.json files).
 
     python benchmarks/prediction.py RESULTS_DIR [--out FILE.md]   # RESULTS_DIR holds target/ and memory_bank/
 """
@@ -13,8 +14,10 @@ from typing import Optional
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 STATS = os.path.join(BENCH_DIR, "results", "kernel_stats.json")
+SASS_STATS = os.path.join(BENCH_DIR, "results", "sass_stats.json")
 # gpu_check.sh's step -> kernel_stats' roofline case
 STEPS = {"target": "self mode", "memory_bank": "memory bank"}
+SASS_D = {"target": 512}   # gpu_check.sh's step -> the D of sass_stats' roofline at N = 32768 (the goals preset)
 PHASES = (("forward", "forward_per_mm"), ("forward_backward", "step_per_mm"))
 
 
@@ -28,9 +31,17 @@ def _measured(records: list, mode: str) -> Optional[float]:
     return ours / mm if ours and mm else None
 
 
-def lines(results_dir: str, stats_path: str = STATS) -> list:
+def _every_ceiling(sass: list, d: Optional[int], key: str) -> str:
+    """sass_stats' prediction with every ceiling at width d, one per Triton it was counted under."""
+    found = [r for r in sass if d is not None and r.get("d") == d and r.get(key) is not None]
+    return ", ".join(f"{r[key]:.2f} (Triton {r['triton']})" for r in found) or "n/a"
+
+
+def lines(results_dir: str, stats_path: str = STATS, sass_path: str = SASS_STATS) -> list:
     roof = {r["case"]: r for r in json.load(open(stats_path)).get("roofline", [])}
-    out = ["| point | phase | predicted (time / mm) | measured (time / mm) |", "|---|---|---:|---:|"]
+    sass = json.load(open(sass_path)).get("roofline", []) if os.path.exists(sass_path) else []
+    out = ["| point | phase | predicted: tensor and bytes (time / mm) | predicted: every ceiling (time / mm) | "
+           "measured (time / mm) |", "|---|---|---:|---:|---:|"]
     for step, case in STEPS.items():
         pred = roof.get(case)
         path = os.path.join(results_dir, step, "results.json")
@@ -38,7 +49,9 @@ def lines(results_dir: str, stats_path: str = STATS) -> list:
         for mode, key in PHASES:
             p = f"{pred[key]:.2f}" if pred and pred.get(key) is not None else "n/a"
             m = _measured(records, mode)
-            out.append(f"| {pred['point'] if pred else case} | {mode} | {p} | {f'{m:.2f}' if m else 'not measured'} |")
+            every = _every_ceiling(sass, SASS_D.get(step), key)
+            out.append(f"| {pred['point'] if pred else case} | {mode} | {p} | {every} | "
+                       f"{f'{m:.2f}' if m else 'not measured'} |")
     return out
 
 

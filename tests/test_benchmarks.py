@@ -106,7 +106,8 @@ def test_every_preset_names_known_implementations_and_goals():
 
 
 def test_prediction_sits_beside_the_measurement(tmp_path):
-    """gpu_check.sh's table: kernel_stats' roofline per point and phase, and run.py's measured time / mm."""
+    """gpu_check.sh's table: kernel_stats' roofline per point and phase, sass_stats' with every ceiling at the
+    target point, and run.py's measured time / mm."""
     import json
 
     import prediction
@@ -118,6 +119,10 @@ def test_prediction_sits_beside_the_measurement(tmp_path):
     stats = tmp_path / "kernel_stats.json"
     stats.write_text(json.dumps(dict(roofline=[dict(case="self mode", point="P", forward_per_mm=1.25,
                                                     step_per_mm=3.5)])))
-    table = prediction.lines(str(tmp_path), str(stats))
-    assert "| P | forward | 1.25 | 1.50 |" in table and "| P | forward_backward | 3.50 | 4.50 |" in table
-    assert any("memory bank" in row and "not measured" in row for row in table)
+    sass = tmp_path / "sass_stats.json"
+    sass.write_text(json.dumps(dict(roofline=[dict(triton="3.6.0", d=512, forward_per_mm=2.5, step_per_mm=11.7),
+                                              dict(triton="3.6.0", d=128, forward_per_mm=3.7, step_per_mm=17.4)])))
+    table = prediction.lines(str(tmp_path), str(stats), str(sass))
+    assert "| P | forward | 1.25 | 2.50 (Triton 3.6.0) | 1.50 |" in table
+    assert "| P | forward_backward | 3.50 | 11.70 (Triton 3.6.0) | 4.50 |" in table
+    assert any("memory bank" in row and "| n/a | not measured |" in row for row in table)
