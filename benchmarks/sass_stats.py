@@ -517,10 +517,17 @@ def find_tile_loop(instrs: list, blocks: list, isa: Isa, k_steps: int):
 
 # ---- one kernel's counts -------------------------------------------------------------------------------
 
+def launch_d(kw: dict):
+    """D of a launch: the kernels take it in vectors of ALIGN elements (triton_backend.load_align)."""
+    if "D" in kw:
+        return kw["D"]
+    return kw["D_vecs"] * kw["ALIGN"] if "D_vecs" in kw else None
+
+
 def useful_macs_per_tile(kernel: str, kw: dict):
     """The multiply-adds of one tile as the kernel's tl.dots state them (what the interpreter counts): the S
     dot(s), and the backward's W @ b over its output slice. None for a kernel this does not know."""
-    n, m, d = kw.get("BLOCK_N"), kw.get("BLOCK_M"), kw.get("D")
+    n, m, d = kw.get("BLOCK_N"), kw.get("BLOCK_M"), launch_d(kw)
     if None in (n, m, d):
         return None
     if kernel == "sweep_kernel":
@@ -581,7 +588,7 @@ def s_dot_layout(ttgir: str, k_step: int) -> str:
 def kernel_counts(instrs: list, labels: dict, isa: Isa, *, kernel: str, arch: str, warps: int, kw: dict,
                   ttgir: str = "") -> dict:
     """Per-tile counts of one compiled kernel (module docstring, 2 to 4). Without a tile loop: tile_loop None."""
-    d = kw["D"]
+    d = launch_d(kw)
     k_step = kw.get("BLOCK_D", d)
     blocks = build_cfg(instrs, labels)
     tile = find_tile_loop(instrs, blocks, isa, math.ceil(d / k_step))
