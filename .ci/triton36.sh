@@ -2,7 +2,7 @@
 # The GPU image's Triton on the CPU: a second venv (.venv-triton36) beside .venv, with Triton 3.6 as on the
 # GPU machine, numpy < 2.4 (Triton 3.6's interpreter converts arrays to scalars in a way numpy 2.4 refuses)
 # and the CPU torch build. It runs every triton test of the suite (`pytest tests -k triton`): the kernels
-# under TRITON_INTERPRET=1 and the sm_90 and sm_100 compile-statistics tests (kernel_stats.py --compile-only:
+# under TRITON_INTERPRET=1 and the sm_90 compile-statistics tests (kernel_stats.py --compile-only:
 # Triton 3.6's compiler and its bundled ptxas against a stub driver).
 #
 #   bash .ci/triton36.sh                  # (make test-triton36) creates the venv once, then runs the tests
@@ -54,8 +54,8 @@ EOF
 # conftest.py switches the interpreter on (no CUDA here); the compile test takes it off for its subprocess
 unset TRITON_INTERPRET
 rc=0
-# the compile tests under 3.6: sm_90 (the GPU image's target) and sm_100, whose list 3.6 gives the resident
-# D = 512 configurations too; every target runs under 3.9 in `make test`
-MS_FUSED_COMPILE_TARGETS=sm_90,sm_100 "$PY" -m pytest tests -k triton -q -p no:cacheprovider -rfEs "$@" || rc=$?
+# the compile tests under 3.6: sm_90, the GPU image's target (sm_100 spills a few bytes under 3.6, so "auto"
+# leaves it to torch there: triton_backend.newest_compiled_cc); every target runs under 3.9 in `make test`
+MS_FUSED_COMPILE_TARGETS=sm_90 "$PY" -m pytest tests -k triton -q -p no:cacheprovider -rfEs "$@" || rc=$?
 echo "== triton36: pytest exit code $rc after $(( $(date +%s) - start )) s in all"
 exit $rc

@@ -446,7 +446,13 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
     cuda = torch.device("cuda")
     fake_gpu(monkeypatch, "sm_100")
     assert triton_backend.arch_family("sm_100") == "hopper"
+    monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 9))
     assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+    # under Triton 3.6 sm_100 compiles with a few bytes of spills: "auto" takes torch there
+    monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 6))
+    assert "sm_90" in triton_backend.auto_skip_reason(cuda)
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.torch_backend"
+    monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 9))
     for arch in ("sm_103", "sm_120"):
         fake_gpu(monkeypatch, arch)
         assert arch in triton_backend.auto_skip_reason(cuda) and "sm_100" in triton_backend.auto_skip_reason(cuda)
