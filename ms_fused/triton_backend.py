@@ -223,7 +223,9 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
         small = TileConfig(16, 32, 32, 4, 1, bwd_warps=4, bwd_stages=1, max_dout=64)
         if family in ("cdna", "rdna"):  # a warp is 64 lanes there: half the warps for as many threads
             return [TileConfig(32, 32, 32, 4, 2, bwd_warps=4, bwd_stages=1, max_dout=128), small]
-        return [TileConfig(32, 32, 32, 4, 2, bwd_warps=8, bwd_stages=1, max_dout=128), small]
+        # one stage: these dots are bound by the CUDA cores' FMAs, and a second stage's registers made the
+        # sweep spill on sm_86 / sm_89
+        return [TileConfig(32, 32, 32, 4, 1, bwd_warps=8, bwd_stages=1, max_dout=128), small]
     if family == "hopper":
         # wider D: K-chunks re-read; a (64, 256) accumulator, two D-slices at D = 512
         chunked = [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
@@ -585,10 +587,12 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         _launch(kernels.band_min_kernel, band_grid, cfg, **band_rows, ref_self_index_ptr=ref_self_index,
                 min_pos_part_ptr=band_parts[0], n_band_splits=band_splits,
                 REF_SELF_INDEX_MODE=plan.ref_self_index_mode)
+        # once here, not in each sweep program (which would load every split's minima: bytes the bank's
+        # sweep cannot afford); exact in any order
+        torch.amin(band_parts[0].view(band_splits, n), dim=0, out=stats[MIN_POS])
     else:
-        band_parts[0].fill_(float("inf"))
-    _launch(kernels.sweep_kernel, (triton.cdiv(n, sweep_rows), n_splits), cfg, **rows,
-            min_pos_part_ptr=band_parts[0], n_band_splits=band_splits,
+        stats[MIN_POS].fill_(float("inf"))
+    _launch(kernels.sweep_kernel, (triton.cdiv(n, sweep_rows), n_splits), cfg, **rows, min_pos_ptr=stats[MIN_POS],
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
             COUNT_PAIRS=plan.count, ROW_GROUPS=cfg.row_groups)
@@ -599,10 +603,10 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             REF_SELF_INDEX_MODE=plan.ref_self_index_mode, MINING=hp.mining, COUNT_PAIRS=plan.count)
     loss_rows = 64
     _launch(kernels.loss_kernel, (triton.cdiv(n, loss_rows),), None, a_perm_ptr=a.perm, bad_ptr=plan.bad,
-            min_pos_part_ptr=band_parts[0], max_neg_part_ptr=parts[0], shift_part_ptr=parts[1],
+            max_neg_part_ptr=parts[0], shift_part_ptr=parts[1],
             sum_part_ptr=parts[2], count_part_ptr=count_parts, pos_shift_part_ptr=band_parts[1],
             pos_sum_part_ptr=band_parts[2], pos_count_part_ptr=pos_count_parts, loss_ptr=loss,
-            min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS],
+            max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS],
             lse_neg_ptr=stats[LSE_NEG], counts_ptr=counts, NA=n, n_splits=n_splits, n_band_splits=band_splits,
             alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, COUNT_PAIRS=plan.count, BLOCK_N=loss_rows)
     plan.stats = stats

@@ -314,7 +314,7 @@ def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, ba
                     RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 1, program (anchor block, band split): min over the split's share of P_i of S_ip
-    (INF when it holds none); the sweep and loss_kernel take the minimum over the splits."""
+    (INF when it holds none); the launcher takes the minimum over the splits once, for the sweep."""
     D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
     row0 = tl.program_id(0) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_N)
@@ -329,15 +329,6 @@ def band_min_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, ba
                             RESIDENT, BLOCK_N, BLOCK_M, BLOCK_D)
         min_pos = tl.minimum(min_pos, tl.min(tl.where(pos, S, INF), axis=1))
     tl.store(min_pos_part_ptr + tl.program_id(1) * NA + rows, min_pos, mask=row_ok)
-
-
-@triton.jit
-def _min_of_parts(part_ptr, rows, row_ok, NA, n_parts, ROWS: tl.constexpr):
-    """The minimum over n_parts (n_parts, NA) partial minima (exact in any order)."""
-    out = tl.full([ROWS], INF, tl.float32)
-    for k in range(0, n_parts):
-        out = tl.minimum(out, tl.load(part_ptr + k * NA + rows, mask=row_ok, other=INF))
-    return out
 
 
 @triton.jit
@@ -369,9 +360,9 @@ def _log1p_sum_of_parts(shift_ptr, sum_ptr, count_ptr, rows, row_ok, NA, n_parts
     return shift + tl.log2(total), count
 
 
-@triton.jit(do_not_specialize=["NA", "NB", "cols_per_split", "n_band_splits"])
+@triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
 def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr,
-                 b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_part_ptr, n_band_splits,
+                 b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                  NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, cols_per_split, beta2, base, eps,
                  MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
@@ -399,7 +390,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr,
     y_first = tl.load(ya_ptr + row0)
     y_last = tl.load(ya_ptr + tl.minimum(row0 + ROWS, NA) - 1)
     if MINING:
-        min_pos = _min_of_parts(min_pos_part_ptr, rows, row_ok, NA, n_band_splits, ROWS)
+        min_pos = tl.load(min_pos_ptr + rows, mask=row_ok, other=INF)
     max_neg = tl.full([ROWS], -INF, tl.float32)
     shift = tl.zeros([ROWS], dtype=tl.float32)
     total = tl.zeros([ROWS], dtype=tl.float32)
@@ -475,20 +466,19 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
 
 
 @triton.jit(do_not_specialize=["NA", "n_splits", "n_band_splits"])
-def loss_kernel(a_perm_ptr, bad_ptr, min_pos_part_ptr, max_neg_part_ptr, shift_part_ptr, sum_part_ptr,
+def loss_kernel(a_perm_ptr, bad_ptr, max_neg_part_ptr, shift_part_ptr, sum_part_ptr,
                 count_part_ptr, pos_shift_part_ptr, pos_sum_part_ptr, pos_count_part_ptr,
-                loss_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
+                loss_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, counts_ptr,
                 NA, n_splits, n_band_splits, alpha2, beta2,
                 COUNT_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr):
     """Forward stage 4, one program per BLOCK_N anchors: the sweep's and the band's partials combined in
     split order (deterministic), with the "1" of log(1 + sum) as exp2(0), into the loss
     A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for a bad anchor: its input row held a NaN/Inf (`bad`) or
     its row of S did (a NaN negatives' sum, the sweep's flag). Writes the loss at the anchor's input row and saves
-    min_pos, max_neg, A2, B2 in sorted order, A2 = B2 = NaN for a bad anchor. With COUNT_PAIRS, counts_ptr
+    max_neg, A2, B2 in sorted order, A2 = B2 = NaN for a bad anchor. With COUNT_PAIRS, counts_ptr
     gets (2, NA) int32 in sorted order: each anchor's hard positives, then its hard negatives."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < NA
-    min_pos = _min_of_parts(min_pos_part_ptr, rows, row_ok, NA, n_band_splits, BLOCK_N)
     max_neg = _max_of_parts(max_neg_part_ptr, rows, row_ok, NA, n_splits, BLOCK_N)
     lse_neg, n_neg = _log1p_sum_of_parts(shift_part_ptr, sum_part_ptr, count_part_ptr, rows, row_ok, NA, n_splits,
                                          COUNT_PAIRS, BLOCK_N)
@@ -500,7 +490,6 @@ def loss_kernel(a_perm_ptr, bad_ptr, min_pos_part_ptr, max_neg_part_ptr, shift_p
     loss = lse_pos / alpha2 + lse_neg / beta2
     input_row = tl.load(a_perm_ptr + rows, mask=row_ok, other=0)
     tl.store(loss_ptr + input_row, loss, mask=row_ok)
-    tl.store(min_pos_ptr + rows, min_pos, mask=row_ok)
     tl.store(max_neg_ptr + rows, max_neg, mask=row_ok)
     tl.store(lse_pos_ptr + rows, lse_pos, mask=row_ok)
     tl.store(lse_neg_ptr + rows, lse_neg, mask=row_ok)
