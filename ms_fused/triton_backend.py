@@ -406,22 +406,23 @@ class SortedRows(NamedTuple):
     band_hi: torch.Tensor   # int32: one past the last
 
 
-def dense_labels(y: torch.Tensor) -> torch.Tensor:
-    """int32 labels 0, 1, ... in the order of the int64 ones, keeping equality."""
+def _sorted_codes(y: torch.Tensor) -> tuple:
+    """(sorted labels, perm, codes): y sorted (stable), the permutation, and int32 codes 0, 1, ... of the
+    sorted labels that keep their order and equality."""
     if y.shape[0] >= 2**30:
-        raise ValueError(f"the triton backend takes fewer than 2**30 rows, got {y.shape[0]}")
-    values, order = torch.sort(y)
-    first = torch.ones_like(values, dtype=torch.int32)
-    first[1:] = (values[1:] != values[:-1]).to(torch.int32)
-    return torch.empty_like(first).scatter_(0, order, torch.cumsum(first, 0, dtype=torch.int32) - 1)
+        raise ValueError(f"the triton backend takes fewer than 2**30 anchors, got {y.shape[0]}")
+    ys, perm = torch.sort(y, stable=True)
+    first = torch.ones(y.shape[0], dtype=torch.int32, device=y.device)
+    first[1:] = (ys[1:] != ys[:-1]).to(torch.int32)
+    return ys, perm, torch.cumsum(first, 0, dtype=torch.int32) - 1
 
 
-def _self_order(labels: torch.Tensor, norm: torch.Tensor, inv: torch.Tensor) -> SortedRows:
-    """Self mode: rows sorted by label; each row's band is the range of its label."""
-    sorted_labels, perm = torch.sort(labels, stable=True)
-    lo = torch.searchsorted(sorted_labels, sorted_labels, side="left", out_int32=True)
-    hi = torch.searchsorted(sorted_labels, sorted_labels, side="right", out_int32=True)
-    return SortedRows(perm.to(torch.int32), sorted_labels, norm[perm], inv[perm], lo, hi)
+def _self_order(y: torch.Tensor, norm: torch.Tensor, inv: torch.Tensor) -> SortedRows:
+    """Self mode: rows sorted by label, labels as codes; each row's band is the range of its label."""
+    _, perm, codes = _sorted_codes(y)
+    lo = torch.searchsorted(codes, codes, side="left", out_int32=True)
+    hi = torch.searchsorted(codes, codes, side="right", out_int32=True)
+    return SortedRows(perm.to(torch.int32), codes, norm[perm], inv[perm], lo, hi)
 
 
 # Reference mode: the reference rows keep their own order (a memory bank is never sorted); a partition kernel
@@ -444,12 +445,9 @@ def _reference_order(q, r, yq, yr, norm_q, inv_q, unit_refs: bool):
     the reference rows in their own order with the codes of the anchors' labels (-2 for other labels); the
     band kernels' columns (the list: rows, codes, inverse norms)."""
     n, m, dev = q.shape[0], r.shape[0], q.device
-    if n >= 2**30 or m >= 2**31:
-        raise ValueError(f"the triton backend takes fewer than 2**30 anchors and 2**31 reference rows, got {n}, {m}")
-    ys, perm = torch.sort(yq, stable=True)
-    first = torch.ones(n, dtype=torch.int32, device=dev)
-    first[1:] = (ys[1:] != ys[:-1]).to(torch.int32)
-    codes = torch.cumsum(first, 0, dtype=torch.int32) - 1
+    if m >= 2**31:
+        raise ValueError(f"the triton backend takes fewer than 2**31 reference rows, got {m}")
+    ys, perm, codes = _sorted_codes(yq)
     group_rows = _group_rows(n)
     n_groups, n_blocks = triton.cdiv(n, group_rows), triton.cdiv(m, PARTITION_BLOCK)
     ref_index = torch.empty((2, m), dtype=torch.int32, device=dev)  # own order, code
@@ -541,7 +539,7 @@ def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileC
         norm_q = inv_q = torch.ones_like(norm_q)
     refs = band = ref_tensors = ref_self_index_sorted = None
     if r is None:
-        anchors = _self_order(dense_labels(yq), norm_q, inv_q)
+        anchors = _self_order(yq, norm_q, inv_q)
     else:
         anchors, refs, band, ref_tensors = _reference_order(q, r, yq, yr, norm_q, inv_q,
                                                             not hp.normalize or ref_normalized)
@@ -794,4 +792,4 @@ def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, split
     return triton_op.per_anchor_loss(problem, config, splits, count_pairs)
 
 __all__ = ["unavailable_reason", "per_anchor_loss", "TileConfig", "tile_configs", "target_arch",
-           "column_splits", "record_launches", "dense_labels", "make_plan"]
+           "column_splits", "record_launches", "make_plan"]
