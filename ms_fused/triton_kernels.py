@@ -198,21 +198,16 @@ def _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, va
 
 
 @triton.jit
-def _add_exp2(shift, total, z, keep):
+def _add_exp2(shift, total, z, keep, S, FLAG_NON_FINITE: tl.constexpr):
     """Online log-sum-exp in base 2: with total = sum 2^(z_seen - shift), add the kept entries of z per row,
-    raising the shift to the running maximum (it never falls below its start, 0)."""
+    raising the shift to the running maximum (it never falls below its start, 0). FLAG_NON_FINITE: the total
+    turns NaN once any S of the row is NaN or +-Inf, kept or not (docs/semantics.md "Non-finite inputs"):
+    S * 0 is 0 for a finite S and NaN otherwise, and a sum propagates NaN on every target (a GPU's max.f32
+    would drop it)."""
     new_shift = tl.maximum(shift, tl.max(tl.where(keep, z, -INF), axis=1))
-    total = total * tl.exp2(shift - new_shift) + tl.sum(tl.exp2(tl.where(keep, z - new_shift[:, None], -INF)), axis=1)
-    return new_shift, total
-
-
-@triton.jit
-def _add_exp2_flagging_non_finite(shift, total, z, keep, S):
-    """_add_exp2, and a NaN total once any S of the row is NaN or +-Inf, kept or not (docs/semantics.md
-    "Non-finite inputs"): S * 0 is 0 for a finite S and NaN otherwise, and a sum propagates NaN on every
-    target (a GPU's max.f32 would drop it)."""
-    new_shift = tl.maximum(shift, tl.max(tl.where(keep, z, -INF), axis=1))
-    terms = tl.exp2(tl.where(keep, z - new_shift[:, None], -INF)) + S * 0.0
+    terms = tl.exp2(tl.where(keep, z - new_shift[:, None], -INF))
+    if FLAG_NON_FINITE:
+        terms = terms + S * 0.0
     return new_shift, total * tl.exp2(shift - new_shift) + tl.sum(terms, axis=1)
 
 
@@ -413,7 +408,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr,
         if COUNT_PAIRS:
             n_hard += tl.sum(hard.to(tl.int32), axis=1)
         z = (S - base) * beta2
-        shift, total = _add_exp2_flagging_non_finite(shift, total, z, hard, S)
+        shift, total = _add_exp2(shift, total, z, hard, S, True)
     part = split * NA + rows
     tl.store(max_neg_part_ptr + part, max_neg, mask=row_ok)
     tl.store(shift_part_ptr + part, shift, mask=row_ok)
@@ -457,7 +452,7 @@ def finish_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, ref_self_index_ptr, band
         if COUNT_PAIRS:
             n_pos += tl.sum(hard.to(tl.int32), axis=1)
         z = (S - base) * (-alpha2)
-        shift, total = _add_exp2(shift, total, z, hard)
+        shift, total = _add_exp2(shift, total, z, hard, S, False)
     part = tl.program_id(1) * NA + rows
     tl.store(pos_shift_part_ptr + part, shift, mask=row_ok)
     tl.store(pos_sum_part_ptr + part, total, mask=row_ok)
