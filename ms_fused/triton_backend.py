@@ -550,6 +550,21 @@ def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileC
                 band=band, ref_tensors=ref_tensors)
 
 
+# the widest constant shift of the negatives' sum: terms below 2^-126 of it flush to zero, and with this margin
+# even 2^20 of them weigh under 2^-40 against the sum's "1"
+FIXED_SHIFT_LIMIT = 64.0
+
+
+def negatives_fixed_shift(hp) -> Optional[float]:
+    """The sweep's constant shift for the hard-negative sum, or None for an online one: normalised S is at
+    most 1, so beta2 (S - base) <= beta2 (1 - base) (a rounding above 1 adds a term of about 2^0, harmless),
+    and a constant shift spares each tile a row maximum and a rescaling exp2."""
+    if not hp.normalize:
+        return None
+    bound = max(0.0, hp.beta * LOG2E * (1.0 - hp.base))
+    return bound if bound <= FIXED_SHIFT_LIMIT else None
+
+
 def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Per-anchor losses (float32, input order); leaves the saved statistics in plan.stats."""
     hp, cfg, a = plan.hp, plan.cfg, plan.anchors
@@ -590,10 +605,13 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         torch.amin(band_parts[0].view(band_splits, n), dim=0, out=stats[MIN_POS])
     else:
         stats[MIN_POS].fill_(float("inf"))
+    fixed_shift = negatives_fixed_shift(hp)
     _launch(kernels.sweep_kernel, (triton.cdiv(n, sweep_rows), n_splits), cfg, **rows, min_pos_ptr=stats[MIN_POS],
+            band_lo_ptr=a.band_lo, band_hi_ptr=a.band_hi,
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
-            cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon, MINING=hp.mining,
-            COUNT_PAIRS=plan.count, ROW_GROUPS=cfg.row_groups)
+            cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
+            fixed_shift=0.0 if fixed_shift is None else fixed_shift, SELF_MODE=plan.self_mode, MINING=hp.mining,
+            COUNT_PAIRS=plan.count, FIXED_SHIFT=fixed_shift is not None, ROW_GROUPS=cfg.row_groups)
     _launch(kernels.finish_kernel, band_grid, cfg, **band_rows, ref_self_index_ptr=ref_self_index,
             max_neg_part_ptr=parts[0], pos_shift_part_ptr=band_parts[1], pos_sum_part_ptr=band_parts[2],
             pos_count_part_ptr=pos_count_parts, n_splits=n_splits, n_band_splits=band_splits,
@@ -664,7 +682,8 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
             eps=hp.epsilon, norm_eps=NORM_EPS,
             ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode, MINING=hp.mining,
             NORMALIZE=hp.normalize, DOT_F32=_dot_f32(a_rows.dtype), SCALE_WEIGHTS=_scale_weights(a_rows.dtype, cfg),
-            SPLIT=split, SKIP_ZERO_TILES=cfg.skip_zero_tiles, BLOCK_DOUT=block_dout)
+            SPLIT=split, SKIP_ZERO_TILES=cfg.skip_zero_tiles, NEGATIVE_TILES=negative_tiles(cfg, d),
+            BLOCK_DOUT=block_dout)
     if split:  # no recompute here: narrow D-slices cost nothing and keep the accumulator small
         combine_n, combine_dout = 32, min(block_dout, 128)
         _launch(kernels.combine_grad_kernel, (triton.cdiv(na, combine_n), triton.cdiv(d, combine_dout)), None,
@@ -673,6 +692,13 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
                 stride_a_vecs=a_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, n_splits=n_splits,
                 norm_eps=NORM_EPS, NORMALIZE=hp.normalize, ALIGN=align, BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
     return out
+
+
+def negative_tiles(cfg: TileConfig, d: int) -> bool:
+    """Does the backward give tiles of negatives only their own weights (backward_kernel's NEGATIVE_TILES)?
+    Not for a resident D above 256 (Triton 3.6's D = 512): its (64, 512) accumulator leaves the registers of
+    one copy of the weights' code, and a second spilled (kernel_stats.py)."""
+    return not (cfg.resident and d > 256)
 
 
 def _scale_weights(dtype: torch.dtype, cfg: TileConfig) -> bool:

@@ -137,18 +137,27 @@ def _rows(perm_ptr, inv_ptr, y_ptr, idx, ok, stride):
 def _column_tile(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
                  stride_b, start, end, D,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_GROUPS: tl.constexpr,
-                 NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, RESIDENT: tl.constexpr):
+                 NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, RESIDENT: tl.constexpr,
+                 MASK_COLS: tl.constexpr = True):
     """Sorted columns [start, start + BLOCK_M) below `end`: their indices, in-range mask, element offsets,
     inverse norms and labels, the rows' S tile against them, and (RESIDENT) the whole column rows loaded
-    for it (else 0)."""
+    for it (else 0). Without MASK_COLS the tile is whole (start + BLOCK_M <= end): no column is masked and
+    the labels are not loaded (-1)."""
     cols = start + tl.arange(0, BLOCK_M)
     col_ok = cols < end
-    b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
+    if MASK_COLS:
+        b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
+        b_ok = col_ok
+    else:
+        b_off = tl.load(b_perm_ptr + cols).to(tl.int64) * stride_b
+        inv_b = tl.load(inv_b_ptr + cols)
+        yb = cols * 0 - 1
+        b_ok = cols >= 0
     if RESIDENT:
-        b_res = _whole_rows(b_ptr, b_off, col_ok, D, BLOCK_D, False)
+        b_res = _whole_rows(b_ptr, b_off, b_ok, D, BLOCK_D, False)
     else:
         b_res = 0
-    S = _similarities(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_off, col_ok, b_res, inv_b,
+    S = _similarities(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_off, b_ok, b_res, inv_b,
                       D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
     return cols, col_ok, b_off, inv_b, yb, S, b_res
 
@@ -355,17 +364,74 @@ def _log1p_sum_of_parts(shift_ptr, sum_ptr, count_ptr, rows, row_ok, NA, n_parts
     return shift + tl.log2(total), count
 
 
+@triton.jit
+def _negatives_tile(S, neg, min_pos, max_acc, sum_acc, count_acc, shift, total, beta2, base, neg_offset,
+                    eps, MINING: tl.constexpr, COUNT_PAIRS: tl.constexpr, FIXED_SHIFT: tl.constexpr,
+                    MASKED: tl.constexpr, ELEMENTWISE: tl.constexpr):
+    """The sweep's epilogue of one S tile (docs/semantics.md "Mining", "Loss"): every pair of an unmasked tile
+    is a negative (a tile outside the label band), so such a tile costs per element a max, the hard-negative
+    test, one exp2 and a sum; MASKED tiles keep the negatives `neg` only.
+
+    Element-wise accumulators (max_acc, count_acc and, with FIXED_SHIFT, sum_acc) are reduced over the columns
+    once, after the last tile. FIXED_SHIFT: the shift of the hard-negative sum is a constant bound of
+    beta2 (S - base) (the launcher's, normalised S), so each term is exp2(beta2 S + neg_offset) with
+    neg_offset = -(beta2 base + shift) and no running maximum; else an online shift per row and tile.
+    Non-finite S: a pair not summed adds S * 0 (0, or NaN for a NaN or Inf), a summed +Inf adds Inf, and
+    loss_kernel flags either (a finite S never makes the sum Inf: its terms are at most about 1)."""
+    if MASKED:
+        if MINING:
+            tile_max = tl.where(neg, S, -INF)
+            hard = neg & (S + eps > min_pos[:, None])
+        else:
+            hard = neg
+    else:
+        if MINING:
+            tile_max = S
+            hard = S + eps > min_pos[:, None]
+        else:
+            hard = S == S
+    if ELEMENTWISE:
+        if MINING:
+            max_acc = tl.maximum(max_acc, tile_max)
+        if COUNT_PAIRS:
+            count_acc += hard.to(tl.int32)
+    else:
+        if MINING:
+            max_acc = tl.maximum(max_acc, tl.max(tile_max, axis=1, keep_dims=True))
+        if COUNT_PAIRS:
+            count_acc += tl.sum(hard.to(tl.int32), axis=1, keep_dims=True)
+    if FIXED_SHIFT:
+        terms = tl.where(hard, tl.exp2(tl.fma(S, beta2, neg_offset)), S * 0.0)
+        if ELEMENTWISE:
+            sum_acc += terms
+        else:
+            sum_acc += tl.sum(terms, axis=1, keep_dims=True)
+    else:
+        shift, total = _add_exp2(shift, total, (S - base) * beta2, hard, S, True)
+    return max_acc, sum_acc, count_acc, shift, total
+
+
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
-def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr,
+def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                  b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, min_pos_ptr,
                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
-                 NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, cols_per_split, beta2, base, eps,
-                 MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, COUNT_PAIRS: tl.constexpr,
-                 RESIDENT: tl.constexpr, ROW_GROUPS: tl.constexpr, ALIGN: tl.constexpr,
+                 NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, cols_per_split, beta2, base, eps, fixed_shift,
+                 SELF_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
+                 COUNT_PAIRS: tl.constexpr, FIXED_SHIFT: tl.constexpr, RESIDENT: tl.constexpr,
+                 ROW_GROUPS: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 2, program (ROW_GROUPS anchor blocks, column split): over the split's columns, max_neg
-    and the hard-negative sum of exp2(beta2 (S - base) - shift) with an online shift (starting at 0, so the
-    final shift is max(0, max z)). Hard negatives: S + eps > min_pos, tested as written."""
+    and the hard-negative sum of exp2(beta2 (S - base) - shift), shift = fixed_shift with FIXED_SHIFT, else
+    online (starting at 0, so the final shift is max(0, max z)). Hard negatives: S + eps > min_pos, tested as
+    written. The sum is NaN for a row whose S holds a NaN or Inf.
+
+    A tile is masked (label and bounds compares) when it overlaps the block's label band or the end of the
+    split, else every pair in it is a negative and its epilogue compares nothing: one branch per tile, on
+    a value uniform over the program, around the epilogue only (one copy of the tile's dots and loads: a
+    second loop for the masked tiles cost the resident D = 512 sweep its registers under Triton 3.6).
+    SELF_MODE: the columns are the anchors in label order and the band is the column range [lo, hi);
+    reference mode's columns are in their own order, and each tile tests its label codes against the
+    block's (labels are dense codes, sorted over the anchors: the block's labels are [y_first, y_last])."""
     D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
     ROWS: tl.constexpr = ROW_GROUPS * BLOCK_N
     row0 = tl.program_id(0) * ROWS
@@ -381,40 +447,58 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr,
                                               DOT_F32, RESIDENT)
     else:
         a1_off, a1_ok, a1_res = a0_off, a0_ok, a0_res
-    # labels are dense codes, sorted over the anchors: the block's labels are the codes in [y_first, y_last]
-    y_first = tl.load(ya_ptr + row0)
-    y_last = tl.load(ya_ptr + tl.minimum(row0 + ROWS, NA) - 1)
     if MINING:
         min_pos = tl.load(min_pos_ptr + rows, mask=row_ok, other=INF)
-    max_neg = tl.full([ROWS], -INF, tl.float32)
+    else:
+        min_pos = inv_a
+    neg_offset = -(beta2 * base + fixed_shift)
+    # element-wise accumulators while they cost at most 32 registers each, else reduced over each tile's columns
+    ELEMENTWISE: tl.constexpr = ROWS * BLOCK_M <= 4096
+    ACC_COLS: tl.constexpr = BLOCK_M if ELEMENTWISE else 1
+    max_acc = tl.full([ROWS, ACC_COLS], -INF, tl.float32)
+    if FIXED_SHIFT:
+        sum_acc = tl.zeros([ROWS, ACC_COLS], dtype=tl.float32)
+    else:
+        sum_acc = 0.0
+    if COUNT_PAIRS:
+        count_acc = tl.zeros([ROWS, ACC_COLS], dtype=tl.int32)
+    else:
+        count_acc = 0
     shift = tl.zeros([ROWS], dtype=tl.float32)
     total = tl.zeros([ROWS], dtype=tl.float32)
-    if COUNT_PAIRS:
-        n_hard = tl.zeros([ROWS], dtype=tl.int32)
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, NB)
+    if SELF_MODE:
+        lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, ROWS)
+    else:
+        y_first = tl.load(ya_ptr + row0)
+        y_last = tl.load(ya_ptr + tl.minimum(row0 + ROWS, NA) - 1)
     for start in range(c0, c1, BLOCK_M):
         cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
             a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
             stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
-        in_band = tl.sum(((yb >= y_first) & (yb <= y_last)).to(tl.int32)) > 0
-        _, neg = _pair_masks(ya, yb, rows, cols, rows, cols, row_ok[:, None] & col_ok[None, :], in_band,
-                             REF_SELF_INDEX_NONE)
-        if MINING:
-            max_neg = tl.maximum(max_neg, tl.max(tl.where(neg, S, -INF), axis=1))
-            hard = neg & (S + eps > min_pos[:, None])
+        if SELF_MODE:
+            masked = ((start < hi) & (start + BLOCK_M > lo)) | (start + BLOCK_M > c1)
         else:
-            hard = neg
-        if COUNT_PAIRS:
-            n_hard += tl.sum(hard.to(tl.int32), axis=1)
-        z = (S - base) * beta2
-        shift, total = _add_exp2(shift, total, z, hard, S, True)
+            masked = (tl.sum(((yb >= y_first) & (yb <= y_last)).to(tl.int32)) > 0) | (start + BLOCK_M > c1)
+        if masked:
+            neg = col_ok[None, :] & (ya[:, None] != yb[None, :])
+            max_acc, sum_acc, count_acc, shift, total = _negatives_tile(
+                S, neg, min_pos, max_acc, sum_acc, count_acc, shift, total, beta2, base, neg_offset, eps,
+                MINING, COUNT_PAIRS, FIXED_SHIFT, True, ELEMENTWISE)
+        else:
+            max_acc, sum_acc, count_acc, shift, total = _negatives_tile(
+                S, S, min_pos, max_acc, sum_acc, count_acc, shift, total, beta2, base, neg_offset, eps,
+                MINING, COUNT_PAIRS, FIXED_SHIFT, False, ELEMENTWISE)
+    if FIXED_SHIFT:
+        shift = shift + fixed_shift
+        total = tl.sum(sum_acc, axis=1)
     part = split * NA + rows
-    tl.store(max_neg_part_ptr + part, max_neg, mask=row_ok)
+    tl.store(max_neg_part_ptr + part, tl.max(max_acc, axis=1), mask=row_ok)
     tl.store(shift_part_ptr + part, shift, mask=row_ok)
     tl.store(sum_part_ptr + part, total, mask=row_ok)
     if COUNT_PAIRS:
-        tl.store(count_part_ptr + part, n_hard, mask=row_ok)
+        tl.store(count_part_ptr + part, tl.sum(count_acc, axis=1), mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "n_splits", "n_band_splits"])
@@ -469,7 +553,7 @@ def loss_kernel(a_perm_ptr, bad_ptr, max_neg_part_ptr, shift_part_ptr, sum_part_
     """Forward stage 4, one program per BLOCK_N anchors: the sweep's and the band's partials combined in
     split order (deterministic), with the "1" of log(1 + sum) as exp2(0), into the loss
     A/alpha + B/beta = A2/alpha2 + B2/beta2, NaN for a bad anchor: its input row held a NaN/Inf (`bad`) or
-    its row of S did (a NaN negatives' sum, the sweep's flag). Writes the loss at the anchor's input row and saves
+    its row of S did (a NaN or Inf negatives' sum, the sweep's flag). Writes the loss at the anchor's input row and saves
     max_neg, A2, B2 in sorted order, A2 = B2 = NaN for a bad anchor. With COUNT_PAIRS, counts_ptr
     gets (2, NA) int32 in sorted order: each anchor's hard positives, then its hard negatives."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -479,7 +563,7 @@ def loss_kernel(a_perm_ptr, bad_ptr, max_neg_part_ptr, shift_part_ptr, sum_part_
                                          COUNT_PAIRS, BLOCK_N)
     lse_pos, n_pos = _log1p_sum_of_parts(pos_shift_part_ptr, pos_sum_part_ptr, pos_count_part_ptr, rows, row_ok, NA,
                                          n_band_splits, COUNT_PAIRS, BLOCK_N)
-    bad = (tl.load(bad_ptr + rows, mask=row_ok, other=0) != 0) | (lse_neg != lse_neg)
+    bad = (tl.load(bad_ptr + rows, mask=row_ok, other=0) != 0) | (lse_neg != lse_neg) | (lse_neg == INF)
     lse_pos = tl.where(bad, float("nan"), lse_pos)
     lse_neg = tl.where(bad, float("nan"), lse_neg)
     loss = lse_pos / alpha2 + lse_neg / beta2
@@ -494,10 +578,10 @@ def loss_kernel(a_perm_ptr, bad_ptr, max_neg_part_ptr, shift_part_ptr, sum_part_
 
 
 @triton.jit
-def _weights(S, pos, neg, valid, g, min_pos, max_neg, lse_pos, lse_neg, bad, alpha2, beta2, base, eps,
-             MINING: tl.constexpr):
+def _weights(S, pos, neg, g, min_pos, max_neg, lse_pos, lse_neg, alpha2, beta2, base, eps, MINING: tl.constexpr):
     """docs/semantics.md "Gradient": G = -g exp2(-alpha2 (S - base) - A2) on hard positives,
-    +g exp2(beta2 (S - base) - B2) on hard negatives, 0 elsewhere; NaN on every pair of a bad anchor."""
+    +g exp2(beta2 (S - base) - B2) on hard negatives, 0 elsewhere (the caller makes every pair of a bad anchor
+    NaN)."""
     if MINING:
         hard_pos = pos & (S - eps < max_neg)
         hard_neg = neg & (S + eps > min_pos)
@@ -506,8 +590,7 @@ def _weights(S, pos, neg, valid, g, min_pos, max_neg, lse_pos, lse_neg, bad, alp
         hard_neg = neg
     d = S - base
     z = tl.where(hard_pos, d * (-alpha2) - lse_pos, d * beta2 - lse_neg)
-    w = tl.exp2(tl.where(hard_pos | hard_neg, z, -INF)) * tl.where(hard_pos, -g, g)
-    return tl.where(valid & bad, float("nan"), w)
+    return tl.exp2(tl.where(hard_pos | hard_neg, z, -INF)) * tl.where(hard_pos, -g, g)
 
 
 @triton.jit
@@ -518,6 +601,24 @@ def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, idx
     return (tl.load(g_ptr + idx, mask=ok, other=0.0), tl.load(min_pos_ptr + idx, mask=ok, other=INF),
             tl.load(max_neg_ptr + idx, mask=ok, other=-INF), lse_pos,
             tl.load(lse_neg_ptr + idx, mask=ok, other=0.0), lse_pos != lse_pos)
+
+
+@triton.jit
+def _negative_weights(S, g, min_pos, neg_offset, beta2, eps, MINING: tl.constexpr):
+    """G of a tile whose pairs are all negatives (docs/semantics.md "Gradient"): g exp2(beta2 S + neg_offset)
+    on the hard ones, neg_offset = -(beta2 base + B2). A bad anchor (B2 NaN) comes with min_pos = -Inf from
+    _negative_stats: every pair hard, every weight NaN."""
+    w = tl.exp2(tl.fma(S, beta2, neg_offset)) * g
+    if MINING:
+        w = tl.where(S + eps > min_pos, w, 0.0)
+    return w
+
+
+@triton.jit
+def _negative_stats(min_pos, lse_neg, bad, beta2, base):
+    """What _negative_weights takes of an anchor's saved statistics: min_pos (-Inf for a bad anchor) and
+    neg_offset."""
+    return tl.where(bad, -INF, min_pos), -(beta2 * base + lse_neg)
 
 
 @triton.jit
@@ -575,7 +676,7 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
                     ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, REF_SELF_INDEX_MODE: tl.constexpr,
                     MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     SCALE_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, SKIP_ZERO_TILES: tl.constexpr,
-                    RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
+                    NEGATIVE_TILES: tl.constexpr, RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr):
     """dA for BLOCK_N sorted rows of A, output columns [pid(2) * BLOCK_DOUT, +BLOCK_DOUT), over the columns
     of one split: dA_hat_i = sum_j W_ij b_hat_j with W = G (ANCHOR_ROWS), G^T (ANCHOR_COLS) or G + G^T
@@ -583,7 +684,9 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
     partial sums go to `part_ptr` and combine_grad_kernel adds them in split order.
     x_hat_i . dx_hat_i = sum_j W_ij S_ij, so the normalisation chain needs no other D-slice.
     RESIDENT: one D-slice (BLOCK_DOUT = BLOCK_D >= D); each column tile is loaded once, for S and for W @ b;
-    the launcher always stores partial sums then (SPLIT), the normalisation chain needs registers."""
+    the launcher always stores partial sums then (SPLIT), the normalisation chain needs registers.
+    NEGATIVE_TILES: a tile without a same-label pair and inside the split takes _negative_weights (no label,
+    self or bounds compare, one exp2 per anchor side); else every tile takes the masked weights."""
     D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
     stride_out = stride_out_vecs * ALIGN
     row0 = tl.program_id(0) * BLOCK_N
@@ -603,6 +706,11 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
         g_r, min_pos_r, max_neg_r, lse_pos_r, lse_neg_r, bad_r = _anchor_stats(
             g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, rows, row_ok)
 
+    # the rows' labels [y_lo, y_hi] (other labels' codes are negative): a column tile without one of them holds
+    # negatives only, in G and in G^T
+    y_lo = tl.min(tl.where(row_ok & (ya >= 0), ya, 2147483647))
+    y_hi = tl.max(tl.where(row_ok, ya, -1))
+
     acc = tl.zeros([BLOCK_N, BLOCK_DOUT], dtype=tl.float32)
     x_dot_dx = tl.zeros([BLOCK_N], dtype=tl.float32)
     c0 = split * cols_per_split
@@ -611,23 +719,45 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
         cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
             a_ptr, a_off, row_ok, a_res, a_off, row_ok, a_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
             stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, 1, NORMALIZE, DOT_F32, RESIDENT)
-        valid = row_ok[:, None] & col_ok[None, :]
-        if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_COLS:
-            ref_self_index_cols = tl.load(ref_self_index_cols_ptr + cols, mask=col_ok, other=-1)
+        # one branch per tile, on a value uniform over the program, around the weights only
+        masked = (tl.sum(((yb >= y_lo) & (yb <= y_hi)).to(tl.int32)) > 0) | (start + BLOCK_M > c1)
+        if masked | (not NEGATIVE_TILES):
+            valid = row_ok[:, None] & col_ok[None, :]
+            if REF_SELF_INDEX_MODE == REF_SELF_INDEX_OF_COLS:
+                ref_self_index_cols = tl.load(ref_self_index_cols_ptr + cols, mask=col_ok, other=-1)
+            else:
+                ref_self_index_cols = cols
+            pos, neg = _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, valid,
+                                   True, REF_SELF_INDEX_MODE)
+            W = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            bad = valid & False
+            if ANCHOR_ROWS:
+                W += _weights(S, pos, neg, g_r[:, None], min_pos_r[:, None], max_neg_r[:, None], lse_pos_r[:, None],
+                              lse_neg_r[:, None], alpha2, beta2, base, eps, MINING)
+                bad = bad | bad_r[:, None]
+            if ANCHOR_COLS:
+                g_c, min_pos_c, max_neg_c, lse_pos_c, lse_neg_c, bad_c = _anchor_stats(
+                    g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, cols, col_ok)
+                W += _weights(S, pos, neg, g_c[None, :], min_pos_c[None, :], max_neg_c[None, :], lse_pos_c[None, :],
+                              lse_neg_c[None, :], alpha2, beta2, base, eps, MINING)
+                bad = bad | bad_c[None, :]
+            # NaN on every pair of a bad anchor (docs/semantics.md "Non-finite inputs")
+            W = tl.where(valid & bad, float("nan"), W)
         else:
-            ref_self_index_cols = cols
-        # every tile compares labels: a branch on the band here costs the registers the accumulator needs
-        pos, neg = _pair_masks(ya, yb, rows, cols, ref_self_index_rows, ref_self_index_cols, valid,
-                               True, REF_SELF_INDEX_MODE)
-        W = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        if ANCHOR_ROWS:
-            W += _weights(S, pos, neg, valid, g_r[:, None], min_pos_r[:, None], max_neg_r[:, None],
-                          lse_pos_r[:, None], lse_neg_r[:, None], bad_r[:, None], alpha2, beta2, base, eps, MINING)
-        if ANCHOR_COLS:
-            g_c, min_pos_c, max_neg_c, lse_pos_c, lse_neg_c, bad_c = _anchor_stats(
-                g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, cols, col_ok)
-            W += _weights(S, pos, neg, valid, g_c[None, :], min_pos_c[None, :], max_neg_c[None, :],
-                          lse_pos_c[None, :], lse_neg_c[None, :], bad_c[None, :], alpha2, beta2, base, eps, MINING)
+            if ANCHOR_ROWS:
+                min_pos_neg_r, neg_offset_r = _negative_stats(min_pos_r, lse_neg_r, bad_r, beta2, base)
+            if ANCHOR_COLS:
+                g_c, min_pos_c, _, _, lse_neg_c, bad_c = _anchor_stats(
+                    g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, cols, col_ok)
+                min_pos_neg_c, neg_offset_c = _negative_stats(min_pos_c, lse_neg_c, bad_c, beta2, base)
+                W = _negative_weights(S, g_c[None, :], min_pos_neg_c[None, :], neg_offset_c[None, :], beta2, eps,
+                                      MINING)
+                if ANCHOR_ROWS:
+                    W += _negative_weights(S, g_r[:, None], min_pos_neg_r[:, None], neg_offset_r[:, None], beta2,
+                                           eps, MINING)
+            else:
+                W = _negative_weights(S, g_r[:, None], min_pos_neg_r[:, None], neg_offset_r[:, None], beta2, eps,
+                                      MINING)
         if SKIP_ZERO_TILES:
             # a tile without mined pairs adds nothing: its second product is skipped (NaN != 0 is kept)
             if tl.sum((W != 0).to(tl.int32)) > 0:
