@@ -739,6 +739,18 @@ def _child(args: list, python: str, interpret: bool = False) -> object:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def overlap_probe(python: str) -> dict:
+    """benchmarks/overlap_probe.py under `python`: {"triton": version, "waits": {loop form: wgmma waits}}."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("MS_FUSED_NO_CPP", "1")
+    done = subprocess.run([python, os.path.join(BENCH_DIR, "overlap_probe.py")], env=env, capture_output=True,
+                          text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"overlap_probe.py ({python}) failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 # ---- the roofline with every ceiling -------------------------------------------------------------------
 
 def roofline(counted: dict, tiles: list, peak_tflops: float, l2_tbps: float, hbm_tbps: float,
@@ -893,6 +905,19 @@ def markdown(rows: list, roofs: list, command: str, params: dict) -> str:
         lines.append(f"| {s['arch']} | {s['triton']} | {s['d']} | {s['forward_sass']} ({s['forward_warps']}) | "
                      f"{s['backward_sass']} ({s['backward_warps']}) | {s['forward_layout']} | {s['backward_layout']} | "
                      f"{'yes' if s['same'] else 'no'} |")
+    if params.get("overlap_probe"):
+        lines += ["", "## Can the MMA overlap the epilogue? (`benchmarks/overlap_probe.py`)", "",
+                  "A tile loop (S = A Bᵀ per 64-column tile, D = 128, then a sum of exp2 over S) compiled for sm_90 as "
+                  "the kernels write it, and software-pipelined by hand (the next tile's dot issued before this tile's "
+                  "epilogue). The N of every `WARPGROUP.DEPBAR.LE gsb0, N` in the compiled code (0: wait for every "
+                  "group):", "", "| Triton | as written | next dot issued first |", "|---|---|---|"]
+        for pr in params["overlap_probe"]:
+            w = pr["waits"]
+            lines.append(f"| {pr['triton']} | {', '.join(map(str, w['as_written']))} | "
+                         f"{', '.join(map(str, w['prefetched']))} |")
+        lines += ["", "Where every wait is 0, Triton makes a dot asynchronous only when its result feeds the next "
+                  "dot as accumulator: a tile's epilogue cannot run beside the next tile's MMA within a warpgroup, and "
+                  "the roofline below sums them (other CTAs on the SM can still fill the gap: docs/triton_tiles.md)."]
     if roofs:
         lines += ["", "## Roofline with every ceiling (sm_90: H100 / H200)", "",
                   f"Per kernel at N = {POINT_N}, self mode, bfloat16: bytes from the interpreter's count at N = "
@@ -970,6 +995,7 @@ def main(argv=None) -> None:
             pool.submit(_child, ["--child", "bytes", "--d", args.d], py, True) for py in pythons]
         compiled = list(pool.map(lambda j: _child(["--child", "compile", "--arch", j[1], "--d", args.d], j[0]), jobs))
         counted = [c.result() for c in counting]
+        probes = [overlap_probe(py) for py in pythons]
     archs = list(dict.fromkeys(a for _, a in jobs))
     kernels = list(dict.fromkeys(r["kernel"] for rs in compiled for r in rs))
     rows = sorted((r for rs in compiled for r in rs), key=lambda r: (archs.index(r["arch"]), r["triton"], -r["d"],
@@ -980,7 +1006,7 @@ def main(argv=None) -> None:
             tiles = [r for r in rows if r["arch"] == "sm_90" and r["d"] == c["d"] and r["triton"] == c["work"]["triton"]]
             roofs.append(roofline(c, tiles, args.peak_tflops, args.l2_tbps, args.hbm_tbps, args.clock_ghz, N_SMS))
     params = dict(peak_tflops=args.peak_tflops, l2_tbps=args.l2_tbps, hbm_tbps=args.hbm_tbps, clock_ghz=args.clock_ghz,
-                  n_sms=N_SMS, rates=TENSOR_MACS_PER_CYCLE, rate_source=RATE_SOURCE, count_n=COUNT_N,
+                  n_sms=N_SMS, rates=TENSOR_MACS_PER_CYCLE, rate_source=RATE_SOURCE, count_n=COUNT_N, overlap_probe=probes,
                   seconds=round(time.time() - started, 1))
     command = "python benchmarks/sass_stats.py" + "".join(
         f" --with {os.path.relpath(s.rpartition(':')[0], REPO)}:{s.rpartition(':')[2]}" for s in args.extra) + \

@@ -181,10 +181,10 @@ def arch_family(arch: str) -> str:
 # The backward's (64, D) float32 accumulator takes 128 of 255 registers at D = 512, so the column tile
 # narrows as D grows (32 columns up to D = 128, 16 up to 512): the widest that compiles without spills
 # under Triton 3.6 and 3.9 (32 columns above D = 128 spill the backward at D = 256 under 3.9, and the sweep
-# at D = 130 under 3.6, whose 4-byte copies take more registers than 16-byte ones). The backward keeps 8
-# warps (two warpgroups share the accumulator's D); the forward runs 4, so that each 64-row dot is one
-# warpgroup's (8 would compute it twice). Skipping zero tiles is off there: the branch around the second
-# product costs registers the narrow tile saves.
+# at D = 130 under 3.6, whose 4-byte copies take more registers than 16-byte ones). The forward runs 4 warps,
+# so that each 64-row dot is one warpgroup's (8 would compute it twice); so does the backward up to D = 128,
+# above which it takes 8 (two warpgroups share the accumulator's D; 4 spill it at D = 256). Skipping zero
+# tiles is off there: the branch around the second product costs registers the narrow tile saves.
 _RESIDENT_BLOCK_M = ((128, 32), (512, 16))
 
 
@@ -234,8 +234,11 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
         bm = _resident_block_m(d)
         if bm is None:
             return chunked
-        return [TileConfig(64, bm, bd, 4, 2, bwd_warps=8, bwd_stages=2, row_groups=2, resident=True,
-                           skip_zero_tiles=False)] + chunked
+        # the backward on the sweep's 4 warps while its (64, D) accumulator fits them without spills (D <= 128):
+        # each 64-row S dot is then one warpgroup's, the same instructions as the sweep's; wider D shares the
+        # accumulator over 8 warps (and both warpgroups compute the S dot, with instructions half as wide)
+        return [TileConfig(64, bm, bd, 4, 2, bwd_warps=4 if d <= 128 else 8, bwd_stages=2, row_groups=2,
+                           resident=True, skip_zero_tiles=False)] + chunked
     # mma targets: 8 warps share the backward's (32, 256) accumulator, leaving the registers that the
     # normalisation chain at the end needs when the columns are not split
     if family == "ampere":
