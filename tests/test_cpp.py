@@ -308,6 +308,19 @@ def test_reference_mode_block_products(case, grad_ref, path, monkeypatch):
             assert not loss[::3].any() and not grads[0][::3].any() and loss.any()
 
 
+@pytest.mark.parametrize("grad_ref", [False, True])
+@pytest.mark.parametrize("d", [1, 7, 100, 300])
+def test_reference_mode_sparse_products_at_every_chunk_shape(d, grad_ref, monkeypatch):
+    # the sparse products by register chunks of D (d = 1, 7: tails; 100: registers and a tail; 300: whole
+    # chunks, packed, and a tail), over 500 columns (16 blocks of 32, the last partial: both groups of 8
+    # blocks that the products without a gradient for R take at a time)
+    _force_path(monkeypatch, "sparse")
+    x, y, r, yr = clustered_batch(40, d, 6, seed=35 + d, m=500, margin=1e-6)
+    grad_floor = float((1 / x.abs()).norm()) if d == 1 else 0.0  # as in test_self_mode_float64
+    for dtype in (torch.float64, torch.float32):
+        assert_matches_reference("cpp", x, y, r, yr, dtype=dtype, grad_ref=grad_ref, grad_floor=grad_floor)
+
+
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_reference_mode_forward_gradient_of_a_non_finite_anchor(path, monkeypatch):
     _force_path(monkeypatch, path)
