@@ -499,6 +499,11 @@ PARITY_ON_VARIANT = textwrap.dedent("""
         t.test_sparse_tile_update_matches_the_dense_products(torch.float64, d, False)
     t.test_sparse_tile_update_keeps_nan_and_drops_signed_zeros()
     t.test_self_mode_with_sparse_tiles(2, 100, 1.25)
+    import pytest
+    with pytest.MonkeyPatch.context() as mp:  # reference mode's sparse products, with and without dR
+        for d in (7, 100, 300):
+            t.test_reference_mode_sparse_products_at_every_chunk_shape(d, False, mp)
+            t.test_reference_mode_sparse_products_at_every_chunk_shape(d, True, mp)
     print("ok")
 """)
 
