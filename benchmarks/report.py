@@ -125,7 +125,7 @@ def goal_rows(doc) -> List[dict]:
     out = []
     for g in doc["settings"].get("goals") or []:
         for key, rows in sections(doc["records"]).items():
-            if key[2] != g["mode"] or g.get("d") not in (None, key[0]):
+            if key[2] != g["mode"] or g.get("d") not in (None, key[0]) or g.get("dtype") not in (None, key[1]):
                 continue
             r = _index(rows).get((g["impl"], g["n"]))
             if r is None:

@@ -17,7 +17,7 @@ MODES = ("forward", "forward_backward")
 @dataclass(frozen=True)
 class Goal:
     """A target one record must meet: `metric` of `impl` at batch size `n` in `mode` (and embedding size
-    `d`; None: every D the preset runs).
+    `d` and dtype `dtype`; None: every D, every dtype the preset runs).
 
     `metric` is a ratio of report.ratios() (speed-up and memory vs pml: at least `bound`; time per mm: at
     most `bound`) or "completes" (the record ran, no bound)."""
@@ -28,11 +28,12 @@ class Goal:
     bound: Optional[float] = None
     mode: str = "forward_backward"
     d: Optional[int] = None
+    dtype: Optional[str] = None
 
 
 def _goals(impl: str, metric: str, bound: Optional[float], ns, mode: str = "forward_backward",
-           d: Optional[int] = None) -> List[dict]:
-    return [asdict(Goal(impl, metric, n, bound, mode, d)) for n in ns]
+           d: Optional[int] = None, dtype: Optional[str] = None) -> List[dict]:
+    return [asdict(Goal(impl, metric, n, bound, mode, d, dtype)) for n in ns]
 
 
 # Every sweep the CLI runs, by (device, preset). A preset fixes N, D, dtypes and measurement settings; it
@@ -64,9 +65,11 @@ PRESETS = {
                            + _goals("ms_fused:cpp", "time_per_mm", 2.1, (8192,), "forward_backward", 512)
                            + _goals("ms_fused:cpp", "time_per_mm", 1.4, (8192,), "forward_backward", 128)),
     # a cross-batch-memory step: N anchors against a 10^5-row memory of unit rows, as CrossBatchMemory holds it
+    # (the cpp step: one product of S, then G R over the mined pairs)
     ("cpu", "bank"): dict(n=[256, 1024], d=[128], dtypes=["float32", "bfloat16"], modes=["forward_backward"],
                           memory=100_000, impls=["ms_fused:cpp", "ms_fused:torch", "pml", "mm"], loop_max_n=0,
-                          timeout_s=300, target_s=1.0, min_repeats=3, max_repeats=10, warmup=1, deadline_s=1500),
+                          timeout_s=300, target_s=1.0, min_repeats=3, max_repeats=10, warmup=1, deadline_s=1500,
+                          goals=_goals("ms_fused:cpp", "time_per_mm", 2.2, (256,), dtype="float32")),
     ("cuda", "quick"): dict(n=[1024, 4096, 16384], d=[128, 512], dtypes=["float32", "bfloat16"], loop_max_n=1024,
                             timeout_s=60, target_s=0.2, min_repeats=5, max_repeats=20, warmup=2),
     ("cuda", "full"): dict(n=[1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072], d=[128, 512],

@@ -7,13 +7,17 @@
 // r_hat may have another floating dtype than q_hat when it needs no gradient (a memory bank); it is then
 // converted block by block, never as a whole. Self mode is r_hat = ref_labels = None (R = Q, own pair removed by index);
 // ref_self_index optionally names each anchor's own row in r_hat (-1: none).
+// With unit_q_grad (reference mode; ignored in self mode) the forward also returns dL/dq_hat for grad = 1, an
+// (N, D) tensor U: anchor i's gradient row is then grad_i U_i, and ms_backward is needed for dr only. Else, and in
+// self mode, that output is an empty (0,) tensor.
 #include <torch/library.h>
 
 TORCH_LIBRARY(ms_fused, m) {
   m.set_python_module("ms_fused.cpp_backend");
   m.def(
       "ms_forward(Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, Tensor? ref_self_index, "
-      "float alpha, float beta, float base, float epsilon, bool mining) -> (Tensor loss, Tensor stats, Tensor counts)");
+      "float alpha, float beta, float base, float epsilon, bool mining, bool unit_q_grad=False) -> "
+      "(Tensor loss, Tensor stats, Tensor counts, Tensor unit_grad)");
   // dq, dr: gradients w.r.t. q_hat and r_hat; an empty (0,) tensor where not asked for (need_q / need_r false,
   // and dr always in self mode, where dq already holds the whole gradient of the shared input)
   m.def(

@@ -99,14 +99,21 @@ def per_anchor_loss(problem: Problem, count_pairs: bool = False):
     ref = None if problem.self_mode else r
     ref_labels = None if problem.self_mode else yr
     ref_self_index = None if problem.self_mode else problem.ref_self_index
-    loss, _, counts = torch.ops.ms_fused.ms_forward(q, ref, problem.labels, ref_labels, ref_self_index,
-                                                    hp.alpha, hp.beta, hp.base, hp.epsilon, hp.mining)
+    # Reference mode, a gradient for the anchors only (a memory bank): the forward, which holds each block of
+    # similarities anyway, also computes the anchors' gradient for grad = 1, and the backward only scales it
+    # (no second product of the similarities). With a gradient for R too the backward recomputes them.
+    unit_q_grad = (ref is not None and torch.is_grad_enabled() and q.requires_grad and not ref.requires_grad)
+    loss, _, counts, _ = torch.ops.ms_fused.ms_forward(q, ref, problem.labels, ref_labels, ref_self_index,
+                                                       hp.alpha, hp.beta, hp.base, hp.epsilon, hp.mining,
+                                                       unit_q_grad)
     return (loss, counts) if count_pairs else loss
 
 
-def _ms_forward_fake(q_hat, r_hat, labels, ref_labels, ref_self_index, alpha, beta, base, epsilon, mining):
+def _ms_forward_fake(q_hat, r_hat, labels, ref_labels, ref_self_index, alpha, beta, base, epsilon, mining,
+                     unit_q_grad=False):
     n = q_hat.shape[0]
-    return q_hat.new_empty(n), q_hat.new_empty(N_STATS, n), q_hat.new_empty(2, n, dtype=torch.int64)
+    unit_grad = q_hat.new_empty(q_hat.shape) if unit_q_grad and r_hat is not None else q_hat.new_empty(0)
+    return q_hat.new_empty(n), q_hat.new_empty(N_STATS, n), q_hat.new_empty(2, n, dtype=torch.int64), unit_grad
 
 
 def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, stats, alpha, beta, base, epsilon,
@@ -117,19 +124,24 @@ def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, st
 
 
 def _setup_context(ctx, inputs, output):
-    q_hat, r_hat, labels, ref_labels, ref_self_index, alpha, beta, base, epsilon, mining = inputs
-    ctx.save_for_backward(q_hat, r_hat, labels, ref_labels, ref_self_index, output[1])
+    q_hat, r_hat, labels, ref_labels, ref_self_index, alpha, beta, base, epsilon, mining = inputs[:10]
+    ctx.save_for_backward(q_hat, r_hat, labels, ref_labels, ref_self_index, output[1], output[3])
     ctx.hyper = (alpha, beta, base, epsilon, mining)
 
 
 @fused_backward("cpp")
-def _backward(ctx, grad_loss, grad_stats, grad_counts):
-    q_hat, r_hat, labels, ref_labels, ref_self_index, stats = ctx.saved_tensors
+def _backward(ctx, grad_loss, grad_stats, grad_counts, grad_unit):
+    q_hat, r_hat, labels, ref_labels, ref_self_index, stats, unit_grad = ctx.saved_tensors
     need_q = ctx.needs_input_grad[0]
     need_r = r_hat is not None and ctx.needs_input_grad[1]
-    dq, dr = torch.ops.ms_fused.ms_backward(grad_loss, q_hat, r_hat, labels, ref_labels, ref_self_index, stats,
-                                            *ctx.hyper, need_q, need_r)
-    return (dq if need_q else None, dr if need_r else None) + (None,) * 8
+    dq = dr = None
+    if need_q and unit_grad.numel() > 0:  # the forward's dL/dq_hat for grad = 1, row i scaled by grad_i
+        dq = unit_grad * grad_loss.to(unit_grad.dtype).unsqueeze(1)
+    if need_r or (need_q and dq is None):
+        dq_op, dr = torch.ops.ms_fused.ms_backward(grad_loss, q_hat, r_hat, labels, ref_labels, ref_self_index,
+                                                   stats, *ctx.hyper, need_q and dq is None, need_r)
+        dq = dq_op if dq is None else dq
+    return (dq if need_q else None, dr if need_r else None) + (None,) * 9
 
 
 def _register_fake_and_autograd() -> None:

@@ -56,8 +56,8 @@ def test_memory_bank_preset_runs_the_bank_step(tmp_path):
     assert "memory of 300 unit rows" in md
 
 
-def _record(impl, n, ms, peak, status="ok", mode="forward_backward", d=128):
-    return dict(impl=impl, n=n, d=d, dtype="float32", mode=mode, status=status, median_ms=ms, peak_mb=peak)
+def _record(impl, n, ms, peak, status="ok", mode="forward_backward", d=128, dtype="float32"):
+    return dict(impl=impl, n=n, d=d, dtype=dtype, mode=mode, status=status, median_ms=ms, peak_mb=peak)
 
 
 def test_goals_table_reads_each_goal_against_its_record():
@@ -92,6 +92,15 @@ def test_a_goal_that_names_d_is_read_against_that_d_only():
                                                                                       (512, 512, 0.625, False)]
 
 
+def test_a_goal_that_names_a_dtype_is_read_against_that_dtype_only():
+    goals = sweep._goals("ms_fused:cpp", "time_per_mm", 2.2, (256,), dtype="float32")
+    records = [_record("mm", 256, 40, 1), _record("ms_fused:cpp", 256, 80, 1),
+               _record("mm", 256, 20, 1, dtype="bfloat16"), _record("ms_fused:cpp", 256, 80, 1, dtype="bfloat16")]
+    rows = report.goal_rows(dict(settings=dict(goals=goals), records=records))
+    # 80 / 40: an exact quotient in IEEE double
+    assert [(r["section"][1], r["value"], r["met"]) for r in rows] == [("float32", 2.0, True)]
+
+
 def test_every_preset_names_known_implementations_and_goals():
     import impls
     from ms_fused.backends import BACKEND_NAMES
@@ -102,6 +111,7 @@ def test_every_preset_names_known_implementations_and_goals():
             assert impl in impls.BASELINES or impl.split(":", 1)[1] in BACKEND_NAMES
         for g in preset.get("goals", []):
             assert g["impl"] in preset["impls"] and g["n"] in preset["n"] and g["d"] in (None, *preset["d"])
+            assert g["dtype"] in (None, *preset["dtypes"])
             assert g["metric"] in report.AT_LEAST + report.AT_MOST + ("completes",)
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (Tol, assert_close, assert_matches_reference, clustered_batch, loss_and_grads, rel_err,
-                     threshold_gap)
+from helpers import (Tol, assert_close, assert_matches_reference, clustered_batch, loss_and_grads,
+                     memory_bank_batch, rel_err, threshold_gap)
 from ms_fused import backends, multi_similarity_loss
 
 CPU = torch.device("cpu")
@@ -259,6 +259,105 @@ def test_backward_is_deterministic():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1][0], second[1][0])
 
 
+# ---- reference mode: a block's G over its nonzeros, and the forward's gradient of the anchors -------------
+
+# MS_FUSED_CPP_SPARSE_SHARE forces the dense products ("0": only an all-zero block of G goes sparse) or the
+# sparse ones ("1"); None leaves the kernel's own choice per block
+PATHS = {"dense": "0", "sparse": "1", "chosen": None}
+
+
+def _force_path(monkeypatch, path):
+    if PATHS[path] is None:
+        monkeypatch.delenv("MS_FUSED_CPP_SPARSE_SHARE", raising=False)
+    else:
+        monkeypatch.setenv("MS_FUSED_CPP_SPARSE_SHARE", PATHS[path])
+
+
+def _bank_case(case):
+    """(x, y, r, yr, keyword arguments) of a reference-mode batch of 300 anchors (two row blocks) against 700
+    rows: a memory bank holding the batch (own copies removed by index, every fifth anchor's kept), the same
+    with unit rows passed as such, anchors without positives in R, one class, all labels distinct."""
+    x, y, r, yr, ref_self_index = memory_bank_batch(300, 400, 16, 40, seed=31, margin=1e-6)
+    kw = dict(ref_self_index=ref_self_index)
+    if case == "ref_normalized":
+        r = F.normalize(r, dim=1)
+        kw.update(ref_normalized=True)
+    elif case == "no_positives":  # a third of the anchors get labels R does not hold: nothing mined for them
+        y = torch.where(torch.arange(300) % 3 == 0, y + 1000, y)
+    elif case == "one_class":  # no negatives: nothing is mined, the gradient is exactly 0
+        y, yr = torch.zeros_like(y), torch.zeros_like(yr)
+    elif case == "all_distinct":  # no positives (every own copy removed): nothing is mined either
+        y, yr = torch.arange(300), torch.cat([torch.arange(300), torch.arange(1000, 1400)])
+        kw = dict(ref_self_index=torch.arange(300))
+    return x, y, r, yr, kw
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("grad_ref", [False, True])  # False: the forward's U = G R (a memory bank); True: both
+@pytest.mark.parametrize("case", ["self_index", "ref_normalized", "no_positives", "one_class", "all_distinct"])
+def test_reference_mode_block_products(case, grad_ref, path, monkeypatch):
+    if case == "ref_normalized" and grad_ref:
+        pytest.skip("ref_normalized takes a reference set without grad")
+    _force_path(monkeypatch, path)
+    x, y, r, yr, kw = _bank_case(case)
+    for dtype in (torch.float64, torch.float32):
+        loss, grads = assert_matches_reference("cpp", x, y, r, yr, dtype=dtype, grad_ref=grad_ref, **kw)
+        if case in ("one_class", "all_distinct"):  # docs/semantics.md "Reproducibility", exact zeros
+            assert not loss.any() and all(g is None or not g.any() for g in grads)
+        if case == "no_positives":  # docs/semantics.md "Mining": an empty P_i leaves N_i's mined set empty
+            assert not loss[::3].any() and not grads[0][::3].any() and loss.any()
+
+
+@pytest.mark.parametrize("grad_ref", [False, True])
+@pytest.mark.parametrize("d", [1, 7, 100, 300])
+def test_reference_mode_sparse_products_at_every_chunk_shape(d, grad_ref, monkeypatch):
+    # the sparse products by register chunks of D (d = 1, 7: tails; 100: registers and a tail; 300: whole
+    # chunks, packed, and a tail), over 500 columns (16 blocks of 32, the last partial: both groups of 8
+    # blocks that the products without a gradient for R take at a time)
+    _force_path(monkeypatch, "sparse")
+    x, y, r, yr = clustered_batch(40, d, 6, seed=35 + d, m=500, margin=1e-6)
+    grad_floor = float((1 / x.abs()).norm()) if d == 1 else 0.0  # as in test_self_mode_float64
+    for dtype in (torch.float64, torch.float32):
+        assert_matches_reference("cpp", x, y, r, yr, dtype=dtype, grad_ref=grad_ref, grad_floor=grad_floor)
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_reference_mode_forward_gradient_of_a_non_finite_anchor(path, monkeypatch):
+    _force_path(monkeypatch, path)
+    x, y, r, yr = clustered_batch(300, 6, 5, seed=10, m=30, margin=1e-9)
+    x[4, 2] = float("nan")
+    loss, (dx, _) = assert_matches_reference("cpp", x, y, r, yr, grad_ref=False)
+    assert torch.isnan(dx[4]).all() and torch.isfinite(torch.cat([dx[:4], dx[5:]])).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("grad_ref", [False, True])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_reference_mode_repeats_bit_for_bit(threads, grad_ref, path, monkeypatch):
+    # docs/semantics.md "Reproducibility", repeat: a block's path depends on its values only; with a gradient
+    # for R the sparse products cut the columns in one range per thread, summed in range order
+    _force_path(monkeypatch, path)
+    x, y, r, yr, ref_self_index = memory_bank_batch(300, 900, 24, 50, seed=33, margin=0)
+    x, r = x.float(), r.float()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        first = loss_and_grads("cpp", x, y, r, yr, grad_ref=grad_ref, ref_self_index=ref_self_index)
+        second = loss_and_grads("cpp", x, y, r, yr, grad_ref=grad_ref, ref_self_index=ref_self_index)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_sparse_share_must_be_a_share(monkeypatch):
+    monkeypatch.setenv("MS_FUSED_CPP_SPARSE_SHARE", "half")
+    x, y, r, yr = clustered_batch(20, 4, 3, seed=34, m=30, margin=0)
+    with pytest.raises(RuntimeError, match=r"MS_FUSED_CPP_SPARSE_SHARE must be a number in \[0, 1\]"):
+        loss_and_grads("cpp", x, y, r, yr)
+
+
 # ---- bad input -----------------------------------------------------------------------------------------
 
 def test_other_devices_are_refused_naming_the_backend():
@@ -289,24 +388,25 @@ def _op_inputs(dtype, reference_mode):
     return (q, F.normalize(r, dim=1).requires_grad_(True), y, yr, ref_self_index, *HP)
 
 
+@pytest.mark.parametrize("unit_q_grad", [False, True])  # True: the forward also returns U = dL/dq_hat for grad = 1
 @pytest.mark.parametrize("reference_mode", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck_forward(dtype, reference_mode):
-    torch.library.opcheck(torch.ops.ms_fused.ms_forward.default, _op_inputs(dtype, reference_mode))
+def test_opcheck_forward(dtype, reference_mode, unit_q_grad):
+    torch.library.opcheck(torch.ops.ms_fused.ms_forward.default, (*_op_inputs(dtype, reference_mode), unit_q_grad))
 
 
 @pytest.mark.parametrize("reference_mode", [False, True])
 def test_opcheck_backward(reference_mode):
     args = _op_inputs(torch.float64, reference_mode)
     q, r = (t.detach() if t is not None else None for t in args[:2])
-    loss, stats, _ = torch.ops.ms_fused.ms_forward(q, r, *args[2:])
+    loss, stats, *_ = torch.ops.ms_fused.ms_forward(q, r, *args[2:])
     grad = torch.linspace(0.1, 1.0, q.shape[0], dtype=q.dtype)
     torch.library.opcheck(torch.ops.ms_fused.ms_backward.default,
                           (grad, q, r, *args[2:5], stats, *HP, True, reference_mode))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
-@pytest.mark.parametrize("reference_mode", [False, True])
+@pytest.mark.parametrize("reference_mode", [False, True, "bank"])  # bank: no gradient for R (the forward's U)
 def test_compile_fullgraph(backend, reference_mode):
     torch._dynamo.reset()
     x, y, r, yr = clustered_batch(48, 8, 5, seed=13, dtype=torch.float32, m=36, margin=1e-6)
@@ -318,10 +418,12 @@ def test_compile_fullgraph(backend, reference_mode):
         return multi_similarity_loss(x, y, backend=backend)
 
     compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend="aot_eager")  # raises on a graph break
-    (out_c, grads_c), (out_e, grads_e) = loss_and_grads(compiled, *batch), loss_and_grads(fn, *batch)
+    grad_ref = reference_mode != "bank"
+    (out_c, grads_c), (out_e, grads_e) = (loss_and_grads(compiled, *batch, grad_ref=grad_ref),
+                                          loss_and_grads(fn, *batch, grad_ref=grad_ref))
     assert rel_err(out_c, out_e) <= 1e-6
     for g_c, g_e in zip(grads_c, grads_e):
-        assert rel_err(g_c, g_e) <= 1e-6
+        assert (g_c is None and g_e is None) or rel_err(g_c, g_e) <= 1e-6
     torch._dynamo.reset()
 
 
@@ -397,6 +499,11 @@ PARITY_ON_VARIANT = textwrap.dedent("""
         t.test_sparse_tile_update_matches_the_dense_products(torch.float64, d, False)
     t.test_sparse_tile_update_keeps_nan_and_drops_signed_zeros()
     t.test_self_mode_with_sparse_tiles(2, 100, 1.25)
+    import pytest
+    with pytest.MonkeyPatch.context() as mp:  # reference mode's sparse products, with and without dR
+        for d in (7, 100, 300):
+            t.test_reference_mode_sparse_products_at_every_chunk_shape(d, False, mp)
+            t.test_reference_mode_sparse_products_at_every_chunk_shape(d, True, mp)
     print("ok")
 """)
 

@@ -424,6 +424,7 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
 
   at::Tensor sorted_dx = at::zeros_like(so.x);
   const int64_t d = x.size(1);
+  const double share = sparse_share(kSparseShare);
   auto tile_gradient = [&](bool positives) {
     return [&, positives](const Tile& t, at::Tensor& s) {
       T* sv = s.data_ptr<T>();
@@ -450,7 +451,7 @@ void self_backward(const at::Tensor& x, const at::Tensor& ids, const Hyper<T>& h
         }
       }
       const int64_t nnz = count_nonzeros(sv, t.rows * t.cols);
-      if (nnz <= kSparseShare * t.rows * t.cols) {
+      if (nnz <= share * t.rows * t.cols) {
         const T* xv = so.x.data_ptr<T>();
         T* dxv = sorted_dx.data_ptr<T>();
         sparse_tile_update(sv, t.rows, t.cols, nnz, xv + t.row * d, xv + t.col * d, d, dxv + t.row * d,

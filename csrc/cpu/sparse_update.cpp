@@ -25,8 +25,11 @@ namespace {
 
 // Columns per block: a block's chunk of x_cols and of dx_cols (2 x 32 rows x 8 registers of 64 bytes) fills
 // 32 KB of a 48 KB L1 cache
-constexpr int64_t kBlockCols = 32;
+constexpr int64_t kBlockCols = kSparseBlockCols;
 constexpr int kChunkRegisters = 8;
+// Blocks per visit of a listed row when only dx_rows is updated (sparse_rows_update without dx_cols): 8 blocks
+// of x_cols's rows, 128 KB at D >= 128, stay in a 1 MB L2 cache, and a visit sums 8 times the entries
+constexpr int64_t kRowsGroup = 8;
 
 // The width of a vector register of each variant (MS_FUSED_ALL_VARIANTS)
 constexpr int kRegisterBytes_baseline = 16, kRegisterBytes_avx2 = 32, kRegisterBytes_avx512 = 64;
@@ -158,15 +161,18 @@ struct ColumnRows {
 };
 
 // For R registers of row i's elements (x_row, dx_row): dx_row += sum over entries e of value[e] x_cols[col[e]]
-// and dx_cols[col[e]] += value[e] x_row
-template <int R, int Bytes, typename T>
+// and, with Cols, dx_cols[col[e]] += value[e] x_row
+template <int R, int Bytes, typename T, bool Cols = true>
 MS_FUSED_INLINE void update_chunk(const int32_t* col, const T* value, int64_t first, int64_t last, const T* x_row,
                                   T* dx_row, const T* x_cols, T* dx_cols, ColumnRows at) {
   using V = typename Vec<T, Bytes>::type;
   constexpr int L = Vec<T, Bytes>::lanes;
   V xi[R], acc[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) xi[r] = load<V>(x_row + r * L), acc[r] = V{};
+  for (int r = 0; r < R; ++r) {
+    if constexpr (Cols) xi[r] = load<V>(x_row + r * L);
+    acc[r] = V{};
+  }
   for (int64_t e = first; e < last; ++e) {
     const V v = V{} + value[e];
     const T* xj = x_cols + at(col[e]);
@@ -174,7 +180,7 @@ MS_FUSED_INLINE void update_chunk(const int32_t* col, const T* value, int64_t fi
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       acc[r] += v * load<V>(xj + r * L);
-      store(dxj + r * L, load<V>(dxj + r * L) + v * xi[r]);
+      if constexpr (Cols) store(dxj + r * L, load<V>(dxj + r * L) + v * xi[r]);
     }
   }
 #pragma GCC unroll 16
@@ -182,13 +188,13 @@ MS_FUSED_INLINE void update_chunk(const int32_t* col, const T* value, int64_t fi
 }
 
 // The same for one element
-template <typename T>
+template <typename T, bool Cols = true>
 MS_FUSED_INLINE void update_element(const int32_t* col, const T* value, int64_t first, int64_t last, const T* x_row,
                                     T* dx_row, const T* x_cols, T* dx_cols, ColumnRows at) {
   T acc = 0;
   for (int64_t e = first; e < last; ++e) {
     acc += value[e] * x_cols[at(col[e])];
-    dx_cols[at(col[e])] += value[e] * x_row[0];
+    if constexpr (Cols) dx_cols[at(col[e])] += value[e] * x_row[0];
   }
   dx_row[0] += acc;
 }
@@ -260,6 +266,85 @@ MS_FUSED_INLINE void sparse_tile_update_impl(const T* w, int64_t rows, int64_t c
   }
 }
 
+template <typename T>
+MS_FUSED_INLINE void list_row_impl(const T* w, int64_t cols, int64_t nnz, SparseRow<T>& row) {
+  const int64_t blocks = divup(cols, kBlockCols);
+  row.bound.resize(blocks + 1);
+  row.col.resize(nnz + 16);
+  row.value.resize(nnz + 16);
+  int64_t at = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    row.bound[b] = at;
+    const int64_t j = b * kBlockCols;
+    at = append_nonzeros(w + j, std::min(kBlockCols, cols - j), static_cast<int32_t>(j), row.col.data(),
+                         row.value.data(), at);
+  }
+  row.bound[blocks] = at;
+}
+
+// update_blocks for listed rows and the column blocks [b0, b1), taken `group` blocks at a time; without Cols,
+// dx_cols is not touched
+template <bool Cols, typename T, typename Chunk>
+MS_FUSED_INLINE void update_listed_blocks(const SparseRow<T>* rows, int64_t count, int64_t b0, int64_t b1,
+                                          int64_t group, int64_t cols, const T* x_rows, const T* x_cols, int64_t d,
+                                          int64_t c0, int64_t width, T* dx_rows, T* dx_cols, bool pack,
+                                          std::vector<T>& packed, const Chunk& chunk) {
+  const int64_t span = group * kBlockCols, dx_offset = span * width;
+  if (pack) packed.resize(2 * dx_offset);
+  for (int64_t b = b0; b < b1; b += group) {
+    const int64_t b_end = std::min(b + group, b1);
+    const int64_t j0 = b * kBlockCols, block = std::min(b_end * kBlockCols, cols) - j0;
+    const T* x_block = x_cols + c0;
+    T* dx_block = Cols ? dx_cols + c0 : nullptr;
+    ColumnRows at{0, d};
+    if (pack) {
+      T* x_packed = packed.data();
+      for (int64_t j = 0; j < block; ++j) std::memcpy(x_packed + j * width, x_cols + (j0 + j) * d + c0, width * sizeof(T));
+      if (Cols) std::fill(packed.begin() + dx_offset, packed.end(), T(0));
+      x_block = x_packed, dx_block = Cols ? x_packed + dx_offset : nullptr, at = {j0, width};
+    }
+    for (int64_t k = 0; k < count; ++k) {
+      const int64_t first = rows[k].bound[b], last = rows[k].bound[b_end];
+      if (last > first) {
+        chunk(rows[k].col.data(), rows[k].value.data(), first, last, x_rows + k * d + c0,
+              dx_rows + k * d + c0, x_block, dx_block, at);
+      }
+    }
+    if (pack && Cols) {
+      for (int64_t j = 0; j < block; ++j) {
+        T* out = dx_cols + (j0 + j) * d + c0;
+        const T* sum = dx_block + j * width;
+#pragma omp simd
+        for (int64_t c = 0; c < width; ++c) out[c] += sum[c];
+      }
+    }
+  }
+}
+
+template <int Bytes, bool Cols, typename T>
+MS_FUSED_INLINE void sparse_rows_update_impl(const SparseRow<T>* rows, int64_t count, int64_t b0, int64_t b1,
+                                             int64_t cols, const T* x_rows, const T* x_cols, int64_t d, T* dx_rows,
+                                             T* dx_cols, std::vector<T>& packed) {
+  constexpr int R = Bytes == 64 ? kChunkRegisters : kChunkRegisters / 2, L = Vec<T, Bytes>::lanes;
+  const bool pack = d > R * L;
+  // Without dx_cols only x_cols's block must stay cached: kRowsGroup blocks at a time (in the L2 cache), so
+  // that a row's visit to a block sums more entries in its registers
+  const int64_t group = Cols ? 1 : kRowsGroup;
+  int64_t c0 = 0;
+  for (; c0 + R * L <= d; c0 += R * L) {
+    update_listed_blocks<Cols>(rows, count, b0, b1, group, cols, x_rows, x_cols, d, c0, R * L, dx_rows, dx_cols,
+                               pack, packed, update_chunk<R, Bytes, T, Cols>);
+  }
+  for (; c0 + L <= d; c0 += L) {
+    update_listed_blocks<Cols>(rows, count, b0, b1, group, cols, x_rows, x_cols, d, c0, L, dx_rows, dx_cols, pack,
+                               packed, update_chunk<1, Bytes, T, Cols>);
+  }
+  for (; c0 < d; ++c0) {
+    update_listed_blocks<Cols>(rows, count, b0, b1, group, cols, x_rows, x_cols, d, c0, 1, dx_rows, dx_cols, pack,
+                               packed, update_element<T, Cols>);
+  }
+}
+
 #define MS_FUSED_VARIANT(name, target)                                                                           \
   namespace name {                                                                                               \
   template <typename T>                                                                                          \
@@ -271,6 +356,22 @@ MS_FUSED_INLINE void sparse_tile_update_impl(const T* w, int64_t rows, int64_t c
                                  const T* x_cols, int64_t d, T* dx_rows, T* dx_cols, Scratch<T>& scratch) {      \
     sparse_tile_update_impl<kRegisterBytes_##name>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols,      \
                                                    scratch);                                                     \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  target void list_row(const T* w, int64_t cols, int64_t nnz, SparseRow<T>& row) {                               \
+    list_row_impl(w, cols, nnz, row);                                                                            \
+  }                                                                                                              \
+  template <typename T>                                                                                          \
+  target void sparse_rows_update(const SparseRow<T>* rows, int64_t count, int64_t b0, int64_t b1, int64_t cols,  \
+                                 const T* x_rows, const T* x_cols, int64_t d, T* dx_rows, T* dx_cols,            \
+                                 std::vector<T>& packed) {                                                       \
+    if (dx_cols == nullptr) {                                                                                    \
+      sparse_rows_update_impl<kRegisterBytes_##name, false>(rows, count, b0, b1, cols, x_rows, x_cols, d,       \
+                                                            dx_rows, dx_cols, packed);                           \
+    } else {                                                                                                     \
+      sparse_rows_update_impl<kRegisterBytes_##name, true>(rows, count, b0, b1, cols, x_rows, x_cols, d,        \
+                                                           dx_rows, dx_cols, packed);                            \
+    }                                                                                                            \
   }                                                                                                              \
   }
 
@@ -293,5 +394,21 @@ MS_FUSED_ALL_VARIANTS(MS_FUSED_VARIANT)
 
 MS_FUSED_SPARSE_ENTRY_POINTS(float)
 MS_FUSED_SPARSE_ENTRY_POINTS(double)
+
+#define MS_FUSED_SPARSE_ROWS_ENTRY_POINTS(T)                                                                     \
+  void list_row(const T* w, int64_t cols, int64_t nnz, SparseRow<T>& row) {                                      \
+    MS_FUSED_DISPATCH(list_row, w, cols, nnz, row)                                                               \
+  }                                                                                                              \
+  void sparse_rows_update(const SparseRow<T>* rows, int64_t count, int64_t block_first, int64_t block_last,      \
+                          int64_t cols, const T* x_rows, const T* x_cols, int64_t d, T* dx_rows, T* dx_cols) {   \
+    thread_local std::vector<T> packed; /* a block's chunk of x_cols and dx_cols, kept for the next call */      \
+    std::vector<T>* own = &packed;                                                                               \
+    asm("" : "+r"(own));                                                                                         \
+    MS_FUSED_DISPATCH(sparse_rows_update, rows, count, block_first, block_last, cols, x_rows, x_cols, d,         \
+                      dx_rows, dx_cols, *own)                                                                    \
+  }
+
+MS_FUSED_SPARSE_ROWS_ENTRY_POINTS(float)
+MS_FUSED_SPARSE_ROWS_ENTRY_POINTS(double)
 
 }  // namespace ms_fused::cpu
