@@ -1,13 +1,16 @@
 # Entry points, each doing all set-up on a fresh machine:
 #   make bench   — the benchmark comparison on whatever device is here (quick sweep; FULL=1 for the full one)
-#   make test    — the test suite
+#   make test    — the quick test tier: every module, backend and contract case, tests marked `slow` left out (minutes)
+#   make test-slow — the slow tier: the `slow` tests (compiles, fresh venvs, training, examples), the CPU matrix
+#                  (.ci/cpu_matrix.sh) and the triton tests under Triton 3.6 (.ci/triton36.sh; TRITON36_OPTS=--fresh
+#                  recreates its venv)
 #   make test-triton36 — the triton tests under the GPU image's Triton 3.6, in a second venv (.ci/triton36.sh)
 #   make vendor  — pml's wheels into benchmarks/.vendor, for gpu_check.sh on the GPU machine (no registry there)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ms_fused-installed
 
-.PHONY: bench test test-triton36 vendor install clean
+.PHONY: bench test test-slow test-triton36 vendor install clean
 
 $(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -21,7 +24,12 @@ $(STAMP): setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest tests -q -m slow
+	PY=$(PY) bash .ci/cpu_matrix.sh
+	bash .ci/triton36.sh $(TRITON36_OPTS)
 
 test-triton36:
 	bash .ci/triton36.sh

@@ -184,7 +184,8 @@ def main(argv=None):
                              prediction=not args.no_prediction),
                records=[], largest={})
     # a fresh child per record: each is capped and measured on its own
-    runner = Runner(reuse=False, preload=["torch", "ms_fused", "bench_cached"], job="bench_cached:worker")
+    runner = Runner(reuse=False, preload=["torch", "ms_fused", "bench_cached"], job="bench_cached:worker",
+                    cpp_extension=True)
     try:
         run_all(runner, args, doc)
     finally:

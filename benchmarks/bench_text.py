@@ -153,7 +153,8 @@ def main(argv=None):
                settings=dict(batches=batches, mini_batch=args.mini_batch, max_seq_length=args.max_seq_length,
                              guard_bytes=int(args.guard_gib * GIB)),
                records=[])
-    runner = Runner(reuse=False, preload=["torch", "ms_fused", "bench_text"], job="bench_text:worker")
+    runner = Runner(reuse=False, preload=["torch", "ms_fused", "bench_text"], job="bench_text:worker",
+                    cpp_extension=True)
     try:
         for method in args.methods.split(","):
             for batch in batches:

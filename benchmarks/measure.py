@@ -11,6 +11,7 @@ import gc
 import importlib
 import math
 import multiprocessing
+import os
 import resource
 import statistics
 import time
@@ -21,6 +22,8 @@ import torch
 
 import impls
 from rss import measured_call, status_kb
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 OK, OOM, TIMEOUT, ERROR, KILLED, SKIPPED, UNAVAILABLE = (
     "ok", "oom", "timeout", "error", "killed", "skipped", "unavailable")
@@ -226,10 +229,26 @@ class Runner:
 
     `job` is a module-level function, or "module:function" for one in a script run as __main__ (the child
     imports it by that name); it returns a dict with a "status" and never raises. A child that dies or
-    times out is recorded as oom / killed / timeout (`failure`)."""
+    times out is recorded as oom / killed / timeout (`failure`).
 
-    def __init__(self, reuse: bool, preload=("torch", "impls", "measure"), job=run_in_child):
+    `cpp_extension`: build (when it must be) and load the `cpp` backend's extension now, in this process, and
+    in the server that forks the children (cpp_ready), so that no record builds or loads it in its time-out.
+    `cpp_state` then says whether it is available."""
+
+    def __init__(self, reuse: bool, preload=("torch", "impls", "measure"), job=run_in_child,
+                 cpp_extension: bool = False):
         self.reuse, self.job = reuse, job
+        self.cpp_state = None
+        if cpp_extension:
+            import cpp_ready
+
+            self.cpp_state = cpp_ready.STATE
+            preload = [*preload, "cpp_ready"]
+        # the server imports `preload` with the sys.path of a fresh interpreter, not this one's (Python 3.11's
+        # forkserver.main ignores the sys_path it is handed): the benchmark modules reach it through PYTHONPATH
+        paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if BENCH_DIR not in paths:
+            os.environ["PYTHONPATH"] = os.pathsep.join([BENCH_DIR] + paths)
         self.ctx = multiprocessing.get_context("forkserver")
         self.ctx.set_forkserver_preload(list(preload))
         self.proc = None

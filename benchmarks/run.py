@@ -150,6 +150,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    if device.type == "cpu":
+        import cpp_ready  # noqa: F401  (first of all: builds the cpp extension if it must be, before any timing)
     settings = settings_from(args, device)
     env = environment.describe(device, args.threads)
     started = time.monotonic()
@@ -158,7 +160,7 @@ def main(argv=None) -> int:
     preload = ["torch", "impls", "measure", "ms_fused"]
     if "pml" in settings["impls"] and impls.unavailable_reason("pml", device, torch.float32) is None:
         preload += ["pytorch_metric_learning.losses", "pytorch_metric_learning.miners"]
-    runner = Runner(reuse=device.type == "cuda", preload=preload)
+    runner = Runner(reuse=device.type == "cuda", preload=preload, cpp_extension=device.type == "cpu")
 
     keys = sweep.plan(settings["impls"], settings["n"], settings["d"], settings["dtypes"], settings["modes"])
     guard = sweep.Guard(device=device, mem_limit_bytes=settings["mem_limit_bytes"], timeout_s=settings["timeout_s"],

