@@ -1,5 +1,5 @@
 // The per-row passes (see row_kernels.h). Every loop is a `#pragma omp simd` loop of selects, so the
-// compiler vectorises it; the entry points are compiled once per ISA level where GCC supports it, and the
+// compiler vectorises it; the entry points are compiled once per ISA variant (isa_variants.h), and the
 // variant to run is chosen once, at the first call (see row_kernels.h).
 #include "row_kernels.h"
 
@@ -82,7 +82,7 @@ MS_FUSED_INLINE void weight_row_impl(T* s, const int32_t* yr, int64_t m, int32_t
 
 // One copy of the entry points per variant, compiled for its instruction set (the always-inline passes
 // above are vectorised for it where they are inlined).
-#define MS_FUSED_VARIANT(name, target)                                                                               \
+#define MS_FUSED_VARIANT(name, target, bytes)                                                                            \
   namespace name {                                                                                                   \
   template <typename T>                                                                                              \
   target RowStats<T> forward_row(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,       \

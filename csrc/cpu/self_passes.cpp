@@ -171,7 +171,7 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
   }
 }
 
-#define MS_FUSED_VARIANT(name, target)                                                                           \
+#define MS_FUSED_VARIANT(name, target, bytes)                                                                        \
   namespace name {                                                                                               \
   template <typename T>                                                                                          \
   target UpperScan<T> scan_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_max,          \

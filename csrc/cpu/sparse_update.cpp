@@ -28,10 +28,6 @@ namespace {
 constexpr int64_t kBlockCols = 32;
 constexpr int kChunkRegisters = 8;
 
-// The width of a vector register of each variant (MS_FUSED_ALL_VARIANTS)
-constexpr int kRegisterBytes_baseline = 16, kRegisterBytes_avx2 = 32, kRegisterBytes_avx512 = 64;
-
-
 // nonzero: any bit but the sign (so -0 is 0, and NaN or Inf is kept)
 template <typename T>
 MS_FUSED_INLINE bool nonzero(T v) {
@@ -260,7 +256,7 @@ MS_FUSED_INLINE void sparse_tile_update_impl(const T* w, int64_t rows, int64_t c
   }
 }
 
-#define MS_FUSED_VARIANT(name, target)                                                                           \
+#define MS_FUSED_VARIANT(name, target, bytes)                                                                        \
   namespace name {                                                                                               \
   template <typename T>                                                                                          \
   target int64_t count_nonzeros(const T* w, int64_t len) {                                                       \
@@ -269,7 +265,7 @@ MS_FUSED_INLINE void sparse_tile_update_impl(const T* w, int64_t rows, int64_t c
   template <typename T>                                                                                          \
   target void sparse_tile_update(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows,          \
                                  const T* x_cols, int64_t d, T* dx_rows, T* dx_cols, Scratch<T>& scratch) {      \
-    sparse_tile_update_impl<kRegisterBytes_##name>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols,      \
+    sparse_tile_update_impl<bytes>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols,                     \
                                                    scratch);                                                     \
   }                                                                                                              \
   }
