@@ -12,16 +12,18 @@
 
 #include "row_kernels.h"
 #include "simd_math.h"
+#include "vec.h"
 
 #ifdef MS_FUSED_X86_VARIANTS
 #include <immintrin.h>
 #endif
 
-// the vectors below never cross a call boundary (every function taking one is always-inline)
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace ms_fused::cpu {
 namespace {
+
+using simd::load;
+using simd::store;
+using simd::Vec;
 
 // Columns per block: a block's chunk of x_cols and of dx_cols (2 x 32 rows x 8 registers of 64 bytes) fills
 // 32 KB of a 48 KB L1 cache
@@ -126,25 +128,6 @@ MS_FUSED_INLINE void list_rows(const T* w, int64_t rows, int64_t cols, int64_t n
     }
     bound[lists.blocks] = at;
   }
-}
-
-// Bytes of T as one value: GCC's vector extension, one register of the variant's ISA
-template <typename T, int Bytes>
-struct Vec {
-  typedef T type __attribute__((vector_size(Bytes)));
-  static constexpr int lanes = Bytes / sizeof(T);
-};
-
-template <typename V, typename T>
-MS_FUSED_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename V, typename T>
-MS_FUSED_INLINE void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
 }
 
 // Where row j of x_cols and of dx_cols lies in a chunk: at (j - first) * stride, first the block's first column
