@@ -31,8 +31,9 @@ _CSRC = next((d for d in (os.path.join(_PACKAGE, "_csrc"), os.path.join(os.path.
 _registered = False
 
 
-def _jit_build() -> None:
-    """Compile the C++ sources with torch.utils.cpp_extension.load (cached by torch across processes)."""
+def _jit_build() -> Optional[str]:
+    """Compile the C++ sources with torch.utils.cpp_extension.load (cached by torch across processes); returns
+    build_flags' note (the row passes will run on one thread: why, and how to get OpenMP), or None."""
     import importlib.util
 
     from torch.utils.cpp_extension import load
@@ -42,8 +43,9 @@ def _jit_build() -> None:
         raise FileNotFoundError(f"no C++ sources at {_CSRC}")
     flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flags)
-    cflags, ldflags, _ = flags.extension_flags()
+    cflags, ldflags, note = flags.extension_flags()
     load(name="ms_fused_C", sources=flags.sources(_CSRC), extra_cflags=cflags, extra_ldflags=ldflags)
+    return note
 
 
 def _last_line(exc: Exception) -> str:
@@ -58,7 +60,7 @@ def _load() -> Optional[str]:
 
     Other threads wait until the extension is imported and its fake kernels and autograd formula are
     registered: an op called before that would run without its backward."""
-    reason = None
+    reason = note = None
     if os.environ.get("MS_FUSED_NO_CPP") == "1":
         reason = "the C++ extension is switched off by MS_FUSED_NO_CPP=1"
     else:
@@ -66,16 +68,29 @@ def _load() -> Optional[str]:
             from . import _C  # noqa: F401  (loading it registers the ops)
         except ImportError as exc:
             try:
-                _jit_build()
+                note = _jit_build()
             except Exception as jit_exc:  # no compiler, no sources, a failed compile: fall back, never crash
                 reason = (f"the C++ extension is not built ({exc}) and building it now failed "
                           f"({type(jit_exc).__name__}: {_last_line(jit_exc)})")
     if reason is None:
         _register_fake_and_autograd()
+        _warn_if_one_thread(note)
     else:
         warnings.warn(f"ms_fused: {reason}; CPU tensors use the slower `torch` backend instead; {BUILD_HINT}.",
                       RuntimeWarning, stacklevel=3)
     return reason
+
+
+def _warn_if_one_thread(note: Optional[str]) -> None:
+    """One warning when torch runs on OpenMP and the extension was built without it (its row passes then take
+    one thread); `note` is the JIT build's, None for a prebuilt ms_fused._C (setup.py printed its own then)."""
+    ops = torch.ops.ms_fused
+    if torch.backends.openmp.is_available() and hasattr(ops, "built_with_openmp") and not ops.built_with_openmp():
+        note = note or ("the C++ extension ms_fused._C was built without OpenMP (the C++ compiler could not build "
+                        "it), so its row passes run on one thread; to get OpenMP, install the compiler's OpenMP "
+                        "runtime (clang: libomp, e.g. `apt-get install libomp-dev` or `brew install libomp`) and "
+                        "rebuild with `pip install --no-build-isolation .`")
+        warnings.warn(f"ms_fused: {note}.", RuntimeWarning, stacklevel=4)
 
 
 def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
