@@ -10,7 +10,7 @@ python="$(cd "$root" && cd "$(dirname "$python")" && pwd)/$(basename "$python")"
 mkdir -p "$dest"
 dest="$(realpath "$dest")"
 cd "$root"
-{ git ls-files; git ls-files --others --exclude-standard; } | while IFS= read -r f; do [ -f "$f" ] && printf '%s\n' "$f"; done |
+{ git ls-files; git ls-files --others --exclude-standard; } | while IFS= read -r f; do if [ -f "$f" ]; then printf "%s\n" "$f"; fi; done |
   tar -cf - -T - | tar -xf - -C "$dest"
 cd "$dest"
 rm -f ms_fused/_C*.so  # a failed build only warns (setup.py): never leave an older one to be tested
