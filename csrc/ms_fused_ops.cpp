@@ -26,6 +26,8 @@ TORCH_LIBRARY(ms_fused, m) {
       "bool need_q, bool need_r) -> (Tensor dq, Tensor dr)");
   // the instruction-set variant of the row passes: "avx512", "avx2" or "default" (see csrc/cpu/row_kernels.h)
   m.def("cpu_capability() -> str");
+  // whether the extension was compiled with OpenMP (without it, and with torch's OpenMP, the passes take one thread)
+  m.def("built_with_openmp() -> bool");
   // one kernel of the self-mode backward, for its tests: with W (R, C), dx[row:row+R] += W x[col:col+C] and
   // dx[col:col+C] += W^T x[row:row+R], summing only W's nonzeros (csrc/cpu/sparse_update.h)
   m.def("sparse_tile_update_(Tensor w, Tensor x, int row, int col, Tensor(a!) dx) -> ()");

@@ -33,9 +33,10 @@ _CSRC = next((d for d in (os.path.join(_PACKAGE, "_csrc"), os.path.join(os.path.
 _registered = False
 
 
-def _jit_build() -> None:
+def _jit_build() -> Optional[str]:
     """Compile the C++ sources with torch.utils.cpp_extension.load (cached by torch across processes), one
-    process at a time, saying so when it compiles, past the lock of an interrupted build (_jit_lock)."""
+    process at a time, saying so when it compiles, past the lock of an interrupted build (_jit_lock); returns
+    build_flags' note (the row passes will run on one thread: why, and how to get OpenMP), or None."""
     import glob
     import importlib.util
 
@@ -46,7 +47,7 @@ def _jit_build() -> None:
         raise FileNotFoundError(f"no C++ sources at {_CSRC}")
     flags = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(flags)
-    cflags, ldflags, _ = flags.extension_flags()
+    cflags, ldflags, note = flags.extension_flags()
     name = "ms_fused_C"
     build_dir = _get_build_directory(name, False)
     inputs = [p for pattern in ("*.py", "*.cpp", "*.h", "cpu/*.cpp", "cpu/*.h")
@@ -54,6 +55,7 @@ def _jit_build() -> None:
     guarded_build(build_dir, os.path.join(build_dir, f"{name}.so"), inputs,
                   lambda: load(name=name, sources=flags.sources(_CSRC), extra_cflags=cflags, extra_ldflags=ldflags,
                                build_directory=build_dir))
+    return note
 
 
 def _last_line(exc: Exception) -> str:
@@ -68,7 +70,7 @@ def _load() -> Optional[str]:
 
     Other threads wait until the extension is imported and its fake kernels and autograd formula are
     registered: an op called before that would run without its backward."""
-    reason = None
+    reason = note = None
     if os.environ.get("MS_FUSED_NO_CPP") == "1":
         reason = "the C++ extension is switched off by MS_FUSED_NO_CPP=1"
     else:
@@ -76,16 +78,29 @@ def _load() -> Optional[str]:
             from . import _C  # noqa: F401  (loading it registers the ops)
         except ImportError as exc:
             try:
-                _jit_build()
+                note = _jit_build()
             except Exception as jit_exc:  # no compiler, no sources, a failed compile: fall back, never crash
                 reason = (f"the C++ extension is not built ({exc}) and building it now failed "
                           f"({type(jit_exc).__name__}: {_last_line(jit_exc)})")
     if reason is None:
         _register_fake_and_autograd()
+        _warn_if_one_thread(note)
     else:
         warnings.warn(f"ms_fused: {reason}; CPU tensors use the slower `torch` backend instead; {BUILD_HINT}.",
                       RuntimeWarning, stacklevel=3)
     return reason
+
+
+def _warn_if_one_thread(note: Optional[str]) -> None:
+    """One warning when torch runs on OpenMP and the extension was built without it (its row passes then take
+    one thread); `note` is the JIT build's, None for a prebuilt ms_fused._C (setup.py printed its own then)."""
+    ops = torch.ops.ms_fused
+    if torch.backends.openmp.is_available() and hasattr(ops, "built_with_openmp") and not ops.built_with_openmp():
+        note = note or ("the C++ extension ms_fused._C was built without OpenMP (the C++ compiler could not build "
+                        "it), so its row passes run on one thread; to get OpenMP, install the compiler's OpenMP "
+                        "runtime (clang: libomp, e.g. `apt-get install libomp-dev` or `brew install libomp`) and "
+                        "rebuild with `pip install --no-build-isolation .`")
+        warnings.warn(f"ms_fused: {note}.", RuntimeWarning, stacklevel=4)
 
 
 def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:

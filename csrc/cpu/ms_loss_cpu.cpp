@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "openmp.h"
 #include "row_kernels.h"
 #include "self_mode.h"
 #include "sparse_update.h"
@@ -329,6 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ms_forward_cpu(
     const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat, const at::Tensor& labels,
     const std::optional<at::Tensor>& ref_labels, const std::optional<at::Tensor>& ref_self_index, double alpha,
     double beta, double base, double epsilon, bool mining, bool unit_q_grad) {
+  match_torch_threads();
   const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, ref_self_index);
   const int64_t n = in.q.size(0);
   at::Tensor loss = at::empty({n}, in.q.options());
@@ -353,6 +355,7 @@ std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const
                                                    const std::optional<at::Tensor>& ref_self_index,
                                                    const at::Tensor& stats, double alpha, double beta, double base,
                                                    double epsilon, bool mining, bool need_q, bool need_r) {
+  match_torch_threads();
   const Inputs in = prepare(q_hat, r_hat, labels, ref_labels, ref_self_index);
   const int64_t n = in.q.size(0);
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == n, "ms_fused: grad must have shape (", n, ",)");
@@ -378,6 +381,8 @@ std::tuple<at::Tensor, at::Tensor> ms_backward_cpu(const at::Tensor& grad, const
 }
 
 std::string cpu_capability_name() { return cpu_capability(); }
+
+bool built_with_openmp() { return kOpenMP; }
 
 void sparse_tile_update_cpu(const at::Tensor& w, const at::Tensor& x, int64_t row, int64_t col, at::Tensor& dx) {
   TORCH_CHECK(w.dim() == 2 && x.dim() == 2 && dx.sizes() == x.sizes(), "ms_fused: w and x must be matrices, dx x's shape");
@@ -415,6 +420,9 @@ TORCH_LIBRARY_IMPL(ms_fused, CPU, m) {
   m.impl("sparse_tile_update_", &sparse_tile_update_cpu);
 }
 
-TORCH_LIBRARY_IMPL(ms_fused, CompositeExplicitAutograd, m) { m.impl("cpu_capability", &cpu_capability_name); }
+TORCH_LIBRARY_IMPL(ms_fused, CompositeExplicitAutograd, m) {
+  m.impl("cpu_capability", &cpu_capability_name);
+  m.impl("built_with_openmp", &built_with_openmp);
+}
 
 }  // namespace ms_fused::cpu

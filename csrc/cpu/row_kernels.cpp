@@ -1,26 +1,44 @@
 // The per-row passes (see row_kernels.h). Every loop is a `#pragma omp simd` loop of selects, so the
-// compiler vectorises it; the entry points are compiled once per ISA level where GCC supports it, and the
-// variant to run is chosen once, at the first call (see row_kernels.h).
+// compiler vectorises it, but for the min/max scan, in explicit vectors (vec.h); the entry points are
+// compiled once per ISA variant (isa_variants.h), and the variant to run is chosen once, at the first call.
 #include "row_kernels.h"
 
 #include <algorithm>
 #include <cmath>
 
 #include "simd_math.h"
+#include "vec.h"
 
 namespace ms_fused::cpu {
 namespace {
 
 using namespace simd;
 
-template <typename T>
-MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int64_t m, int32_t yq,
-                                             int32_t ref_self_index, const Hyper<T>& hp) {
+// min_pos, max_neg and the non-finite flag of a row (see forward_row_impl), in vectors of `Bytes`
+template <int Bytes, typename T>
+MS_FUSED_INLINE void scan_row(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
+                              T& min_pos, T& max_neg, T& nonfinite) {
+  using W = Vec<T, Bytes>;
+  using V = typename W::type;
+  using Mask = typename W::mask;
   constexpr T inf = std::numeric_limits<T>::infinity();
-  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
-  T min_pos = inf, max_neg = -inf, nonfinite = 0;
-#pragma omp simd reduction(min : min_pos) reduction(max : max_neg) reduction(+ : nonfinite)
-  for (int64_t j = 0; j < m; ++j) {
+  constexpr int L = W::lanes;
+  const V pos_inf = V{} + inf, neg_inf = V{} - inf;
+  V lo = pos_inf, hi = neg_inf, bad = V{};
+  Mask index = lane_index<T, Bytes>();
+  int64_t j = 0;
+  for (; j + L <= m; j += L, index += L) {
+    const V v = load<V>(s + j);
+    const Mask same = same_label<T, Bytes>(yr + j, yq);
+    const Mask pos = same & (index != ref_self_index);
+    const V as_pos = pos ? v : pos_inf;
+    const V as_neg = same ? neg_inf : v;
+    lo = as_pos < lo ? as_pos : lo;
+    hi = as_neg > hi ? as_neg : hi;
+    bad += v - v;  // NaN as soon as one v is NaN or +-Inf
+  }
+  min_pos = min_of<T, Bytes>(lo, inf), max_neg = max_of<T, Bytes>(hi, -inf), nonfinite = sum_of<T, Bytes>(bad, 0);
+  for (; j < m; ++j) {
     const T v = s[j];
     const bool same = yr[j] == yq;
     const bool pos = same & (static_cast<int32_t>(j) != ref_self_index);
@@ -28,8 +46,17 @@ MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int6
     const T as_neg = same ? -inf : v;
     min_pos = as_pos < min_pos ? as_pos : min_pos;
     max_neg = as_neg > max_neg ? as_neg : max_neg;
-    nonfinite += v - v;  // NaN as soon as one v is NaN or +-Inf
+    nonfinite += v - v;
   }
+}
+
+template <int Bytes, typename T>
+MS_FUSED_INLINE RowStats<T> forward_row_impl(const T* s, const int32_t* yr, int64_t m, int32_t yq,
+                                             int32_t ref_self_index, const Hyper<T>& hp) {
+  constexpr T inf = std::numeric_limits<T>::infinity();
+  constexpr T nan = std::numeric_limits<T>::quiet_NaN();
+  T min_pos, max_neg, nonfinite;
+  scan_row<Bytes>(s, yr, m, yq, ref_self_index, min_pos, max_neg, nonfinite);
   if (!(nonfinite == 0)) return {min_pos, max_neg, nan, nan};
 
   const T eps = hp.epsilon;
@@ -82,12 +109,12 @@ MS_FUSED_INLINE void weight_row_impl(T* s, const int32_t* yr, int64_t m, int32_t
 
 // One copy of the entry points per variant, compiled for its instruction set (the always-inline passes
 // above are vectorised for it where they are inlined).
-#define MS_FUSED_VARIANT(name, target)                                                                               \
+#define MS_FUSED_VARIANT(name, target, bytes)                                                                            \
   namespace name {                                                                                                   \
   template <typename T>                                                                                              \
   target RowStats<T> forward_row(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,       \
                                  const Hyper<T>& hp) {                                                               \
-    return forward_row_impl(s, yr, m, yq, ref_self_index, hp);                                                       \
+    return forward_row_impl<bytes>(s, yr, m, yq, ref_self_index, hp);                                                  \
   }                                                                                                                  \
   template <typename T>                                                                                              \
   target void weight_row(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,                     \

@@ -1,48 +1,62 @@
-// The passes of self_passes.h: `#pragma omp simd` loops of selects, compiled once per ISA variant.
+// The passes of self_passes.h: `#pragma omp simd` loops of selects (the min/max scans in explicit vectors,
+// vec.h), compiled once per ISA variant.
 #include "self_passes.h"
 
 #include <algorithm>
 #include <limits>
 
 #include "simd_math.h"
+#include "vec.h"
 
 namespace ms_fused::cpu {
 namespace {
 
 using namespace simd;
 
-template <typename T>
-MS_FUSED_INLINE UpperScan<T> scan_negatives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_max,
-                                                 T* col_bad) {
-  constexpr T inf = std::numeric_limits<T>::infinity();
-  T row_max = -inf, bad = 0;
-#pragma omp simd reduction(max : row_max) reduction(+ : bad)
-  for (int64_t k = 0; k < len; ++k) {
-    const T v = s[k];
-    const T as_neg = y[k] != yi ? v : -inf;
-    row_max = as_neg > row_max ? as_neg : row_max;
-    col_max[k] = as_neg > col_max[k] ? as_neg : col_max[k];
-    bad += v - v;  // NaN as soon as one v is NaN or +-Inf
-    col_bad[k] += v - v;
-  }
-  return {row_max, bad};
-}
-
-template <typename T>
-MS_FUSED_INLINE UpperScan<T> scan_positives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_min,
-                                                 T* col_bad) {
-  constexpr T inf = std::numeric_limits<T>::infinity();
-  T row_min = inf, bad = 0;
-#pragma omp simd reduction(min : row_min) reduction(+ : bad)
-  for (int64_t k = 0; k < len; ++k) {
-    const T v = s[k];
-    const T as_pos = y[k] == yi ? v : inf;
-    row_min = as_pos < row_min ? as_pos : row_min;
-    col_min[k] = as_pos < col_min[k] ? as_pos : col_min[k];
+// The row's extreme over one kind of pair, and each column's: negatives (Negatives: other label) raise
+// row and col_ext[k] to their largest s, positives (same label) lower them to their smallest; `bad` and
+// col_bad[k] become NaN as soon as one s is NaN or +-Inf. In vectors of `Bytes`, the rest one by one.
+template <bool Negatives, int Bytes, typename T>
+MS_FUSED_INLINE UpperScan<T> scan_extremes(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_ext,
+                                           T* col_bad) {
+  using W = Vec<T, Bytes>;
+  using V = typename W::type;
+  constexpr T none = Negatives ? -std::numeric_limits<T>::infinity() : std::numeric_limits<T>::infinity();
+  const V none_v = V{} + none;
+  V row = none_v, bad = V{};
+  int64_t k = 0;
+  for (; k + W::lanes <= len; k += W::lanes) {
+    const V v = load<V>(s + k);
+    const typename W::mask same = same_label<T, Bytes>(y + k, yi);
+    const V kind = Negatives ? (same ? none_v : v) : (same ? v : none_v);
+    const V col = load<V>(col_ext + k);
+    if constexpr (Negatives) {
+      row = kind > row ? kind : row;
+      store(col_ext + k, kind > col ? kind : col);
+    } else {
+      row = kind < row ? kind : row;
+      store(col_ext + k, kind < col ? kind : col);
+    }
     bad += v - v;
+    store(col_bad + k, load<V>(col_bad + k) + (v - v));
+  }
+  T row_ext = Negatives ? max_of<T, Bytes>(row, none) : min_of<T, Bytes>(row, none);
+  T row_bad = sum_of<T, Bytes>(bad, 0);
+  for (; k < len; ++k) {
+    const T v = s[k];
+    const bool kind = Negatives ? y[k] != yi : y[k] == yi;
+    const T as_kind = kind ? v : none;
+    if constexpr (Negatives) {
+      row_ext = as_kind > row_ext ? as_kind : row_ext;
+      col_ext[k] = as_kind > col_ext[k] ? as_kind : col_ext[k];
+    } else {
+      row_ext = as_kind < row_ext ? as_kind : row_ext;
+      col_ext[k] = as_kind < col_ext[k] ? as_kind : col_ext[k];
+    }
+    row_bad += v - v;
     col_bad[k] += v - v;
   }
-  return {row_min, bad};
+  return {row_ext, row_bad};
 }
 
 // Positives: z = -alpha s, mined iff s - eps < limit
@@ -69,9 +83,12 @@ MS_FUSED_INLINE UpperSums<T> sum_positives_impl(const T* s, const int32_t* y, in
   return {sum, static_cast<int64_t>(count)};
 }
 
-// scan_negatives and the mined negatives' sums in one pass (Shared: one exp per pair, `factor` and
+// Elements of a row that scan_sum_negatives takes at a time: scanned, then summed while they are in the L1 cache
+constexpr int64_t kScanBlock = 512;
+
+// scan_negatives and the mined negatives' sums in one sweep (Shared: one exp per pair, `factor` and
 // col_scale[k] the anchors' factors; else `offset` and col_scale[k] their offsets)
-template <bool Shared, typename T>
+template <bool Shared, int Bytes, typename T>
 MS_FUSED_INLINE UpperScanSums<T> scan_sum_negatives_impl(const T* s, const int32_t* y, int64_t len, int32_t yi,
                                                          T limit, T offset, T factor, const T* col_limit,
                                                          const T* col_scale, T* col_max, T* col_bad, T* col_sum,
@@ -80,23 +97,24 @@ MS_FUSED_INLINE UpperScanSums<T> scan_sum_negatives_impl(const T* s, const int32
   const T beta = hp.beta, eps = hp.epsilon;
   T row_max = -inf, bad = 0, sum = 0;
   PairCount<T> count = 0;
-#pragma omp simd reduction(max : row_max) reduction(+ : bad, sum, count)
-  for (int64_t k = 0; k < len; ++k) {
-    const T v = s[k];
-    const bool other = y[k] != yi;
-    const T as_neg = other ? v : -inf;
-    row_max = as_neg > row_max ? as_neg : row_max;
-    col_max[k] = as_neg > col_max[k] ? as_neg : col_max[k];
-    bad += v - v;
-    col_bad[k] += v - v;
-    const bool row_mined = other & (v + eps > limit);
-    const bool col_mined = other & (v + eps > col_limit[k]);
-    const T row_e = vec_exp(beta * v + offset);
-    const T col_e = Shared ? row_e * col_scale[k] : vec_exp(beta * v + col_scale[k]);
-    sum += row_mined ? row_e : T(0);
-    count += row_mined ? PairCount<T>(1) : PairCount<T>(0);
-    col_sum[k] += col_mined ? col_e : T(0);
-    col_count[k] += col_mined ? PairCount<T>(1) : PairCount<T>(0);
+  for (int64_t k0 = 0; k0 < len; k0 += kScanBlock) {
+    const int64_t end = std::min(len, k0 + kScanBlock);
+    const UpperScan<T> scan = scan_extremes<true, Bytes>(s + k0, y + k0, end - k0, yi, col_max + k0, col_bad + k0);
+    row_max = scan.extreme > row_max ? scan.extreme : row_max;
+    bad += scan.bad;
+#pragma omp simd reduction(+ : sum, count)
+    for (int64_t k = k0; k < end; ++k) {
+      const T v = s[k];
+      const bool other = y[k] != yi;
+      const bool row_mined = other & (v + eps > limit);
+      const bool col_mined = other & (v + eps > col_limit[k]);
+      const T row_e = vec_exp(beta * v + offset);
+      const T col_e = Shared ? row_e * col_scale[k] : vec_exp(beta * v + col_scale[k]);
+      sum += row_mined ? row_e : T(0);
+      count += row_mined ? PairCount<T>(1) : PairCount<T>(0);
+      col_sum[k] += col_mined ? col_e : T(0);
+      col_count[k] += col_mined ? PairCount<T>(1) : PairCount<T>(0);
+    }
   }
   return {row_max, bad, Shared ? sum * factor : sum, static_cast<int64_t>(count)};
 }
@@ -171,17 +189,17 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
   }
 }
 
-#define MS_FUSED_VARIANT(name, target)                                                                           \
+#define MS_FUSED_VARIANT(name, target, bytes)                                                                        \
   namespace name {                                                                                               \
   template <typename T>                                                                                          \
   target UpperScan<T> scan_negatives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_max,          \
                                      T* col_bad) {                                                               \
-    return scan_negatives_impl(s, y, len, yi, col_max, col_bad);                                                 \
+    return scan_extremes<true, bytes>(s, y, len, yi, col_max, col_bad);                                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
   target UpperScan<T> scan_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T* col_min,          \
                                      T* col_bad) {                                                               \
-    return scan_positives_impl(s, y, len, yi, col_min, col_bad);                                                 \
+    return scan_extremes<false, bytes>(s, y, len, yi, col_min, col_bad);                                            \
   }                                                                                                              \
   template <typename T>                                                                                          \
   target UpperSums<T> sum_positives(const T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T offset,    \
@@ -194,8 +212,8 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
                                              T offset, T factor, const T* col_limit, const T* col_scale,         \
                                              T* col_max, T* col_bad, T* col_sum, PairCount<T>* col_count,        \
                                              const Hyper<T>& hp) {                                               \
-    return scan_sum_negatives_impl<Shared>(s, y, len, yi, limit, offset, factor, col_limit, col_scale, col_max,  \
-                                           col_bad, col_sum, col_count, hp);                                     \
+    return scan_sum_negatives_impl<Shared, bytes>(s, y, len, yi, limit, offset, factor, col_limit, col_scale,    \
+                                                  col_max, col_bad, col_sum, col_count, hp);                     \
   }                                                                                                              \
   template <typename T>                                                                                          \
   target void upper_negative_weights_shared(T* s, const int32_t* y, int64_t len, int32_t yi, T limit, T coef,    \

@@ -1,8 +1,8 @@
 // Branch-free math shared by the per-row passes (row_kernels.cpp, self_passes.cpp), and the choice of
-// the x86 ISA variant those passes are compiled for.
+// the ISA variant those passes run (the variants themselves: isa_variants.h).
 //
 // Everything here is always-inline, so each variant of a pass gets it vectorised for its own instruction
-// set where the pass is compiled (see MS_FUSED_X86_VARIANTS).
+// set where the pass is compiled (see MS_FUSED_ALL_VARIANTS).
 #pragma once
 
 #include <bit>
@@ -13,11 +13,9 @@
 #include <limits>
 #include <utility>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MS_FUSED_X86_VARIANTS 1
-#endif
-
 #define MS_FUSED_INLINE inline __attribute__((always_inline))
+
+#include "isa_variants.h"
 
 namespace ms_fused::cpu::simd {
 
@@ -111,18 +109,6 @@ void fill_nan(T* s, int64_t m) {
   for (int64_t j = 0; j < m; ++j) s[j] = std::numeric_limits<T>::quiet_NaN();
 }
 
-enum class Isa { kDefault, kAvx2, kAvx512 };
-inline constexpr const char* kIsaNames[] = {"default", "avx2", "avx512"};  // as ATEN_CPU_CAPABILITY spells them
-
-inline Isa best_supported() {
-#ifdef MS_FUSED_X86_VARIANTS
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
-#endif
-  return Isa::kDefault;
-}
-
 // The best variant the CPU runs, or a narrower one named by ATEN_CPU_CAPABILITY (PyTorch's variable, read
 // once as PyTorch does; a wider one than the CPU runs, or a name without a variant here, is ignored).
 inline Isa choose_isa() {
@@ -142,24 +128,3 @@ inline Isa active_isa() {
 }
 
 }  // namespace ms_fused::cpu::simd
-
-// MS_FUSED_ALL_VARIANTS(V) expands V(name, target attribute) once per ISA variant, each defining namespace
-// `name` with the entry points compiled for that ISA; without x86 variants avx2 and avx512 name the baseline.
-#ifdef MS_FUSED_X86_VARIANTS
-#define MS_FUSED_ALL_VARIANTS(V) \
-  V(baseline, )                  \
-  V(avx2, __attribute__((target("arch=x86-64-v3")))) V(avx512, __attribute__((target("arch=x86-64-v4"))))
-#else
-#define MS_FUSED_ALL_VARIANTS(V) \
-  V(baseline, )                  \
-  namespace avx2 = baseline;     \
-  namespace avx512 = baseline;
-#endif
-
-// Runs fn of the namespace of the active variant: avx512::fn, avx2::fn or baseline::fn
-#define MS_FUSED_DISPATCH(fn, ...)                                               \
-  switch (::ms_fused::cpu::simd::active_isa()) {                                 \
-    case ::ms_fused::cpu::simd::Isa::kAvx512: return avx512::fn(__VA_ARGS__);    \
-    case ::ms_fused::cpu::simd::Isa::kAvx2: return avx2::fn(__VA_ARGS__);        \
-    default: return baseline::fn(__VA_ARGS__);                                   \
-  }

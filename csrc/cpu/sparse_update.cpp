@@ -12,16 +12,18 @@
 
 #include "row_kernels.h"
 #include "simd_math.h"
+#include "vec.h"
 
 #ifdef MS_FUSED_X86_VARIANTS
 #include <immintrin.h>
 #endif
 
-// the vectors below never cross a call boundary (every function taking one is always-inline)
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace ms_fused::cpu {
 namespace {
+
+using simd::load;
+using simd::store;
+using simd::Vec;
 
 // Columns per block: a block's chunk of x_cols and of dx_cols (2 x 32 rows x 8 registers of 64 bytes) fills
 // 32 KB of a 48 KB L1 cache
@@ -30,10 +32,6 @@ constexpr int kChunkRegisters = 8;
 // Blocks per visit of a listed row when only dx_rows is updated (sparse_rows_update without dx_cols): 8 blocks
 // of x_cols's rows, 128 KB at D >= 128, stay in a 1 MB L2 cache, and a visit sums 8 times the entries
 constexpr int64_t kRowsGroup = 8;
-
-// The width of a vector register of each variant (MS_FUSED_ALL_VARIANTS)
-constexpr int kRegisterBytes_baseline = 16, kRegisterBytes_avx2 = 32, kRegisterBytes_avx512 = 64;
-
 
 // nonzero: any bit but the sign (so -0 is 0, and NaN or Inf is kept)
 template <typename T>
@@ -133,25 +131,6 @@ MS_FUSED_INLINE void list_rows(const T* w, int64_t rows, int64_t cols, int64_t n
     }
     bound[lists.blocks] = at;
   }
-}
-
-// Bytes of T as one value: GCC's vector extension, one register of the variant's ISA
-template <typename T, int Bytes>
-struct Vec {
-  typedef T type __attribute__((vector_size(Bytes)));
-  static constexpr int lanes = Bytes / sizeof(T);
-};
-
-template <typename V, typename T>
-MS_FUSED_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename V, typename T>
-MS_FUSED_INLINE void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof(v));
 }
 
 // Where row j of x_cols and of dx_cols lies in a chunk: at (j - first) * stride, first the block's first column
@@ -345,7 +324,7 @@ MS_FUSED_INLINE void sparse_rows_update_impl(const SparseRow<T>* rows, int64_t c
   }
 }
 
-#define MS_FUSED_VARIANT(name, target)                                                                           \
+#define MS_FUSED_VARIANT(name, target, bytes)                                                                        \
   namespace name {                                                                                               \
   template <typename T>                                                                                          \
   target int64_t count_nonzeros(const T* w, int64_t len) {                                                       \
@@ -354,7 +333,7 @@ MS_FUSED_INLINE void sparse_rows_update_impl(const SparseRow<T>* rows, int64_t c
   template <typename T>                                                                                          \
   target void sparse_tile_update(const T* w, int64_t rows, int64_t cols, int64_t nnz, const T* x_rows,          \
                                  const T* x_cols, int64_t d, T* dx_rows, T* dx_cols, Scratch<T>& scratch) {      \
-    sparse_tile_update_impl<kRegisterBytes_##name>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols,      \
+    sparse_tile_update_impl<bytes>(w, rows, cols, nnz, x_rows, x_cols, d, dx_rows, dx_cols,                     \
                                                    scratch);                                                     \
   }                                                                                                              \
   template <typename T>                                                                                          \
@@ -366,10 +345,10 @@ MS_FUSED_INLINE void sparse_rows_update_impl(const SparseRow<T>* rows, int64_t c
                                  const T* x_rows, const T* x_cols, int64_t d, T* dx_rows, T* dx_cols,            \
                                  std::vector<T>& packed) {                                                       \
     if (dx_cols == nullptr) {                                                                                    \
-      sparse_rows_update_impl<kRegisterBytes_##name, false>(rows, count, b0, b1, cols, x_rows, x_cols, d,       \
+      sparse_rows_update_impl<bytes, false>(rows, count, b0, b1, cols, x_rows, x_cols, d,                      \
                                                             dx_rows, dx_cols, packed);                           \
     } else {                                                                                                     \
-      sparse_rows_update_impl<kRegisterBytes_##name, true>(rows, count, b0, b1, cols, x_rows, x_cols, d,        \
+      sparse_rows_update_impl<bytes, true>(rows, count, b0, b1, cols, x_rows, x_cols, d,                       \
                                                            dx_rows, dx_cols, packed);                            \
     }                                                                                                            \
   }                                                                                                              \
