@@ -568,6 +568,16 @@ def negatives_fixed_shift(hp) -> Optional[float]:
     return bound if bound <= FIXED_SHIFT_LIMIT else None
 
 
+def elementwise_sweep(cfg: TileConfig, dtype: torch.dtype, arch: str) -> bool:
+    """Does the sweep keep its max and sum per element (sweep_kernel's ELEMENTWISE)? While they cost at most 32
+    registers each (4096 elements a tile on 4 warps), except beside Hopper's float32 dots, which run on the CUDA
+    cores and leave no registers for them (spills under Triton 3.6 and 3.9); sm_89's float32 sweep, by
+    contrast, spills with the per-tile reductions (kernel_stats.py)."""
+    if dtype == torch.float32 and arch_family(arch) == "hopper":
+        return False
+    return cfg.block_n * cfg.row_groups * cfg.block_m <= 4096
+
+
 def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Per-anchor losses (float32, input order); leaves the saved statistics in plan.stats."""
     hp, cfg, a = plan.hp, plan.cfg, plan.anchors
@@ -614,7 +624,8 @@ def _forward(plan: Plan, q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
             max_neg_part_ptr=parts[0], shift_part_ptr=parts[1], sum_part_ptr=parts[2], count_part_ptr=count_parts,
             cols_per_split=cols_per_split, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
             fixed_shift=0.0 if fixed_shift is None else fixed_shift, SELF_MODE=plan.self_mode, MINING=hp.mining,
-            COUNT_PAIRS=plan.count, FIXED_SHIFT=fixed_shift is not None, ROW_GROUPS=cfg.row_groups)
+            COUNT_PAIRS=plan.count, FIXED_SHIFT=fixed_shift is not None,
+            ELEMENTWISE=elementwise_sweep(cfg, q.dtype, target_arch(dev)), ROW_GROUPS=cfg.row_groups)
     _launch(kernels.finish_kernel, band_grid, cfg, **band_rows, ref_self_index_ptr=ref_self_index,
             max_neg_part_ptr=parts[0], pos_shift_part_ptr=band_parts[1], pos_sum_part_ptr=band_parts[2],
             pos_count_part_ptr=pos_count_parts, n_splits=n_splits, n_band_splits=band_splits,
@@ -699,9 +710,11 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
 
 def negative_tiles(cfg: TileConfig, d: int) -> bool:
     """Does the backward give tiles of negatives only their own weights (backward_kernel's NEGATIVE_TILES)?
-    Not for a resident D above 256 (Triton 3.6's D = 512): its (64, 512) accumulator leaves the registers of
-    one copy of the weights' code, and a second spilled (kernel_stats.py)."""
-    return not (cfg.resident and d > 256)
+    On the resident (Hopper) configurations up to D = 256, where its instructions were counted and it compiles
+    without spills. Not at D = 512 (Triton 3.6): the (64, 512) accumulator leaves the registers of one copy of
+    the weights' code, and a second spilled; nor on the re-reading configurations of the other targets, where
+    the second copy spilled float16 on sm_80 (kernel_stats.py)."""
+    return cfg.resident and d <= 256
 
 
 def _scale_weights(dtype: torch.dtype, cfg: TileConfig) -> bool:

@@ -372,8 +372,8 @@ def _negatives_tile(S, neg, min_pos, max_acc, sum_acc, count_acc, shift, total, 
     is a negative (a tile outside the label band), so such a tile costs per element a max, the hard-negative
     test, one exp2 and a sum; MASKED tiles keep the negatives `neg` only.
 
-    Element-wise accumulators (max_acc, count_acc and, with FIXED_SHIFT, sum_acc) are reduced over the columns
-    once, after the last tile. FIXED_SHIFT: the shift of the hard-negative sum is a constant bound of
+    Element-wise accumulators (max_acc and, with FIXED_SHIFT, sum_acc; ELEMENTWISE) are reduced over the
+    columns once, after the last tile; count_acc (COUNT_PAIRS) is counted per row and tile. FIXED_SHIFT: the shift of the hard-negative sum is a constant bound of
     beta2 (S - base) (the launcher's, normalised S), so each term is exp2(beta2 S + neg_offset) with
     neg_offset = -(beta2 base + shift) and no running maximum; else an online shift per row and tile.
     Non-finite S: a pair not summed adds S * 0 (0, or NaN for a NaN or Inf), a summed +Inf adds Inf, and
@@ -390,16 +390,13 @@ def _negatives_tile(S, neg, min_pos, max_acc, sum_acc, count_acc, shift, total, 
             hard = S + eps > min_pos[:, None]
         else:
             hard = S == S
-    if ELEMENTWISE:
-        if MINING:
+    if MINING:
+        if ELEMENTWISE:
             max_acc = tl.maximum(max_acc, tile_max)
-        if COUNT_PAIRS:
-            count_acc += hard.to(tl.int32)
-    else:
-        if MINING:
+        else:
             max_acc = tl.maximum(max_acc, tl.max(tile_max, axis=1, keep_dims=True))
-        if COUNT_PAIRS:
-            count_acc += tl.sum(hard.to(tl.int32), axis=1, keep_dims=True)
+    if COUNT_PAIRS:  # statistics only (return_stats): counted per row and tile, in the registers of a row
+        count_acc += tl.sum(hard.to(tl.int32), axis=1)
     if FIXED_SHIFT:
         terms = tl.where(hard, tl.exp2(tl.fma(S, beta2, neg_offset)), S * 0.0)
         if ELEMENTWISE:
@@ -417,13 +414,15 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
                  max_neg_part_ptr, shift_part_ptr, sum_part_ptr, count_part_ptr,
                  NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, cols_per_split, beta2, base, eps, fixed_shift,
                  SELF_MODE: tl.constexpr, MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
-                 COUNT_PAIRS: tl.constexpr, FIXED_SHIFT: tl.constexpr, RESIDENT: tl.constexpr,
-                 ROW_GROUPS: tl.constexpr, ALIGN: tl.constexpr,
+                 COUNT_PAIRS: tl.constexpr, FIXED_SHIFT: tl.constexpr, ELEMENTWISE: tl.constexpr,
+                 RESIDENT: tl.constexpr, ROW_GROUPS: tl.constexpr, ALIGN: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Forward stage 2, program (ROW_GROUPS anchor blocks, column split): over the split's columns, max_neg
     and the hard-negative sum of exp2(beta2 (S - base) - shift), shift = fixed_shift with FIXED_SHIFT, else
     online (starting at 0, so the final shift is max(0, max z)). Hard negatives: S + eps > min_pos, tested as
-    written. The sum is NaN for a row whose S holds a NaN or Inf.
+    written. The sum is NaN for a row whose S holds a NaN or Inf. ELEMENTWISE: the max and the sum are kept per
+    element and reduced over the columns after the last tile (the launcher's choice, by registers), else reduced
+    over each tile's columns.
 
     A tile is masked (label and bounds compares) when it overlaps the block's label band or the end of the
     split, else every pair in it is a negative and its epilogue compares nothing: one branch per tile, on
@@ -452,8 +451,6 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
     else:
         min_pos = inv_a
     neg_offset = -(beta2 * base + fixed_shift)
-    # element-wise accumulators while they cost at most 32 registers each, else reduced over each tile's columns
-    ELEMENTWISE: tl.constexpr = ROWS * BLOCK_M <= 4096
     ACC_COLS: tl.constexpr = BLOCK_M if ELEMENTWISE else 1
     max_acc = tl.full([ROWS, ACC_COLS], -INF, tl.float32)
     if FIXED_SHIFT:
@@ -461,7 +458,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
     else:
         sum_acc = 0.0
     if COUNT_PAIRS:
-        count_acc = tl.zeros([ROWS, ACC_COLS], dtype=tl.int32)
+        count_acc = tl.zeros([ROWS], dtype=tl.int32)
     else:
         count_acc = 0
     shift = tl.zeros([ROWS], dtype=tl.float32)
@@ -498,7 +495,7 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
     tl.store(shift_part_ptr + part, shift, mask=row_ok)
     tl.store(sum_part_ptr + part, total, mask=row_ok)
     if COUNT_PAIRS:
-        tl.store(count_part_ptr + part, tl.sum(count_acc, axis=1), mask=row_ok)
+        tl.store(count_part_ptr + part, count_acc, mask=row_ok)
 
 
 @triton.jit(do_not_specialize=["NA", "NB", "n_splits", "n_band_splits"])
