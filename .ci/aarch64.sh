@@ -4,7 +4,7 @@
 #
 #   bash .ci/aarch64.sh                  tests/test_cpp.py whole, on a NEON-only CPU and on one with 256-bit SVE,
 #                                        then the variant chosen on five CPUs
-#   bash .ci/aarch64.sh --quick          the subset that CI runs (AARCH64_QUICK below)
+#   bash .ci/aarch64.sh --quick          a subset (AARCH64_QUICK below)
 #   bash .ci/aarch64.sh -- ARGS...       pytest ARGS instead (with the same environment), once per CPU
 #   AARCH64_CPUS="max,sve256=on" ...     the QEMU_CPU models to run (space-separated)
 #
