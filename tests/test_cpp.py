@@ -4,6 +4,7 @@ variant. Tolerances: helpers.TOLERANCE; the contract and edge cases run in test_
 test_edge_cases.py.
 """
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -480,7 +481,9 @@ def test_switched_off_extension_falls_back_to_torch():
 
 # ---- every instruction-set variant of the row passes ---------------------------------------------------
 
-VARIANTS = ("default", "avx2", "avx512")  # narrowest first, spelled as ATEN_CPU_CAPABILITY spells them
+# narrowest first, spelled as ATEN_CPU_CAPABILITY spells them (aarch64: NEON, then SVE at 128 or 256 bits, one
+# vector-length-agnostic variant chosen where PyTorch would choose its sve128 or sve256 kernels)
+VARIANTS = ("default", "sve128", "sve256") if platform.machine() == "aarch64" else ("default", "avx2", "avx512")
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 # a few of the parity tests above, in a process whose row passes run the variant named by ATEN_CPU_CAPABILITY
 PARITY_ON_VARIANT = textwrap.dedent("""

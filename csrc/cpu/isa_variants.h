@@ -53,6 +53,10 @@ inline Isa best_supported() {
     default: return baseline::fn(__VA_ARGS__);                                   \
   }
 
+#elif defined(__aarch64__)
+// ---- aarch64: baseline (NEON), SVE of any vector length (GCC on Linux) ----------------------------------
+#include "simd_aarch64.h"
+
 #else
 // ---- any other CPU or compiler: the baseline only (16-byte vectors, whatever the compiler makes of them) ----
 namespace ms_fused::cpu::simd {

@@ -130,7 +130,8 @@ MS_FUSED_INLINE void upper_negative_weights_shared_impl(T* s, const int32_t* y, 
     const bool other = y[k] != yi;
     const T e = vec_exp(beta * v + offset);
     const T row_coef = (other & (v + eps > limit)) ? coef : T(0);
-    const T col = (other & (v + eps > col_limit[k])) ? col_coef[k] : T(0);
+    const T col_k = col_coef[k];  // loaded whatever the select: a load under a condition needs masked loads
+    const T col = (other & (v + eps > col_limit[k])) ? col_k : T(0);
     const T w = (row_coef + col) * e;
     s[k] = (row_coef + col) != T(0) ? w : T(0);  // e of an unmined pair may be +Inf: never 0 * Inf
   }
@@ -174,7 +175,8 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
       const T v = s[k];
       const bool same = y[k] == yi;
       const T g_ij = (same & (v - eps < w.pos_limit)) ? w.pos_coef * vec_exp(-alpha * v + w.pos_shift) : T(0);
-      const T g_ji = (same & (v - eps < c.pos_limit[k])) ? c.pos_coef[k] * vec_exp(-alpha * v + c.pos_shift[k]) : T(0);
+      const T coef_k = c.pos_coef[k], shift_k = c.pos_shift[k];  // unconditional loads (see above)
+      const T g_ji = (same & (v - eps < c.pos_limit[k])) ? coef_k * vec_exp(-alpha * v + shift_k) : T(0);
       s[k] = g_ij + g_ji;
     }
   } else {
@@ -183,7 +185,8 @@ MS_FUSED_INLINE void upper_weights_impl(T* s, const int32_t* y, int64_t len, int
       const T v = s[k];
       const bool other = y[k] != yi;
       const T g_ij = (other & (v + eps > w.neg_limit)) ? w.neg_coef * vec_exp(beta * v + w.neg_shift) : T(0);
-      const T g_ji = (other & (v + eps > c.neg_limit[k])) ? c.neg_coef[k] * vec_exp(beta * v + c.neg_shift[k]) : T(0);
+      const T coef_k = c.neg_coef[k], shift_k = c.neg_shift[k];
+      const T g_ji = (other & (v + eps > c.neg_limit[k])) ? coef_k * vec_exp(beta * v + shift_k) : T(0);
       s[k] = g_ij + g_ji;
     }
   }

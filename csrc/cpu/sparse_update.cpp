@@ -1,7 +1,8 @@
 // sparse_update.h: row by row, the row's nonzeros W_ij are listed (with AVX-512 compresses where the CPU has
-// them), then each one adds W_ij x_cols[j] to row i's sum, kept in registers, and W_ij x_rows[i] to
-// dx_cols[j]. The columns are taken a block at a time, and the embedding dimension a chunk at a time, so
-// that the block's rows of x_cols and dx_cols stay in the L1 cache while every row visits them.
+// them; on aarch64 with NEON or SVE, compact_aarch64.h), then each one adds W_ij x_cols[j] to row i's sum,
+// kept in registers, and W_ij x_rows[i] to dx_cols[j]. The columns are taken a block at a time, and the
+// embedding dimension a chunk at a time, so that the block's rows of x_cols and dx_cols stay in the L1 cache
+// while every row visits them.
 #include "sparse_update.h"
 
 #include <algorithm>
@@ -16,6 +17,9 @@
 
 #ifdef MS_FUSED_X86_VARIANTS
 #include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include "compact_aarch64.h"
 #endif
 
 namespace ms_fused::cpu {
@@ -103,7 +107,16 @@ MS_FUSED_INLINE int64_t append_nonzeros(const T* w, int64_t len, int32_t first, 
     return append_nonzeros_scalar(w + whole, len - whole, first + static_cast<int32_t>(whole), index, value, at);
   }
 #endif
+#if defined(__aarch64__)
+#ifdef MS_FUSED_AARCH64_VARIANTS
+  if (simd::active_isa() != simd::Isa::kDefault) return compact::append_nonzeros_sve(w, len, first, index, value, at);
+#endif
+  const int64_t whole = len - len % (16 / sizeof(T));
+  at = compact::append_nonzeros_neon(w, whole, first, index, value, at);
+  return append_nonzeros_scalar(w + whole, len - whole, first + static_cast<int32_t>(whole), index, value, at);
+#else
   return append_nonzeros_scalar(w, len, first, index, value, at);
+#endif
 }
 
 template <typename T>
