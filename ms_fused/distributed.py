@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._inputs import FLOAT_DTYPES, check_labels, compute_dtype
+from ._inputs import FLOAT_DTYPES, check_labels, compute_dtype, refuse_indices_tuple
 from .api import multi_similarity_loss as _local_loss
 from .module import MultiSimilarityLoss
 from .xbm import CrossBatchMemory as _LocalMemory
@@ -190,7 +190,8 @@ class CrossBatchMemory(_LocalMemory):
             raise ValueError(f"embeddings must have embedding_dim = {self.memory.shape[1]} columns, "
                              f"got {embeddings.shape[1]}")
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
+        refuse_indices_tuple(indices_tuple, type(self).__name__)
         sizes, _ = _exchange_meta(embeddings, labels, self._loss_kwargs, self.group, extra_check=self._check_dim)
         rank = dist.get_rank(self.group)
         if self.memory.device != embeddings.device:

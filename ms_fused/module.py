@@ -3,12 +3,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._inputs import check_flag, check_backend_name, check_hyperparams, check_reduction
+from ._inputs import check_flag, check_backend_name, check_hyperparams, check_reduction, refuse_indices_tuple
 from .api import multi_similarity_loss
 
 
 class MultiSimilarityLoss(nn.Module):
     """Drop-in for pml's `MultiSimilarityLoss` + `MultiSimilarityMiner`: `loss(embeddings, labels)`.
+
+    pml's positional order: `(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`. The pairs
+    are mined inside the loss, so `indices_tuple` (a miner's output) is refused with an error saying so.
 
     After every call, `num_pos_pairs`, `num_neg_pairs` and `num_anchors_with_pairs` hold that call's mining
     statistics (0-dim int64 tensors on the inputs' device; see `ms_fused.PairStats`), None before the first.
@@ -23,8 +26,9 @@ class MultiSimilarityLoss(nn.Module):
                            backend=check_backend_name(backend), check_finite=check_flag("check_finite", check_finite))
         self.num_pos_pairs = self.num_neg_pairs = self.num_anchors_with_pairs = None
 
-    def forward(self, embeddings, labels, ref_emb=None, ref_labels=None, *, ref_self_index=None,
+    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, ref_self_index=None,
                 ref_normalized=False):
+        refuse_indices_tuple(indices_tuple, type(self).__name__)
         loss, stats = multi_similarity_loss(embeddings, labels, ref_emb, ref_labels, ref_self_index=ref_self_index,
                                             ref_normalized=ref_normalized, return_stats=True, **self.kwargs)
         self.num_pos_pairs, self.num_neg_pairs, self.num_anchors_with_pairs = stats

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._inputs import FLOAT_DTYPES, check_embedding, check_labels, compute_dtype
+from ._inputs import FLOAT_DTYPES, check_embedding, check_labels, compute_dtype, refuse_indices_tuple
 from .module import MultiSimilarityLoss
 
 
@@ -131,7 +131,8 @@ class CrossBatchMemory(nn.Module):
         super().__setstate__(state)
         self._saved_rows = weakref.WeakSet()
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
+        refuse_indices_tuple(indices_tuple, type(self).__name__)
         x = check_embedding("embeddings", embeddings)
         if x.shape[1] != self.memory.shape[1]:
             raise ValueError(f"embeddings must have embedding_dim = {self.memory.shape[1]} columns, got {x.shape[1]}")
@@ -151,7 +152,7 @@ class CrossBatchMemory(nn.Module):
         filled = int(self.filled)
         anchors = embeddings.to(self.memory.dtype)
         with torch.autograd.graph.saved_tensors_hooks(self._save, _unpack):
-            return self.loss(anchors, labels, self.memory[:filled], self.memory_labels[:filled],
+            return self.loss(anchors, labels, ref_emb=self.memory[:filled], ref_labels=self.memory_labels[:filled],
                              ref_self_index=ref_self_index, ref_normalized=self.loss.kwargs["normalize"])
 
     def extra_repr(self) -> str:

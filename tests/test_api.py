@@ -77,7 +77,8 @@ def test_module_forward_with_reference_set_and_ref_self_index():
     idx = torch.arange(20)
     module = MultiSimilarityLoss(reduction="sum", backend="torch", beta=40.0)
     expected = multi_similarity_loss(x, y, r, yr, ref_self_index=idx, reduction="sum", backend="reference", beta=40.0)
-    assert rel_err(module(x, y, r, yr, ref_self_index=idx), expected) <= TOLERANCE[torch.float64].loss
+    assert rel_err(module(x, y, None, r, yr, ref_self_index=idx), expected) <= TOLERANCE[torch.float64].loss
+    assert rel_err(module(x, y, ref_emb=r, ref_labels=yr, ref_self_index=idx), expected) <= TOLERANCE[torch.float64].loss
     assert "beta=40.0" in repr(module)
 
 

@@ -96,6 +96,19 @@ def test_module_validates_its_arguments_at_construction():
         MultiSimilarityLoss(backend="jax")
 
 
+def test_module_refuses_given_pairs_and_a_reference_set_in_the_indices_tuple_slot():
+    """pml's positional order: the third argument is a miner's indices_tuple, which the MS loss cannot take."""
+    from ms_fused import CrossBatchMemory
+    x, y = torch.randn(8, 4), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    pairs = (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2]))
+    for loss_fn in (MultiSimilarityLoss(), CrossBatchMemory(16, 4)):
+        with pytest.raises(ValueError, match="mines its pairs itself.*drop the miner"):
+            loss_fn(x, y, pairs)
+    with pytest.raises(TypeError, match=r"third positional argument is indices_tuple.*ref_emb=\.\.\., ref_labels="):
+        MultiSimilarityLoss()(x, y, x, y)
+    assert MultiSimilarityLoss()(x, y, None).isfinite()
+
+
 def test_check_finite_raises_instead_of_returning_nan(backend):
     device = device_of(backend)
     x = X.clone().to(device)

@@ -47,3 +47,18 @@ def test_module_is_called_like_pml():
     ours = MultiSimilarityLoss()(x, y)
     theirs = pml_losses.MultiSimilarityLoss()(x, y, pml_miners.MultiSimilarityMiner()(x, y))
     assert rel_err(ours, theirs) <= TOLERANCE[torch.float64].loss
+
+
+def test_module_takes_pmls_positional_order():
+    """(embeddings, labels, indices_tuple, ref_emb, ref_labels), as pml's losses take them."""
+    x, y, r, yr = clustered_batch(48, 12, 6, 3, m=80)
+    ours = MultiSimilarityLoss(mining=False)(x, y, None, r, yr)
+    theirs = pml_losses.MultiSimilarityLoss()(x, y, None, r, yr)
+    assert rel_err(ours, theirs) <= TOLERANCE[torch.float64].loss
+
+
+def test_a_miners_output_is_refused_naming_the_built_in_mining():
+    x, y = clustered_batch(64, 16, 8, 7)
+    pairs = pml_miners.MultiSimilarityMiner()(x, y)
+    with pytest.raises(ValueError, match=r"mines its pairs itself.*MultiSimilarityMiner.*loss\(embeddings, labels\)"):
+        MultiSimilarityLoss()(x, y, pairs)

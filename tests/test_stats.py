@@ -96,7 +96,7 @@ def test_module_keeps_the_last_calls_stats(backend):
     assert loss_fn.num_pos_pairs is None
     for mode in ("self", "ref_self_index"):
         x, y, r, yr, ref_self_index = batch(backend, mode, 3, dtype)
-        loss_fn(x.requires_grad_(True), y, r, yr, ref_self_index=ref_self_index).backward()
+        loss_fn(x.requires_grad_(True), y, ref_emb=r, ref_labels=yr, ref_self_index=ref_self_index).backward()
         got = (loss_fn.num_pos_pairs, loss_fn.num_neg_pairs, loss_fn.num_anchors_with_pairs)
         assert as_ints(PairStats(*got)) == expected(x.detach(), y, r, yr, ref_self_index, True)
         assert all(t.device == x.device for t in got)
