@@ -3,10 +3,12 @@ from .api import multi_similarity_loss
 from .backends import available_backends
 from .cached import cached_backward
 from .module import MultiSimilarityLoss
+from .pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
 from . import retrieval
 from .stats import PairStats
 from .xbm import CrossBatchMemory
 
 __all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory", "retrieval",
-           "cached_backward", "PairStats"]
+           "cached_backward", "PairStats",
+           "supcon_loss", "ntxent_loss", "circle_loss", "SupConLoss", "NTXentLoss", "CircleLoss"]
 __version__ = "0.1.0"

@@ -119,18 +119,21 @@ def check_labels(name: str, y, rows: int, rows_name: str) -> torch.Tensor:
     return y.to(torch.int64)
 
 
-def refuse_indices_tuple(indices_tuple, owner: str) -> None:
+MS_PAIRS = ("mines its pairs itself, inside the loss (MultiSimilarityMiner's rule with this loss's epsilon; "
+            "mining=False uses every pair), and cannot take")
+ALL_PAIRS = "uses every positive and negative pair of the batch, and does not take"
+
+
+def refuse_indices_tuple(indices_tuple, owner: str, pairs: str = MS_PAIRS) -> None:
     """pml's third positional argument, `indices_tuple` (a miner's output). The MS loss mines its pairs itself,
-    inside the fused passes, so it cannot take given pairs; say so, and catch a reference set passed where pml
-    puts the miner's output."""
+    inside the fused passes, and the pair-weighting losses use every pair: neither takes given pairs; say so
+    (`pairs` says which pairs the loss uses), and catch a reference set passed where pml puts the miner's output."""
     if indices_tuple is None:
         return
     if isinstance(indices_tuple, torch.Tensor):
         raise TypeError(f"{owner}: the third positional argument is indices_tuple, as in pml, and got a tensor; "
                         "pass a reference set by keyword: loss(embeddings, labels, ref_emb=..., ref_labels=...)")
-    raise ValueError(f"{owner} mines its pairs itself, inside the loss (MultiSimilarityMiner's rule with this "
-                     "loss's epsilon; mining=False uses every pair), and cannot take a miner's indices_tuple: "
-                     "drop the miner and call loss(embeddings, labels)")
+    raise ValueError(f"{owner} {pairs} a miner's indices_tuple: drop the miner and call loss(embeddings, labels)")
 
 
 def check_same_device(device: torch.device, **tensors) -> None:

@@ -1,6 +1,6 @@
 """The `reference` form of the General Pair Weighting losses beside MS: SupCon, NT-Xent and Circle, dense, line by
-line docs/semantics.md ("Pair-weighting losses"), differentiated by autograd. The oracle that the fused backends
-of these losses will be tested against; no fused backend serves them yet, so nothing public calls this.
+line docs/semantics.md ("Pair-weighting losses"), differentiated by autograd. The oracle that the other backends
+of these losses are tested against, and their `backend="reference"` (ms_fused/pair_api.py).
 
 Every loss here is a function of per-anchor statistics over the anchor's positive pairs P_i and negative pairs
 N_i (the pair sets of MS, docs/semantics.md "Pair sets"; no mining), then of a per-anchor loss and a reduction:
@@ -81,30 +81,21 @@ def circle_terms(s, pos, neg, m: float, gamma: float):
 
 def pair_loss(name: str, embeddings, labels, ref_emb=None, ref_labels=None, *, reduction: str = "mean",
               ref_self_index: Optional[torch.Tensor] = None, **params):
-    """The loss `name` (one of PAIR_LOSSES) with pml's reduction ("mean"), or the per-anchor losses ("none";
-    NT-Xent: the sum of each anchor's positive pairs' losses)."""
+    """The loss `name` (one of PAIR_LOSSES) with pml's reduction ("mean"), the sum of the per-anchor losses
+    ("sum"), or the per-anchor losses ("none"; NT-Xent: the sum of each anchor's positive pairs' losses)."""
     params = {**DEFAULTS[name], **params}
     s, pos, neg = similarities(embeddings, labels, ref_emb, ref_labels, ref_self_index)
     zero = (embeddings * 0).sum().to(s.dtype)  # pml's zero: attached, every gradient 0
-    if name == "supcon":
-        per_anchor, _ = supcon_terms(s, pos, neg, **params)
-        if not (pos.any() and neg.any()):
-            per_anchor = per_anchor * 0
-        if reduction == "none":
-            return per_anchor
-        kept = per_anchor > 0
-        return per_anchor[kept].mean() if kept.any() else zero
-    if name == "ntxent":
-        per_anchor, count = ntxent_terms(s, pos, neg, **params)
-        if not (pos.any() and neg.any()):
-            per_anchor = per_anchor * 0
-        if reduction == "none":
-            return per_anchor
+    terms = {"supcon": supcon_terms, "ntxent": ntxent_terms, "circle": circle_terms}
+    if name not in terms:
+        raise ValueError(f"unknown pair loss {name!r}; one of {PAIR_LOSSES}")
+    per_anchor, count = terms[name](s, pos, neg, **params)
+    if name != "circle" and not (pos.any() and neg.any()):
+        per_anchor = per_anchor * 0
+    if reduction in ("none", "sum"):
+        return per_anchor if reduction == "none" else per_anchor.sum()
+    if name == "ntxent":  # the mean over positive pairs
         return per_anchor.sum() / count.sum() if pos.any() and neg.any() else zero
-    if name == "circle":
-        per_anchor, _ = circle_terms(s, pos, neg, **params)
-        if reduction == "none":
-            return per_anchor
-        kept = per_anchor > 0
-        return per_anchor[kept].mean() if kept.any() else zero
-    raise ValueError(f"unknown pair loss {name!r}; one of {PAIR_LOSSES}")
+    # the mean over anchors whose loss is > 0 (pml's AvgNonZeroReducer); a NaN anchor is kept: the loss is NaN
+    kept = ~(per_anchor <= 0)
+    return per_anchor[kept].mean() if kept.any() else zero

@@ -1,12 +1,15 @@
-"""The reference form of SupCon, NT-Xent and Circle loss (ms_fused/reference_pair_losses.py, docs/semantics.md
-"Pair-weighting losses") against pytorch-metric-learning's SupConLoss, NTXentLoss and CircleLoss in float64:
-loss and gradients within 1e-10 (relative), on fresh random batches each run, in self mode and against a
-reference set, on odd shapes, with anchors without positives, one class and all classes distinct.
+"""SupCon, NT-Xent and Circle loss (docs/semantics.md "Pair-weighting losses") on every backend that serves them
+(`reference`: ms_fused/reference_pair_losses.py; `torch`: pair_losses.py on torch_pair_engine.py) against
+pytorch-metric-learning's SupConLoss, NTXentLoss and CircleLoss in float64: loss and gradients within 1e-10
+(relative), on fresh random batches each run, in self mode and against a reference set, on odd shapes, with
+anchors without positives, one class and all classes distinct; the modules called as pml's are.
 """
 import pytest
 import torch
 
 from helpers import clustered, rel_err
+import ms_fused
+from ms_fused.pair_api import PAIR_BACKENDS
 from ms_fused.reference_pair_losses import DEFAULTS, PAIR_LOSSES, pair_loss
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
@@ -48,14 +51,19 @@ def loss_and_grads(fn, x, y, r, yr):
     return loss.detach(), [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
 
 
+MODULES = {"supcon": ms_fused.SupConLoss, "ntxent": ms_fused.NTXentLoss, "circle": ms_fused.CircleLoss}
+
+
+@pytest.mark.parametrize("backend", PAIR_BACKENDS)
 @pytest.mark.parametrize("name", PAIR_LOSSES)
 @pytest.mark.parametrize("case", ["self", "reference", "without_positives", "one_class", "all_distinct"])
-def test_reference_equals_pml_float64(name, case):
+def test_equals_pml_float64(backend, name, case):
     for seed, params in enumerate(PARAMS[name]):
         x, y, r, yr = batch(case, seed)
         pml = PML[name](**{**DEFAULTS[name], **params})
         theirs = loss_and_grads(lambda *b: pml(b[0], b[1], None, b[2], b[3]), x, y, r, yr)
-        ours = loss_and_grads(lambda *b: pair_loss(name, *b, **params), x, y, r, yr)
+        ours_module = MODULES[name](**params, backend=backend)
+        ours = loss_and_grads(lambda *b: ours_module(b[0], b[1], None, b[2], b[3]), x, y, r, yr)
         assert ours[0].dtype == torch.float64
         assert rel_err(ours[0], theirs[0]) <= TOL, (ours[0], theirs[0])
         for mine, pmls in zip(ours[1], theirs[1]):

@@ -1,0 +1,132 @@
+"""SupCon, NT-Xent and Circle loss: functional forms and pml-named modules (docs/semantics.md "Pair-weighting losses").
+
+Served today by the `torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py +
+torch_pair_engine.py) and the dense `reference` backend; `backend="auto"` takes `torch`. The `cpp` and `triton`
+backends serve the MS loss only so far, and say so when asked for these.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._autograd import autocast_off
+from ._inputs import HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple, ALL_PAIRS
+from .pair_losses import LOSSES
+from .reference_pair_losses import pair_loss as reference_pair_loss
+from . import torch_pair_engine
+
+PAIR_BACKENDS = ("torch", "reference")
+
+
+def reduce_pair_losses(name: str, per_anchor: torch.Tensor, pairs: torch.Tensor, reduction: str) -> torch.Tensor:
+    """pml's reductions of the per-anchor losses: NT-Xent's mean over positive pairs (`pairs` = |P_i|), else the
+    mean over anchors whose loss is > 0 (AvgNonZeroReducer; a NaN anchor is kept, so the loss is NaN). A batch
+    without any such term gives an attached zero."""
+    if reduction == "none":
+        return per_anchor
+    if reduction == "sum":
+        return per_anchor.sum()
+    if name == "ntxent":
+        return per_anchor.sum() / pairs.sum().clamp(min=1)
+    kept = ~(per_anchor <= 0)
+    return torch.where(kept, per_anchor, 0.0).sum() / kept.sum().clamp(min=1)
+
+
+def _check_pair_backend(name: str, backend: str) -> str:
+    backend = check_backend_name(backend)
+    if backend == "auto":
+        return "torch"
+    if backend not in PAIR_BACKENDS:
+        raise ValueError(f"backend={backend!r} serves the MS loss only so far, not {name}; use backend='torch' "
+                         f"(chunked, O(N·D) memory) or 'auto', or 'reference'")
+    return backend
+
+
+def pair_weighting_loss(name: str, embeddings, labels, ref_emb=None, ref_labels=None, *, reduction="mean",
+                        backend="auto", ref_self_index=None, **params):
+    """The pair-weighting loss `name` ("supcon", "ntxent", "circle") with its parameters (pml's defaults).
+
+    Returns a float32 scalar (float64 for float64 inputs), or the (N,) per-anchor losses when reduction="none"
+    (NT-Xent: the sum of each anchor's positive pairs' losses). Raises ValueError/TypeError on bad input before
+    any computation."""
+    loss = LOSSES[name](**params)
+    reduction = check_reduction(reduction)
+    backend = _check_pair_backend(name, backend)
+    problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, HyperParams())
+    with autocast_off(problem.q.device):
+        if backend == "reference":
+            return reference_pair_loss(name, problem.q, problem.labels, problem.ref, problem.ref_labels,
+                                       reduction=reduction, ref_self_index=problem.ref_self_index,
+                                       **{k: getattr(loss, k) for k in params})
+        per_anchor, pairs = torch_pair_engine.per_anchor_loss(problem, loss)
+        return reduce_pair_losses(name, per_anchor, pairs, reduction)
+
+
+def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, reduction="mean",
+                backend="auto", ref_self_index=None):
+    """Supervised contrastive loss (Khosla et al. 2020), pml's `SupConLoss` convention; see pair_weighting_loss."""
+    return pair_weighting_loss("supcon", embeddings, labels, ref_emb, ref_labels, reduction=reduction,
+                               backend=backend, ref_self_index=ref_self_index, temperature=temperature)
+
+
+def ntxent_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.07, reduction="mean",
+                backend="auto", ref_self_index=None):
+    """NT-Xent (InfoNCE with labels), pml's `NTXentLoss` convention; see pair_weighting_loss."""
+    return pair_weighting_loss("ntxent", embeddings, labels, ref_emb, ref_labels, reduction=reduction,
+                               backend=backend, ref_self_index=ref_self_index, temperature=temperature)
+
+
+def circle_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, m=0.4, gamma=80.0, reduction="mean",
+                backend="auto", ref_self_index=None):
+    """Circle loss (Sun et al. 2020), pml's `CircleLoss` convention; see pair_weighting_loss."""
+    return pair_weighting_loss("circle", embeddings, labels, ref_emb, ref_labels, reduction=reduction,
+                               backend=backend, ref_self_index=ref_self_index, m=m, gamma=gamma)
+
+
+class _PairWeightingLoss(nn.Module):
+    """pml's call: `loss(embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None)`."""
+
+    name = ""
+
+    def __init__(self, reduction="mean", backend="auto", **params):
+        super().__init__()
+        self.params = {k: getattr(LOSSES[self.name](**params), k) for k in params}
+        self.reduction = check_reduction(reduction)
+        self.backend = check_backend_name(backend)
+        _check_pair_backend(type(self).__name__, self.backend)
+
+    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, ref_self_index=None):
+        refuse_indices_tuple(indices_tuple, type(self).__name__, ALL_PAIRS)
+        return pair_weighting_loss(self.name, embeddings, labels, ref_emb, ref_labels, reduction=self.reduction,
+                                   backend=self.backend, ref_self_index=ref_self_index, **self.params)
+
+    def extra_repr(self) -> str:
+        kwargs = {**self.params, "reduction": self.reduction, "backend": self.backend}
+        return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+class SupConLoss(_PairWeightingLoss):
+    """Drop-in for pml's `SupConLoss(temperature=0.1)`."""
+
+    name = "supcon"
+
+    def __init__(self, temperature=0.1, *, reduction="mean", backend="auto"):
+        super().__init__(reduction, backend, temperature=temperature)
+
+
+class NTXentLoss(_PairWeightingLoss):
+    """Drop-in for pml's `NTXentLoss(temperature=0.07)`."""
+
+    name = "ntxent"
+
+    def __init__(self, temperature=0.07, *, reduction="mean", backend="auto"):
+        super().__init__(reduction, backend, temperature=temperature)
+
+
+class CircleLoss(_PairWeightingLoss):
+    """Drop-in for pml's `CircleLoss(m=0.4, gamma=80)`."""
+
+    name = "circle"
+
+    def __init__(self, m=0.4, gamma=80.0, *, reduction="mean", backend="auto"):
+        super().__init__(reduction, backend, m=m, gamma=gamma)

@@ -1,0 +1,159 @@
+"""SupCon, NT-Xent and Circle loss beyond pml parity (tests/test_pair_losses_pml_parity.py): the `torch` engine's
+chunks, narrower dtypes against the float64 reference within helpers.TOLERANCE, reductions, gradcheck, NaN,
+and the errors of docs/semantics.md "Pair-weighting losses"."""
+import pytest
+import torch
+
+import ms_fused
+from helpers import TOLERANCE, clustered, rel_err
+from ms_fused import torch_pair_engine
+from ms_fused._inputs import HyperParams, check_inputs
+from ms_fused.pair_api import pair_weighting_loss
+from ms_fused.pair_losses import LOSSES
+from ms_fused.reference_pair_losses import PAIR_LOSSES
+
+MODULES = {"supcon": ms_fused.SupConLoss, "ntxent": ms_fused.NTXentLoss, "circle": ms_fused.CircleLoss}
+
+
+def fresh(n, d, classes, seed, m=None):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))) + seed)
+    x, y = clustered(n, d, classes, gen)
+    if m is None:
+        return x, y, None, None
+    r, yr = clustered(m, d, classes, gen)
+    return x, y, r, yr
+
+
+def grads_of(fn, x, r):
+    leaves = [x.clone().requires_grad_(True)] + ([] if r is None else [r.clone().requires_grad_(True)])
+    out = fn(*leaves) if r is not None else fn(leaves[0], None)
+    return out.detach(), torch.autograd.grad(out, leaves)
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+@pytest.mark.parametrize("mode", ["self", "reference", "ref_self_index"])
+def test_chunks_of_three_rows_equal_the_reference(name, mode):
+    """The engine over chunks of about three anchors (the budget below) gives the dense reference's per-anchor
+    losses and gradients in float64."""
+    x, y, r, yr = fresh(31, 6, 5, 1, None if mode == "self" else 29)
+    rsi = None
+    if mode == "ref_self_index":  # anchors 0..9 are rows 3..12 of the reference set (their own copy removed)
+        r[3:13], yr[3:13] = x[:10], y[:10]
+        rsi = torch.full((31,), -1, dtype=torch.int64)
+        rsi[:10] = torch.arange(3, 13)
+    loss = LOSSES[name]()
+    budget = 3 * x.shape[0] * 44  # three rows of S's temporaries (5 float64 + 4 bool per entry)
+
+    def chunked(xs, rs):
+        problem = check_inputs(xs, y, rs, yr, rsi, HyperParams())
+        return torch_pair_engine.per_anchor_loss(problem, loss, chunk_bytes=budget)[0]
+
+    def dense(xs, rs):
+        return pair_weighting_loss(name, xs, y, rs, yr, reduction="none", backend="reference", ref_self_index=rsi)
+
+    out, ref = grads_of(lambda a, b: chunked(a, b).sum(), x, r), grads_of(lambda a, b: dense(a, b).sum(), x, r)
+    assert torch_pair_engine.chunk_rows(x.shape[0] if r is None else r.shape[0], torch.float64, budget, 5, 4) <= 3
+    assert rel_err(out[0], ref[0]) <= 1e-12
+    for g, g_ref in zip(out[1], ref[1]):
+        assert rel_err(g, g_ref) <= 1e-12
+    per_anchor = chunked(x, r).detach()
+    assert rel_err(per_anchor, dense(x, r)) <= 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_narrow_dtypes_against_the_float64_reference(name, dtype):
+    """The torch engine computes in float32 (the inputs rounded to `dtype`) against the float64 reference on the
+    same rounded values, within the tolerance table of every backend."""
+    for seed, m in enumerate([None, 43]):
+        x, y, r, yr = fresh(57, 24, 7, seed, m)
+        x, r = x.to(dtype), None if r is None else r.to(dtype)
+        module = MODULES[name](backend="torch")
+        out = grads_of(lambda a, b: module(a, y, None, b, yr), x, r)
+        ref = grads_of(lambda a, b: MODULES[name](backend="reference")(a.double(), y, None,
+                                                                       None if b is None else b.double(), yr), x, r)
+        assert out[0].dtype == torch.float32 and all(g.dtype == dtype for g in out[1])
+        tol = TOLERANCE[dtype]  # 50 draws: float32 2.4e-6, float16 2.4e-4, bfloat16 3.8e-4 (gradients)
+        assert rel_err(out[0], ref[0]) <= tol.loss
+        for g, g_ref in zip(out[1], ref[1]):
+            assert rel_err(g, g_ref) <= tol.grad
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_reductions(name):
+    x, y, _, _ = fresh(40, 8, 6, 3)
+    y[::4] = torch.arange(100, 110)  # anchors without positives
+    per_anchor = MODULES[name](reduction="none")(x, y)
+    assert per_anchor.shape == (40,) and bool((per_anchor[y >= 100] == 0).all())
+    assert rel_err(MODULES[name](reduction="sum")(x, y), per_anchor.sum()) <= 1e-12
+    mean = MODULES[name]()(x, y)
+    if name == "ntxent":  # over positive pairs
+        pairs = (torch.bincount(y)[y] - 1).sum()
+        assert rel_err(mean, per_anchor.sum() / pairs) <= 1e-12
+    else:  # over anchors with a loss > 0
+        assert rel_err(mean, per_anchor[per_anchor > 0].mean()) <= 1e-12
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_gradcheck_float64(name):
+    x, y, r, yr = fresh(9, 3, 3, 4, 7)
+    x, r = x.requires_grad_(True), r.requires_grad_(True)
+    # Circle's weights a = relu(.) are held constant (pml's detach), so its gradient is not that of its value
+    if name == "circle":
+        fn = MODULES[name](backend="torch")
+        ref = MODULES[name](backend="reference")
+        out = grads_of(lambda a, b: fn(a, y, None, b, yr), x.detach(), r.detach())
+        want = grads_of(lambda a, b: ref(a, y, None, b, yr), x.detach(), r.detach())
+        assert all(rel_err(g, w) <= 1e-12 for g, w in zip(out[1], want[1]))
+        return
+    assert torch.autograd.gradcheck(lambda a, b: MODULES[name](backend="torch")(a, y, None, b, yr), (x, r))
+    assert torch.autograd.gradcheck(lambda a: MODULES[name](backend="torch")(a, y), (x,))
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_a_nan_row_makes_the_loss_nan(name):
+    x, y, _, _ = fresh(20, 5, 4, 5)
+    x[7, 2] = float("nan")
+    for backend in ("torch", "reference"):
+        xs = x.clone().requires_grad_(True)
+        loss = MODULES[name](backend=backend)(xs, y)
+        assert torch.isnan(loss)
+        loss.backward()
+        assert torch.isnan(xs.grad).any()
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_double_backward_is_refused_on_torch(name):
+    x, y, _, _ = fresh(12, 4, 3, 6)
+    x.requires_grad_(True)
+    loss = MODULES[name](backend="torch")(x, y)
+    with pytest.raises(NotImplementedError, match="double backward.*backend='reference'"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_errors(name):
+    x, y, _, _ = fresh(12, 4, 3, 7)
+    cls = MODULES[name]
+    for backend in ("cpp", "triton"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' serves the MS loss only.*backend='torch'"):
+            cls(backend=backend)
+        with pytest.raises(ValueError, match="serves the MS loss only"):
+            pair_weighting_loss(name, x, y, backend=backend)
+    with pytest.raises(ValueError, match="uses every positive and negative pair.*drop the miner"):
+        cls()(x, y, (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2])))
+    with pytest.raises(TypeError, match="ref_emb=..., ref_labels=..."):
+        cls()(x, y, x)
+    with pytest.raises(ValueError, match="ref_labels must be given together"):
+        cls()(x, y, None, x)
+    with pytest.raises(ValueError, match="reduction"):
+        cls(reduction="avg")
+    if name == "circle":
+        with pytest.raises(ValueError, match="gamma must be finite and > 0"):
+            cls(gamma=0)
+        with pytest.raises(TypeError, match="m must be a finite real"):
+            cls(m=True)
+    else:
+        for bad in (0, -1.0, float("inf")):
+            with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+                cls(temperature=bad)
