@@ -178,6 +178,10 @@ class CrossBatchMemory(_LocalMemory):
 
     def __init__(self, memory_size: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32, device=None,
                  group: Optional[dist.ProcessGroup] = None, **loss_kwargs):
+        if "loss" in loss_kwargs:
+            raise TypeError("ms_fused.distributed.CrossBatchMemory serves the MS loss only so far (it takes "
+                            "MultiSimilarityLoss's keywords, not loss=); a memory bank of SupConLoss, NTXentLoss or "
+                            "CircleLoss runs on one process: ms_fused.CrossBatchMemory(size, dim, loss=...)")
         options = MultiSimilarityLoss(**loss_kwargs).kwargs
         local_kwargs = dict(loss_kwargs, reduction="none")  # per-anchor losses, reduced over ranks here
         super().__init__(memory_size, embedding_dim, dtype=dtype, device=device, **local_kwargs)

@@ -43,16 +43,17 @@ def _check_pair_backend(name: str, backend: str) -> str:
 
 
 def pair_weighting_loss(name: str, embeddings, labels, ref_emb=None, ref_labels=None, *, reduction="mean",
-                        backend="auto", ref_self_index=None, **params):
+                        backend="auto", ref_self_index=None, ref_normalized=False, **params):
     """The pair-weighting loss `name` ("supcon", "ntxent", "circle") with its parameters (pml's defaults).
 
     Returns a float32 scalar (float64 for float64 inputs), or the (N,) per-anchor losses when reduction="none"
     (NT-Xent: the sum of each anchor's positive pairs' losses). Raises ValueError/TypeError on bad input before
-    any computation."""
+    any computation. `ref_normalized=True` declares a constant `ref_emb` of unit rows (a memory bank's), used as
+    given by the `torch` backend."""
     loss = LOSSES[name](**params)
     reduction = check_reduction(reduction)
     backend = _check_pair_backend(name, backend)
-    problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, HyperParams())
+    problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, HyperParams(), ref_normalized)
     with autocast_off(problem.q.device):
         if backend == "reference":
             return reference_pair_loss(name, problem.q, problem.labels, problem.ref, problem.ref_labels,
@@ -95,10 +96,12 @@ class _PairWeightingLoss(nn.Module):
         self.backend = check_backend_name(backend)
         _check_pair_backend(type(self).__name__, self.backend)
 
-    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, ref_self_index=None):
+    def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, ref_self_index=None,
+                ref_normalized=False):
         refuse_indices_tuple(indices_tuple, type(self).__name__, ALL_PAIRS)
         return pair_weighting_loss(self.name, embeddings, labels, ref_emb, ref_labels, reduction=self.reduction,
-                                   backend=self.backend, ref_self_index=ref_self_index, **self.params)
+                                   backend=self.backend, ref_self_index=ref_self_index,
+                                   ref_normalized=ref_normalized, **self.params)
 
     def extra_repr(self) -> str:
         kwargs = {**self.params, "reduction": self.reduction, "backend": self.backend}

@@ -1,4 +1,5 @@
-"""`CrossBatchMemory`: the MS loss of each batch against a FIFO memory of past embeddings (XBM, Wang et al. 2020).
+"""`CrossBatchMemory`: the loss of each batch against a FIFO memory of past embeddings (XBM, Wang et al. 2020);
+the MS loss, or any pair-weighting loss of ms_fused (`loss=SupConLoss()`, ...).
 
 The memory is a ring buffer of detached rows; the batch is enqueued first, then its anchors are scored
 against everything the memory holds, their own copies removed from their positives by index. The memory
@@ -15,6 +16,7 @@ from torch import nn
 
 from ._inputs import FLOAT_DTYPES, check_embedding, check_labels, compute_dtype, refuse_indices_tuple
 from .module import MultiSimilarityLoss
+from .pair_api import _PairWeightingLoss
 
 
 class _Saved:
@@ -51,6 +53,10 @@ class CrossBatchMemory(nn.Module):
     Only the filled part of the memory is used until it is full. The gradient reaches `embeddings`
     through the anchor side only (the XBM convention: memory rows are constants).
 
+    `loss=` takes another loss of ms_fused instead (`SupConLoss()`, `NTXentLoss()`, `CircleLoss()`, or a
+    configured `MultiSimilarityLoss`), as pml's CrossBatchMemory takes any loss; the loss keywords then belong
+    to that loss, not here. The pair-weighting losses use unit rows, so their memory holds unit rows.
+
     The memory follows the embeddings' device (moved on the first call from another device), is saved
     and restored by `state_dict()` / `load_state_dict()`, and costs memory_size x embedding_dim elements
     of `dtype` plus one int64 label per row. `self.loss` holds the last step's mining statistics
@@ -62,7 +68,7 @@ class CrossBatchMemory(nn.Module):
     after every step never copies.
     """
 
-    def __init__(self, memory_size: int, embedding_dim: int, *, dtype: torch.dtype = torch.float32,
+    def __init__(self, memory_size: int, embedding_dim: int, *, loss=None, dtype: torch.dtype = torch.float32,
                  device=None, **loss_kwargs):
         super().__init__()
         for name, value in (("memory_size", memory_size), ("embedding_dim", embedding_dim)):
@@ -70,7 +76,18 @@ class CrossBatchMemory(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if dtype not in FLOAT_DTYPES:
             raise TypeError(f"dtype must be one of {FLOAT_DTYPES}, got {dtype}")
-        self.loss = MultiSimilarityLoss(**loss_kwargs)
+        if loss is None:
+            loss = MultiSimilarityLoss(**loss_kwargs)
+        elif loss_kwargs:
+            raise TypeError(f"CrossBatchMemory got loss= and the loss keywords {sorted(loss_kwargs)}: configure the "
+                            f"loss itself, e.g. CrossBatchMemory(size, dim, loss=SupConLoss(temperature=0.1))")
+        elif not isinstance(loss, (MultiSimilarityLoss, _PairWeightingLoss)):
+            raise TypeError(f"loss must be a loss of ms_fused (MultiSimilarityLoss, SupConLoss, NTXentLoss, "
+                            f"CircleLoss), got {type(loss).__name__}; other losses need pml's CrossBatchMemory")
+        self.loss = loss
+        # the MS loss may work on raw rows (normalize=False); the pair-weighting losses always use unit rows
+        self.normalize = loss.kwargs["normalize"] if isinstance(loss, MultiSimilarityLoss) else True
+        self.check_finite = loss.kwargs["check_finite"] if isinstance(loss, MultiSimilarityLoss) else False
         self.register_buffer("memory", torch.zeros(memory_size, embedding_dim, dtype=dtype, device=device))
         self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.int64, device=device))
         # next slot to write, and how many slots hold data; 0-d int64 so that state_dict carries them
@@ -98,7 +115,7 @@ class CrossBatchMemory(nn.Module):
         slots[: max(0, n - size)] = -1
         kept = slice(max(0, n - size), n)
         rows = embeddings[kept].detach()
-        if self.loss.kwargs["normalize"]:
+        if self.normalize:
             rows = F.normalize(rows.to(compute_dtype(rows.dtype)), dim=1)
         self.memory[slots[kept]] = rows.to(self.memory.dtype)
         self.memory_labels[slots[kept]] = labels[kept]
@@ -139,7 +156,7 @@ class CrossBatchMemory(nn.Module):
         y = check_labels("labels", labels, x.shape[0], "embeddings")
         if y.device != x.device:
             raise ValueError(f"labels is on {y.device} but embeddings is on {x.device}; put both on one device")
-        if self.loss.kwargs["check_finite"] and not bool(torch.isfinite(x).all()):
+        if self.check_finite and not bool(torch.isfinite(x).all()):
             # checked before the write: a rejected batch must not poison the memory
             raise ValueError("embeddings contains NaN or Inf (check_finite=True)")
         if self.memory.device != x.device:
@@ -153,7 +170,7 @@ class CrossBatchMemory(nn.Module):
         anchors = embeddings.to(self.memory.dtype)
         with torch.autograd.graph.saved_tensors_hooks(self._save, _unpack):
             return self.loss(anchors, labels, ref_emb=self.memory[:filled], ref_labels=self.memory_labels[:filled],
-                             ref_self_index=ref_self_index, ref_normalized=self.loss.kwargs["normalize"])
+                             ref_self_index=ref_self_index, ref_normalized=self.normalize)
 
     def extra_repr(self) -> str:
         return f"memory_size={self.memory_size}, embedding_dim={self.memory.shape[1]}, dtype={self.memory.dtype}"

@@ -157,3 +157,17 @@ def test_errors(name):
         for bad in (0, -1.0, float("inf")):
             with pytest.raises(ValueError, match="temperature must be finite and > 0"):
                 cls(temperature=bad)
+
+
+def test_memory_bank_takes_a_configured_loss_only():
+    with pytest.raises(TypeError, match="configure the loss itself"):
+        ms_fused.CrossBatchMemory(8, 4, loss=ms_fused.SupConLoss(), alpha=2.0)
+    with pytest.raises(TypeError, match="loss must be a loss of ms_fused.*got Linear"):
+        ms_fused.CrossBatchMemory(8, 4, loss=torch.nn.Linear(2, 2))
+    from ms_fused.distributed import CrossBatchMemory as DistributedMemory
+    with pytest.raises(TypeError, match="serves the MS loss only so far.*ms_fused.CrossBatchMemory"):
+        DistributedMemory(8, 4, loss=ms_fused.SupConLoss())
+    xbm = ms_fused.CrossBatchMemory(8, 4, loss=ms_fused.CircleLoss(gamma=32))
+    x, y, _, _ = fresh(6, 4, 2, 8)
+    xbm(x.float(), y)
+    assert torch.allclose(xbm.memory[:6].norm(dim=1), torch.ones(6))  # unit rows, as these losses use

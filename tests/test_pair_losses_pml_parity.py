@@ -85,3 +85,21 @@ def test_per_anchor_losses_reduce_to_the_loss(name):
         assert rel_err(per_anchor.sum() / pairs, loss) <= TOL
     else:  # the mean over anchors with a loss > 0
         assert rel_err(per_anchor[per_anchor > 0].mean(), loss) <= TOL
+
+
+@pytest.mark.parametrize("backend", PAIR_BACKENDS)
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_memory_bank_equals_pmls_float64(backend, name):
+    """ms_fused.CrossBatchMemory(loss=...) against pml's CrossBatchMemory(loss) over steps that wrap the memory
+    around (batches of 9 and 11 rows, 20 slots), own copies removed from the positives as pml removes them."""
+    from pytorch_metric_learning.losses import CrossBatchMemory as PmlMemory
+
+    ours = ms_fused.CrossBatchMemory(20, 6, dtype=torch.float64, loss=MODULES[name](backend=backend))
+    theirs = PmlMemory(PML[name](**DEFAULTS[name]), 6, memory_size=20)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    for step in range(4):
+        x, y = clustered(9 + 2 * (step % 2), 6, 4, gen)
+        mine = loss_and_grads(lambda xs, *_: ours(xs, y), x, y, None, None)
+        pmls = loss_and_grads(lambda xs, *_: theirs(xs, y), x, y, None, None)
+        assert rel_err(mine[0], pmls[0]) <= TOL
+        assert rel_err(mine[1][0], pmls[1][0]) <= TOL
