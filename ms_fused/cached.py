@@ -193,6 +193,7 @@ def cached_backward(model: Callable, inputs, labels: torch.Tensor, *, chunk_size
         labels: (N,) integer tensor, passed whole to `loss_fn`.
         chunk_size: rows per forward; peak activation memory follows it.
         loss_fn: any `(embeddings, labels) -> scalar tensor` on the whole batch: `MultiSimilarityLoss`,
+            `SupConLoss`, `NTXentLoss`, `CircleLoss`,
             `CrossBatchMemory` (called once, so the batch is enqueued once),
             `ms_fused.distributed.multi_similarity_loss` (times the world size under DDP, see its module).
             Default: `MultiSimilarityLoss(**loss_kwargs)`.

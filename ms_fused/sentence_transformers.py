@@ -1,4 +1,5 @@
-"""The MS loss for sentence-transformers: `MultiSimilarityLoss` and the gradient-cached `CachedMultiSimilarityLoss`.
+"""ms_fused's losses for sentence-transformers: `MultiSimilarityLoss`, `SupConLoss`, `CircleLoss`, and their
+gradient-cached forms `CachedMultiSimilarityLoss`, `CachedSupConLoss`, `CachedCircleLoss`.
 
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers.training_args import BatchSamplers, SentenceTransformerTrainingArguments
@@ -12,9 +13,9 @@
                                          loss=loss, callbacks=[MiningStatsCallback(loss)])
     trainer.train()
 
-The dataset has one text column and an integer `label` column (the class). Both losses compute the loss of
+The dataset has one text column and an integer `label` column (the class). The MS losses compute the loss of
 `ms_fused.multi_similarity_loss` on the model's `sentence_embedding`s (cosine similarities, hard-pair mining;
-docs/semantics.md). The cached loss embeds the batch `mini_batch_size` rows at a time without a graph,
+docs/semantics.md), the others that of `ms_fused.SupConLoss` / `ms_fused.CircleLoss`. A cached loss embeds the batch `mini_batch_size` rows at a time without a graph,
 computes the loss and, when the trainer calls `backward()`, its exact gradient with respect to the
 embeddings, then re-runs each mini-batch with a graph (and the random state of its first run, so dropout
 masks match) and back-propagates its rows: activation memory follows `mini_batch_size`, not the batch.
@@ -41,9 +42,11 @@ from torch import nn
 
 from .cached import ChunkedPasses
 from .module import MultiSimilarityLoss as _MSLoss
+from .pair_api import CircleLoss as _CircleLoss, SupConLoss as _SupConLoss
 from .stats import PairStats
 
-__all__ = ["MultiSimilarityLoss", "CachedMultiSimilarityLoss", "MiningStatsCallback"]
+__all__ = ["MultiSimilarityLoss", "CachedMultiSimilarityLoss", "SupConLoss", "CachedSupConLoss", "CircleLoss",
+           "CachedCircleLoss", "MiningStatsCallback"]
 
 EMBEDDING_KEY = "sentence_embedding"
 
@@ -53,6 +56,24 @@ MS_CITATION = """
     author={Wang, Xun and Han, Xintong and Huang, Weilin and Dong, Dengke and Scott, Matthew R.},
     booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
     year={2019}
+}
+"""
+
+SUPCON_CITATION = """
+@inproceedings{khosla2020supervised,
+    title={Supervised Contrastive Learning},
+    author={Khosla, Prannay and Teterwak, Piotr and Wang, Chen and Sarna, Aaron and Tian, Yonglong and Isola, Phillip and Maschinot, Aaron and Liu, Ce and Krishnan, Dilip},
+    booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
+    year={2020}
+}
+"""
+
+CIRCLE_CITATION = """
+@inproceedings{sun2020circle,
+    title={Circle Loss: A Unified Perspective of Pair Similarity Optimization},
+    author={Sun, Yifan and Cheng, Changmao and Zhang, Yuhan and Zhang, Chi and Zheng, Liang and Wang, Zhongdao and Wei, Yichen},
+    booktitle={Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+    year={2020}
 }
 """
 
@@ -69,36 +90,17 @@ NO_POSITIVE_HINT = ("use the GROUP_BY_LABEL batch sampler (SentenceTransformerTr
                     "BatchSamplers.GROUP_BY_LABEL)), which fills each batch with several rows of each label")
 
 
-class MultiSimilarityLoss(nn.Module):
-    """Multi-Similarity loss (Wang et al., CVPR 2019) with its hard-pair miner, for a SentenceTransformer.
+class _LabelledTextLoss(nn.Module):
+    """A loss of ms_fused on a SentenceTransformer's `sentence_embedding`s of a labelled batch: what every loss here
+    shares (the batch checks, the warning for a batch without positives); `loss_fn` is the ms_fused module."""
 
-    Inputs: a dataset with one text column and a `label` column of integer class ids; batches should hold
-    several rows per label (`BatchSamplers.GROUP_BY_LABEL`). Returns the mean over the batch's anchors of
-    `ms_fused.multi_similarity_loss` on the model's `sentence_embedding`s.
+    _citation = ""
 
-    Args: `alpha`, `beta`, `base`, `epsilon` as in `ms_fused.multi_similarity_loss` (pml's defaults);
-    `backend`: "auto", "triton", "cpp", "torch" or "reference".
-
-    After each call `stats` holds that call's mining statistics (`ms_fused.PairStats`: mined positive and
-    negative pairs, anchors with a pair) and `batch_size` its rows; `MiningStatsCallback(loss)` adds their
-    mean over the training calls since the last log to the trainer's logs.
-
-    Raises ValueError before running the model when the batch has no labels, float labels, more than one
-    text column, or labels that are not one per row; warns once when a batch has no anchor with a positive.
-    """
-
-    def __init__(self, model, *, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1,
-                 backend: str = "auto"):
+    def __init__(self, model, loss_fn: nn.Module):
         super().__init__()
         self.model = model
-        self.loss_fn = _MSLoss(alpha=alpha, beta=beta, base=base, epsilon=epsilon, backend=backend)
-        self.stats: Optional[PairStats] = None
-        self.batch_size: Optional[int] = None
+        self.loss_fn = loss_fn
         self._warned_no_positive = False
-        self._accum: Optional[torch.Tensor] = None  # sums of (pos, neg, anchors with pairs, rows) since the last read
-        self._accum_calls = 0
-
-    # ---- the sentence-transformers loss interface
 
     def forward(self, sentence_features: Iterable[Dict[str, torch.Tensor]], labels: Optional[torch.Tensor]):
         features, labels = self._check_batch(sentence_features, labels)
@@ -106,27 +108,11 @@ class MultiSimilarityLoss(nn.Module):
         return self._loss(embeddings, labels)
 
     def get_config_dict(self) -> dict:
-        kw = self.loss_fn.kwargs
-        return {k: kw[k] for k in ("alpha", "beta", "base", "epsilon", "backend")}
+        return {**self.loss_fn.params, "backend": self.loss_fn.backend}
 
     @property
     def citation(self) -> str:
-        return MS_CITATION
-
-    # ---- mining statistics
-
-    def pop_mining_stats(self) -> Dict[str, float]:
-        """Means over the training calls since the last pop: `ms_pos_pairs` and `ms_neg_pairs` (mined pairs per
-        batch), `ms_anchors_with_pairs` (fraction of a batch's anchors with a non-zero loss term); {} if none."""
-        if not self._accum_calls:
-            return {}
-        pos, neg, active, rows = self._accum.double().tolist()
-        calls = self._accum_calls
-        self._accum, self._accum_calls = None, 0
-        return {"ms_pos_pairs": round(pos / calls, 2), "ms_neg_pairs": round(neg / calls, 2),
-                "ms_anchors_with_pairs": round(active / rows, 4)}
-
-    # ---- shared by both losses
+        return self._citation
 
     def _check_batch(self, sentence_features, labels):
         name = type(self).__name__
@@ -158,8 +144,54 @@ class MultiSimilarityLoss(nn.Module):
                 warnings.warn(f"{type(self).__name__}: no text in this batch shares its label with another, so no "
                               f"anchor has a positive and the loss has no positive pairs to pull together; "
                               f"{NO_POSITIVE_HINT} (this warning is given once)", UserWarning, stacklevel=3)
-        labels = labels.to(embeddings.device)
-        loss = self.loss_fn(embeddings, labels)
+        return self.loss_fn(embeddings, labels.to(embeddings.device))
+
+
+class MultiSimilarityLoss(_LabelledTextLoss):
+    """Multi-Similarity loss (Wang et al., CVPR 2019) with its hard-pair miner, for a SentenceTransformer.
+
+    Inputs: a dataset with one text column and a `label` column of integer class ids; batches should hold
+    several rows per label (`BatchSamplers.GROUP_BY_LABEL`). Returns the mean over the batch's anchors of
+    `ms_fused.multi_similarity_loss` on the model's `sentence_embedding`s.
+
+    Args: `alpha`, `beta`, `base`, `epsilon` as in `ms_fused.multi_similarity_loss` (pml's defaults);
+    `backend`: "auto", "triton", "cpp", "torch" or "reference".
+
+    After each call `stats` holds that call's mining statistics (`ms_fused.PairStats`: mined positive and
+    negative pairs, anchors with a pair) and `batch_size` its rows; `MiningStatsCallback(loss)` adds their
+    mean over the training calls since the last log to the trainer's logs.
+
+    Raises ValueError before running the model when the batch has no labels, float labels, more than one
+    text column, or labels that are not one per row; warns once when a batch has no anchor with a positive.
+    """
+
+    _citation = MS_CITATION
+
+    def __init__(self, model, *, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5, epsilon: float = 0.1,
+                 backend: str = "auto"):
+        super().__init__(model, _MSLoss(alpha=alpha, beta=beta, base=base, epsilon=epsilon, backend=backend))
+        self.stats: Optional[PairStats] = None
+        self.batch_size: Optional[int] = None
+        self._accum: Optional[torch.Tensor] = None  # sums of (pos, neg, anchors with pairs, rows) since the last read
+        self._accum_calls = 0
+
+    def get_config_dict(self) -> dict:
+        kw = self.loss_fn.kwargs
+        return {k: kw[k] for k in ("alpha", "beta", "base", "epsilon", "backend")}
+
+    def pop_mining_stats(self) -> Dict[str, float]:
+        """Means over the training calls since the last pop: `ms_pos_pairs` and `ms_neg_pairs` (mined pairs per
+        batch), `ms_anchors_with_pairs` (fraction of a batch's anchors with a non-zero loss term); {} if none."""
+        if not self._accum_calls:
+            return {}
+        pos, neg, active, rows = self._accum.double().tolist()
+        calls = self._accum_calls
+        self._accum, self._accum_calls = None, 0
+        return {"ms_pos_pairs": round(pos / calls, 2), "ms_neg_pairs": round(neg / calls, 2),
+                "ms_anchors_with_pairs": round(active / rows, 4)}
+
+    def _loss(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = super()._loss(embeddings, labels)
         f = self.loss_fn
         self.stats = PairStats(f.num_pos_pairs, f.num_neg_pairs, f.num_anchors_with_pairs)
         self.batch_size = embeddings.shape[0]
@@ -169,6 +201,28 @@ class MultiSimilarityLoss(nn.Module):
             self._accum = step if self._accum is None else self._accum + step
             self._accum_calls += 1
         return loss
+
+
+class SupConLoss(_LabelledTextLoss):
+    """Supervised contrastive loss (Khosla et al. 2020) for a SentenceTransformer on labelled text: `ms_fused.SupConLoss`
+    (pml's convention and reduction) on the batch's `sentence_embedding`s. Args: `temperature` (0.1), `backend`.
+    Batches and errors as `MultiSimilarityLoss`'s."""
+
+    _citation = SUPCON_CITATION
+
+    def __init__(self, model, *, temperature: float = 0.1, backend: str = "auto"):
+        super().__init__(model, _SupConLoss(temperature, backend=backend))
+
+
+class CircleLoss(_LabelledTextLoss):
+    """Circle loss (Sun et al. 2020) for a SentenceTransformer on labelled text: `ms_fused.CircleLoss` (pml's
+    convention and reduction) on the batch's `sentence_embedding`s. Args: `m` (0.4), `gamma` (80), `backend`.
+    Batches and errors as `MultiSimilarityLoss`'s."""
+
+    _citation = CIRCLE_CITATION
+
+    def __init__(self, model, *, m: float = 0.4, gamma: float = 80.0, backend: str = "auto"):
+        super().__init__(model, _CircleLoss(m, gamma, backend=backend))
 
 
 class _Embedder(nn.Module):
@@ -218,15 +272,21 @@ class _DeferredBackward(torch.autograd.Function):
     def backward(ctx, grad_out):
         step, ctx.step = ctx.step, None
         if step is None:
-            raise RuntimeError("CachedMultiSimilarityLoss: backward() ran twice on one loss; each forward's "
-                               "cached gradient is used once")
+            raise RuntimeError("a cached loss of ms_fused.sentence_transformers: backward() ran twice on one loss; "
+                               "each forward's cached gradient is used once")
         step.backward(grad_out)
         return None, None
 
 
-class CachedMultiSimilarityLoss(MultiSimilarityLoss):
-    """`MultiSimilarityLoss` with gradient caching (Gao et al., 2021): the same loss and gradient, with
-    activation memory of `mini_batch_size` rows instead of the whole batch.
+def _check_mini_batch_size(mini_batch_size) -> int:
+    if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
+        raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
+    return mini_batch_size
+
+
+class _Cached:
+    """Gradient caching (Gao et al., 2021) for a loss of this module, mixed in before it: the same loss and
+    gradient, with activation memory of `mini_batch_size` rows instead of the whole batch.
 
     `forward` embeds the batch `mini_batch_size` rows at a time without a graph and returns the loss; the
     `backward()` that the trainer calls on it takes the exact gradient of the loss with respect to the
@@ -236,12 +296,7 @@ class CachedMultiSimilarityLoss(MultiSimilarityLoss):
     BatchNorm in train mode would normalise per mini-batch (see `ms_fused.cached_backward`).
     """
 
-    def __init__(self, model, *, mini_batch_size: int = 32, alpha: float = 2.0, beta: float = 50.0,
-                 base: float = 0.5, epsilon: float = 0.1, backend: str = "auto"):
-        super().__init__(model, alpha=alpha, beta=beta, base=base, epsilon=epsilon, backend=backend)
-        if isinstance(mini_batch_size, bool) or not isinstance(mini_batch_size, int) or mini_batch_size < 1:
-            raise ValueError(f"mini_batch_size must be a positive int, got {mini_batch_size!r}")
-        self.mini_batch_size = mini_batch_size
+    mini_batch_size: int
 
     def forward(self, sentence_features: Iterable[Dict[str, torch.Tensor]], labels: Optional[torch.Tensor]):
         features, labels = self._check_batch(sentence_features, labels)
@@ -263,7 +318,33 @@ class CachedMultiSimilarityLoss(MultiSimilarityLoss):
 
     @property
     def citation(self) -> str:
-        return MS_CITATION + GRADCACHE_CITATION
+        return super().citation + GRADCACHE_CITATION
+
+
+class CachedMultiSimilarityLoss(_Cached, MultiSimilarityLoss):
+    """`MultiSimilarityLoss` with gradient caching (see `_Cached`): activation memory of `mini_batch_size` rows."""
+
+    def __init__(self, model, *, mini_batch_size: int = 32, alpha: float = 2.0, beta: float = 50.0,
+                 base: float = 0.5, epsilon: float = 0.1, backend: str = "auto"):
+        super().__init__(model, alpha=alpha, beta=beta, base=base, epsilon=epsilon, backend=backend)
+        self.mini_batch_size = _check_mini_batch_size(mini_batch_size)
+
+
+class CachedSupConLoss(_Cached, SupConLoss):
+    """`SupConLoss` with gradient caching (see `_Cached`): activation memory of `mini_batch_size` rows."""
+
+    def __init__(self, model, *, mini_batch_size: int = 32, temperature: float = 0.1, backend: str = "auto"):
+        super().__init__(model, temperature=temperature, backend=backend)
+        self.mini_batch_size = _check_mini_batch_size(mini_batch_size)
+
+
+class CachedCircleLoss(_Cached, CircleLoss):
+    """`CircleLoss` with gradient caching (see `_Cached`): activation memory of `mini_batch_size` rows."""
+
+    def __init__(self, model, *, mini_batch_size: int = 32, m: float = 0.4, gamma: float = 80.0,
+                 backend: str = "auto"):
+        super().__init__(model, m=m, gamma=gamma, backend=backend)
+        self.mini_batch_size = _check_mini_batch_size(mini_batch_size)
 
 
 class MiningStatsCallback(TrainerCallback):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from helpers import rel_err
-from ms_fused import CrossBatchMemory, MultiSimilarityLoss, cached_backward
+from ms_fused import CircleLoss, CrossBatchMemory, MultiSimilarityLoss, NTXentLoss, SupConLoss, cached_backward
 
 IN, DIM, CLASSES = 6, 8, 4
 
@@ -65,6 +65,22 @@ def test_gradient_equals_full_batch_backward(n, chunk):
     full.backward()
     loss = cached_backward(model, x, y, chunk_size=chunk, mining=False)
     assert not loss.requires_grad
+    assert rel_err(loss, full) <= 1e-12
+    assert_grads_close(model, reference, 1e-10)
+
+
+@pytest.mark.parametrize("loss_fn", [SupConLoss(), NTXentLoss(), CircleLoss(),
+                                     CrossBatchMemory(50, DIM, dtype=torch.float64, loss=SupConLoss())])
+def test_pair_weighting_losses_compose(loss_fn):
+    """The pair-weighting losses, and a memory bank of one, as loss_fn: the full-batch step's gradient."""
+    x, y = batch(29, seed=5)
+    model, reference = mlp(), mlp()
+    if isinstance(loss_fn, CrossBatchMemory):  # a memory of its own for the full step: both see one batch
+        full = CrossBatchMemory(50, DIM, dtype=torch.float64, loss=SupConLoss())(reference(x), y)
+    else:
+        full = loss_fn(reference(x), y)
+    full.backward()
+    loss = cached_backward(model, x, y, chunk_size=6, loss_fn=loss_fn)
     assert rel_err(loss, full) <= 1e-12
     assert_grads_close(model, reference, 1e-10)
 

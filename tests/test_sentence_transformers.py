@@ -18,8 +18,14 @@ from torch import nn  # noqa: E402
 
 import ms_fused  # noqa: E402
 from helpers import rel_err  # noqa: E402
-from ms_fused.sentence_transformers import (CachedMultiSimilarityLoss, MiningStatsCallback,  # noqa: E402
-                                            MultiSimilarityLoss)
+from ms_fused.sentence_transformers import (CachedCircleLoss, CachedMultiSimilarityLoss,  # noqa: E402
+                                            CachedSupConLoss, CircleLoss, MiningStatsCallback, MultiSimilarityLoss,
+                                            SupConLoss)
+
+PAIR_LOSSES = [(SupConLoss, CachedSupConLoss, ms_fused.SupConLoss, dict(temperature=0.2)),
+               (CircleLoss, CachedCircleLoss, ms_fused.CircleLoss, dict(m=0.3, gamma=64.0))]
+ALL_CLASSES = [MultiSimilarityLoss, CachedMultiSimilarityLoss, SupConLoss, CachedSupConLoss, CircleLoss,
+               CachedCircleLoss]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +136,7 @@ def test_cached_loss_under_no_grad_runs_one_pass(model):
     assert not loss.requires_grad and abs(float(loss) - float(expected)) <= 1e-5
 
 
-@pytest.mark.parametrize("cls", [MultiSimilarityLoss, CachedMultiSimilarityLoss])
+@pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_bad_input_raises_before_the_model(model, cls):
     f, y = batch(model, per_topic=2)
     loss_fn = cls(model)
@@ -144,7 +150,7 @@ def test_bad_input_raises_before_the_model(model, cls):
         loss_fn([f], y[:-1])
 
 
-@pytest.mark.parametrize("cls", [MultiSimilarityLoss, CachedMultiSimilarityLoss])
+@pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_a_batch_without_positives_warns_once_naming_the_sampler(model, cls):
     f, _ = batch(model, per_topic=1)  # one text per label
     loss_fn = cls(model)
@@ -165,6 +171,31 @@ def test_config_and_citation(model):
         CachedMultiSimilarityLoss(model, mini_batch_size=0)
     with pytest.raises(ValueError):
         MultiSimilarityLoss(model, beta=-1.0)
+
+
+@pytest.mark.parametrize("plain_cls, cached_cls, module_cls, params", PAIR_LOSSES)
+def test_pair_losses_plain_and_cached_equal_ms_fused_on_the_embeddings(model, plain_cls, cached_cls, module_cls,
+                                                                         params):
+    """SupConLoss / CircleLoss: the plain loss is ms_fused's module on the embeddings; the cached one gives the
+    same loss and parameter gradients (no dropout: the mini-batches reproduce the whole batch)."""
+    f, y = batch(model)
+    model.eval()
+    loss = plain_cls(model, **params)([f], y)
+    with torch.no_grad():
+        expected = module_cls(**params)(model(dict(f))["sentence_embedding"], y)
+    assert abs(float(loss.detach()) - float(expected)) <= 1e-5 * max(1.0, abs(float(expected)))
+    loss.backward()
+    expected_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+    cached_fn = cached_cls(model, mini_batch_size=5, **params)
+    cached = cached_fn([f], y)
+    cached.backward()
+    assert abs(float(cached.detach()) - float(loss.detach())) <= 1e-5 * max(1.0, abs(float(loss.detach())))
+    assert_grads_match(grads(model), expected_grads)
+    assert cached_fn.get_config_dict() == {**params, "backend": "auto", "mini_batch_size": 5}
+    assert "Scaling Deep Contrastive" in cached_fn.citation and "Scaling" not in plain_cls(model).citation
+    with pytest.raises(TypeError, match="MiningStatsCallback takes"):
+        MiningStatsCallback(plain_cls(model))
 
 
 def dataset_loss(model, f, y):
