@@ -1,5 +1,6 @@
 """The MS loss of a batch split over `torch.distributed` ranks, with the exact gradient of the global loss, and
-one cross-batch memory shared by all ranks (`CrossBatchMemory`, at the end).
+one cross-batch memory shared by all ranks (`CrossBatchMemory`, at the end); the same for SupCon, NT-Xent and
+Circle loss (`supcon_loss`, `ntxent_loss`, `circle_loss`; no shared memory for them yet).
 
 Contract (reduction "mean" or "sum"): with X the concatenation of every rank's embeddings in rank order
 (local batch sizes may differ, a rank may hold no rows), every rank gets the value of
@@ -28,6 +29,9 @@ from . import backends
 from ._inputs import FLOAT_DTYPES, check_labels, compute_dtype, refuse_indices_tuple
 from .api import multi_similarity_loss as _local_loss
 from .module import MultiSimilarityLoss
+from ._inputs import check_reduction
+from .pair_api import check_pair_backend, pair_weighting_loss as _local_pair_loss, reduction_terms
+from .pair_losses import LOSSES
 from .xbm import CrossBatchMemory as _LocalMemory
 
 # what one rank tells the others before any row moves: rows, dim, dtype, inputs accepted
@@ -42,10 +46,14 @@ def _comm_device(group, embeddings) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_local(embeddings, labels, loss_kwargs) -> dict:
-    """Validate this rank's inputs and options (as `multi_similarity_loss` would, but an empty batch is allowed);
-    returns the validated loss options."""
-    options = MultiSimilarityLoss(**loss_kwargs).kwargs  # rejects unknown names and bad hyper-parameters
+def _ms_options(loss_kwargs) -> dict:
+    return MultiSimilarityLoss(**loss_kwargs).kwargs  # rejects unknown names and bad hyper-parameters
+
+
+def _check_local(embeddings, labels, loss_kwargs, check_options=_ms_options) -> dict:
+    """Validate this rank's inputs and options (as the single-process loss would, but an empty batch is allowed);
+    returns the validated loss options (`check_options(loss_kwargs)`: a dict with backend and check_finite)."""
+    options = check_options(loss_kwargs)
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.dim() != 2 or embeddings.shape[1] == 0:
@@ -61,13 +69,13 @@ def _check_local(embeddings, labels, loss_kwargs) -> dict:
     return options
 
 
-def _exchange_meta(embeddings, labels, loss_kwargs, group, extra_check=None):
+def _exchange_meta(embeddings, labels, loss_kwargs, group, extra_check=None, check_options=_ms_options):
     """Every rank validates its inputs (and runs `extra_check(embeddings)`), then all learn each other's (rows,
     dim, dtype, ok); all ranks raise together when any rank's inputs are bad, so a bad rank never leaves the
     others waiting in a collective."""
     error, options = None, None
     try:
-        options = _check_local(embeddings, labels, loss_kwargs)
+        options = _check_local(embeddings, labels, loss_kwargs, check_options)
         if extra_check is not None:
             extra_check(embeddings)
     except (TypeError, ValueError) as exc:
@@ -156,6 +164,57 @@ def multi_similarity_loss(embeddings: torch.Tensor, labels: torch.Tensor, group:
     # value: the global sum (same bits on every rank); gradient: only the local anchors' part
     total = _sum_over_ranks(local_sum, group) + (local_sum - local_sum.detach())
     return total / sum(sizes) if reduction == "mean" else total
+
+
+def pair_weighting_loss(name: str, embeddings: torch.Tensor, labels: torch.Tensor,
+                        group: Optional[dist.ProcessGroup] = None, *, reduction: str = "mean", backend: str = "auto",
+                        **params) -> torch.Tensor:
+    """SupCon, NT-Xent or Circle loss (`name`: "supcon", "ntxent", "circle"; `params` as `ms_fused.supcon_loss`'s
+    ...) of the global batch, as `multi_similarity_loss` above: every rank gets the value of the single-process
+    loss on the concatenated batch (pml's reduction: the global sum over the global count of positive pairs or
+    of anchors with a loss > 0), and its rows the single-process gradient. Call it on every rank of `group`."""
+    def check_options(_):
+        LOSSES[name](**params)
+        return dict(backend=check_pair_backend(name, backend), reduction=check_reduction(reduction),
+                    check_finite=False)
+
+    sizes, options = _exchange_meta(embeddings, labels, {}, group, check_options=check_options)
+    rank = dist.get_rank(group)
+    labels = labels.to(torch.int64)
+    all_rows = _GatherRows.apply(embeddings, sizes, rank, group)
+    all_labels = _all_gather_rows(labels, sizes, group)
+    n_local, start = embeddings.shape[0], sum(sizes[:rank])
+    if n_local == 0:  # the gather's backward must still run on this rank (a collective)
+        per_anchor = all_rows[:0].sum(dim=1).to(compute_dtype(embeddings.dtype))
+    else:
+        ref_self_index = start + torch.arange(n_local, device=embeddings.device)
+        per_anchor = _local_pair_loss(name, embeddings, labels, all_rows, all_labels, reduction="none",
+                                      backend=options["backend"], ref_self_index=ref_self_index, **params)
+    if reduction == "none":
+        return per_anchor
+    classes, sizes_of_class = torch.unique(all_labels, return_counts=True)
+    pairs = (sizes_of_class[torch.searchsorted(classes, labels)] - 1).sum()  # the local anchors' positive pairs
+    num, den = reduction_terms(name, per_anchor, pairs, reduction)
+    total = _sum_over_ranks(num, group) + (num - num.detach())
+    return total if den is None else total / _sum_over_ranks(den.to(total.dtype), group).clamp(min=1)
+
+
+def supcon_loss(embeddings, labels, group=None, *, temperature=0.1, reduction="mean", backend="auto"):
+    """`ms_fused.supcon_loss` of the global batch; see pair_weighting_loss."""
+    return pair_weighting_loss("supcon", embeddings, labels, group, reduction=reduction, backend=backend,
+                               temperature=temperature)
+
+
+def ntxent_loss(embeddings, labels, group=None, *, temperature=0.07, reduction="mean", backend="auto"):
+    """`ms_fused.ntxent_loss` of the global batch; see pair_weighting_loss."""
+    return pair_weighting_loss("ntxent", embeddings, labels, group, reduction=reduction, backend=backend,
+                               temperature=temperature)
+
+
+def circle_loss(embeddings, labels, group=None, *, m=0.4, gamma=80.0, reduction="mean", backend="auto"):
+    """`ms_fused.circle_loss` of the global batch; see pair_weighting_loss."""
+    return pair_weighting_loss("circle", embeddings, labels, group, reduction=reduction, backend=backend, m=m,
+                               gamma=gamma)
 
 
 class CrossBatchMemory(_LocalMemory):

@@ -18,21 +18,28 @@ from . import torch_pair_engine
 PAIR_BACKENDS = ("torch", "reference")
 
 
+def reduction_terms(name: str, per_anchor: torch.Tensor, pairs: torch.Tensor, reduction: str):
+    """(numerator, denominator) of pml's "mean" (`reduction`) or of "sum" (denominator None), from the per-anchor
+    losses and the number of positive pairs `pairs` (a 0-dim tensor): NT-Xent's mean over positive pairs, else
+    the mean over anchors whose loss is > 0 (AvgNonZeroReducer; a NaN anchor is kept, so the loss is NaN)."""
+    if reduction == "sum":
+        return per_anchor.sum(), None
+    if name == "ntxent":
+        return per_anchor.sum(), pairs
+    kept = ~(per_anchor <= 0)
+    return torch.where(kept, per_anchor, 0.0).sum(), kept.sum()
+
+
 def reduce_pair_losses(name: str, per_anchor: torch.Tensor, pairs: torch.Tensor, reduction: str) -> torch.Tensor:
-    """pml's reductions of the per-anchor losses: NT-Xent's mean over positive pairs (`pairs` = |P_i|), else the
-    mean over anchors whose loss is > 0 (AvgNonZeroReducer; a NaN anchor is kept, so the loss is NaN). A batch
-    without any such term gives an attached zero."""
+    """pml's reductions of the per-anchor losses (see reduction_terms; `pairs` = |P_i| per anchor). A batch
+    without any term to average gives an attached zero."""
     if reduction == "none":
         return per_anchor
-    if reduction == "sum":
-        return per_anchor.sum()
-    if name == "ntxent":
-        return per_anchor.sum() / pairs.sum().clamp(min=1)
-    kept = ~(per_anchor <= 0)
-    return torch.where(kept, per_anchor, 0.0).sum() / kept.sum().clamp(min=1)
+    num, den = reduction_terms(name, per_anchor, pairs.sum(), reduction)
+    return num if den is None else num / den.clamp(min=1)
 
 
-def _check_pair_backend(name: str, backend: str) -> str:
+def check_pair_backend(name: str, backend: str) -> str:
     backend = check_backend_name(backend)
     if backend == "auto":
         return "torch"
@@ -52,7 +59,7 @@ def pair_weighting_loss(name: str, embeddings, labels, ref_emb=None, ref_labels=
     given by the `torch` backend."""
     loss = LOSSES[name](**params)
     reduction = check_reduction(reduction)
-    backend = _check_pair_backend(name, backend)
+    backend = check_pair_backend(name, backend)
     problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, HyperParams(), ref_normalized)
     with autocast_off(problem.q.device):
         if backend == "reference":
@@ -94,7 +101,7 @@ class _PairWeightingLoss(nn.Module):
         self.params = {k: getattr(LOSSES[self.name](**params), k) for k in params}
         self.reduction = check_reduction(reduction)
         self.backend = check_backend_name(backend)
-        _check_pair_backend(type(self).__name__, self.backend)
+        check_pair_backend(type(self).__name__, self.backend)
 
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, ref_self_index=None,
                 ref_normalized=False):
