@@ -7,6 +7,10 @@
 - `mm`: one torch.mm(X, X.T) in the batch's dtype, the yardstick a fused kernel is measured against.
 
 Every loss callable takes (embeddings, labels) and returns the mean loss over all N anchors.
+
+With `loss` other than "ms" (the pair-weighting losses: "supcon", "ntxent", "circle"), `ms_fused:<backend>` is
+that loss of this package, `pml` pml's loss of that name with its defaults, and `mm` the same yardstick;
+`dense_torch` and `loop` are MS-only.
 """
 from __future__ import annotations
 
@@ -27,6 +31,9 @@ SAMPLES_PER_CLASS = 4
 TARGET_HARD_NEGATIVES = 0.10
 
 BASELINES = ("pml", "dense_torch", "loop", "mm")
+PAIR_LOSSES = ("supcon", "ntxent", "circle")
+LOSSES = ("ms",) + PAIR_LOSSES
+PAIR_BASELINES = ("pml", "mm")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -191,6 +198,30 @@ def loop_loss(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
     return torch.stack(terms).sum() / n
 
 
+def ms_fused_pair_loss(loss_name: str, backend: str) -> Callable:
+    from ms_fused.pair_api import pair_weighting_loss
+
+    def loss(x, y, bank=None):
+        if bank is None:
+            return pair_weighting_loss(loss_name, x, y, backend=backend)
+        memory, memory_labels, ref_self_index = bank
+        return pair_weighting_loss(loss_name, x, y, memory, memory_labels, ref_self_index=ref_self_index,
+                                   ref_normalized=True, backend=backend)
+
+    return loss
+
+
+def pml_pair_loss(loss_name: str) -> Callable:
+    from pytorch_metric_learning import losses
+
+    loss_fn = {"supcon": losses.SupConLoss, "ntxent": losses.NTXentLoss, "circle": losses.CircleLoss}[loss_name]()
+
+    def loss(x, y, bank=None):
+        return loss_fn(x, y) if bank is None else loss_fn(x, y, None, bank[0], bank[1])
+
+    return loss
+
+
 def mm_yardstick(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
     return torch.mm(x, (x if bank is None else bank[0]).T)
 
@@ -218,8 +249,17 @@ def all_impls(device: torch.device) -> List[str]:
 BANK_BASELINES = ("pml", "mm")
 
 
-def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, memory: Optional[int] = None) -> Optional[str]:
-    """None when `impl` can run on (device, dtype), else why not (recorded, never raised)."""
+def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, memory: Optional[int] = None,
+                       loss: str = "ms") -> Optional[str]:
+    """None when `impl` can run `loss` on (device, dtype), else why not (recorded, never raised)."""
+    if loss != "ms":
+        if impl in BASELINES and impl not in PAIR_BASELINES:
+            return f"{impl} is a form of the MS loss only"
+        if impl.startswith("ms_fused:"):
+            from ms_fused.pair_api import PAIR_BACKENDS
+
+            if impl.split(":", 1)[1] not in PAIR_BACKENDS:
+                return f"the {impl.split(':', 1)[1]} backend serves the MS loss only so far"
     if memory and impl in BASELINES and impl not in BANK_BASELINES:
         return f"{impl} has no memory-bank form"
     if impl.startswith("ms_fused:"):
@@ -233,9 +273,11 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, memo
     return None
 
 
-def build(impl: str) -> Callable:
-    """The callable (embeddings, labels, bank=None) -> output that one timed step runs; `bank` is
+def build(impl: str, loss: str = "ms") -> Callable:
+    """The callable (embeddings, labels, bank=None) -> output that one timed step of `loss` runs; `bank` is
     (memory, memory_labels, ref_self_index) for a memory-bank step."""
+    if loss != "ms" and impl != "mm":
+        return ms_fused_pair_loss(loss, impl.split(":", 1)[1]) if impl.startswith("ms_fused:") else pml_pair_loss(loss)
     if impl.startswith("ms_fused:"):
         return ms_fused_loss(impl.split(":", 1)[1])
     return {"pml": pml_loss, "dense_torch": lambda: dense_torch_loss, "loop": lambda: loop_loss,
@@ -254,7 +296,19 @@ def is_yardstick(impl: str) -> bool:
 _BYTES_PER_PAIR = {"pml": 80, "dense_torch": 72, "loop": 40, "mm": 6}
 
 
-def estimated_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype, memory: Optional[int] = None) -> int:
+# pml's pair-weighting losses, bytes per anchor pair (N M): SupCon and Circle keep several N x M float tensors;
+# NT-Xent builds a (positive pairs x negative pairs) matrix, N (K - 1) x N M entries, a few float copies of it
+_PML_PAIR_BYTES = {"supcon": 80, "circle": 80}
+_PML_NTXENT_BYTES_PER_ENTRY = 16
+
+
+def estimated_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype, memory: Optional[int] = None,
+                         loss: str = "ms") -> int:
+    if loss != "ms" and impl == "pml":
+        m = memory or n
+        if loss == "ntxent":
+            return int(_PML_NTXENT_BYTES_PER_ENTRY * n * (SAMPLES_PER_CLASS - 1) * n * m) + 8 * n * d * 4
+        return int(_PML_PAIR_BYTES[loss] * n * m) + 8 * n * d * 4
     if memory:  # a memory-bank step: N x M pairs, and the memory itself
         per_pair = _BYTES_PER_PAIR.get(impl, 0)
         return int(per_pair * n * memory) + 8 * n * d * 4 + 2 * memory * d * 4 + 64 * 2**20

@@ -120,7 +120,7 @@ def measure(spec: dict) -> dict:
     device = torch.device(spec["device"])
     impl, mode, n = spec["impl"], spec["mode"], spec["n"]
     yardstick = impls.is_yardstick(impl)
-    fn = impls.build(impl)
+    fn = impls.build(impl, spec.get("loss", "ms"))
     if device.type == "cpu" and spec.get("mem_cap_bytes"):
         _cap_cpu_memory(spec["mem_cap_bytes"])
 
@@ -157,17 +157,24 @@ def measure(spec: dict) -> dict:
 
 
 def agreement(spec: dict) -> dict:
-    """Relative error of loss and gradient against ms_fused's dense `reference` in float64 (a sanity check)."""
+    """Relative error of loss and gradient against ms_fused's dense `reference` of spec["loss"] in float64 (a
+    sanity check)."""
     import ms_fused
 
     device = torch.device(spec["device"])
     dtype = impls.DTYPES[spec["dtype"]]
     x0, y = impls.make_batch(spec["n"], spec["d"], torch.float64, device, seed=spec.get("seed", 1))
     ref_x = x0.clone().requires_grad_()
-    ref = ms_fused.multi_similarity_loss(ref_x, y, backend="reference", **impls.HYPER_PARAMS)
+    loss = spec.get("loss", "ms")
+    if loss == "ms":
+        ref = ms_fused.multi_similarity_loss(ref_x, y, backend="reference", **impls.HYPER_PARAMS)
+    else:
+        from ms_fused.pair_api import pair_weighting_loss
+
+        ref = pair_weighting_loss(loss, ref_x, y, backend="reference")
     ref.backward()
     x = x0.to(dtype).requires_grad_()
-    out = impls.build(spec["impl"])(x, y)
+    out = impls.build(spec["impl"], loss)(x, y)
     out.backward()
 
     def rel(a, b):

@@ -175,6 +175,9 @@ def agreement_table(doc) -> List[str]:
     return lines
 
 
+LOSS_NAMES = {"supcon": "SupCon", "ntxent": "NT-Xent", "circle": "Circle loss"}
+
+
 def markdown(doc) -> str:
     env, s, b = doc["environment"], doc["settings"], doc["batches"]
     unavailable = sorted({(r["impl"], r.get("note", "")) for r in doc["records"] if r["status"] == "unavailable"})
@@ -190,8 +193,10 @@ def markdown(doc) -> str:
         f"{env['pytorch_metric_learning']}, Python {env['python']}, {env['threads']} torch threads.",
         "",
         f"Batches: P×K labels, {b['samples_per_class']} samples per class; rows around class centres, scattered so "
-        f"that the miner keeps ~{b['target_hard_negative_share']:.0%} of the negative pairs (at N = 2048, {shares}). "
-        f"Hyper-parameters: {hp}, mining on, mean reduction, " + (
+        f"that the MS miner keeps ~{b['target_hard_negative_share']:.0%} of the negative pairs (at N = 2048, {shares}). "
+        + (f"Hyper-parameters: {hp}, mining on, mean reduction, " if s.get("loss", "ms") == "ms" else
+         f"Loss: **{LOSS_NAMES[s['loss']]}** (ms_fused's and pml's, pml's defaults: {hp}; every pair, no miner; "
+         "pml's reduction), ") + (
             f"memory-bank step: N anchors against a memory of {s['memory']} unit rows around the same class "
             "centres that holds the batch, memory without grad, as `CrossBatchMemory` holds it (ms_fused gets "
             "`ref_normalized=True` and removes the own copies by index; pml keeps them); `mm` is then one "

@@ -4,6 +4,7 @@
     python benchmarks/run.py                             # the full sweep of this device
     python benchmarks/run.py --preset goals              # the backends' goals, checked in the report
     python benchmarks/run.py --preset bank               # a cross-batch-memory step (10^5-row memory)
+    python benchmarks/run.py --preset supcon             # SupCon against pml's (also ntxent, circle)
 
 Writes results.md, results.json, time.png and memory.png under benchmarks/results/<device>/ (other
 presets under .../<device>/<preset>/), or under --out. See benchmarks/README.md.
@@ -84,6 +85,7 @@ def settings_from(args, device: torch.device) -> dict:
     preset.setdefault("modes", list(sweep.MODES))
     preset.setdefault("memory", None)
     preset.setdefault("goals", [])
+    preset.setdefault("loss", "ms")
     preset.setdefault("impls", impls.all_impls(device))
     if args.mem_limit_gb is not None:
         preset["mem_limit_bytes"] = int(args.mem_limit_gb * 1e9)
@@ -131,17 +133,25 @@ class Progress:
             self.bar.close()
 
 
-def check_agreement(runner: Runner, device: torch.device, names, timeout_s: float, threads=None) -> list:
+def pair_defaults(loss: str) -> dict:
+    from ms_fused.reference_pair_losses import DEFAULTS
+
+    return DEFAULTS[loss]
+
+
+def check_agreement(runner: Runner, device: torch.device, names, timeout_s: float, threads=None,
+                    loss: str = "ms") -> list:
     """Loss and gradient of each implementation against the float64 reference on one small batch."""
     rows = []
     for impl in names:
         if impls.is_yardstick(impl):
             continue
         dtype = next((t for t in ("float64", "float32")
-                      if impls.unavailable_reason(impl, device, impls.DTYPES[t]) is None), None)
+                      if impls.unavailable_reason(impl, device, impls.DTYPES[t], loss=loss) is None), None)
         if dtype is None:
             continue
-        spec = dict(kind="agreement", impl=impl, n=256, d=64, dtype=dtype, device=str(device), seed=1, threads=threads)
+        spec = dict(kind="agreement", impl=impl, n=256, d=64, dtype=dtype, device=str(device), seed=1, threads=threads,
+                    loss=loss)
         rows.append(dict(impl=impl, n=256, d=64, dtype=dtype, **runner.run(spec, timeout_s)))
     return rows
 
@@ -165,9 +175,10 @@ def main(argv=None) -> int:
     keys = sweep.plan(settings["impls"], settings["n"], settings["d"], settings["dtypes"], settings["modes"])
     guard = sweep.Guard(device=device, mem_limit_bytes=settings["mem_limit_bytes"], timeout_s=settings["timeout_s"],
                         calls_per_record=settings["warmup"] + settings["min_repeats"],
-                        loop_max_n=settings["loop_max_n"], deadline=deadline, memory=settings["memory"])
+                        loop_max_n=settings["loop_max_n"], deadline=deadline, memory=settings["memory"],
+                        loss=settings["loss"])
     agreement = [] if args.no_check else check_agreement(runner, device, settings["impls"], settings["timeout_s"],
-                                                        args.threads)
+                                                        args.threads, settings["loss"])
 
     command = "python benchmarks/run.py" + "".join(" " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     doc = {
@@ -180,7 +191,7 @@ def main(argv=None) -> int:
         "settings": settings,
         "batches": {"samples_per_class": impls.SAMPLES_PER_CLASS,
                     "target_hard_negative_share": impls.TARGET_HARD_NEGATIVES,
-                    "hyper_parameters": impls.HYPER_PARAMS,
+                    "hyper_parameters": impls.HYPER_PARAMS if settings["loss"] == "ms" else pair_defaults(settings["loss"]),
                     # what the miner keeps of these batches, per D, measured on the CPU at N = 2048
                     "hard_pair_share_at_2048": {str(d): impls.hard_pair_fractions(*impls.make_batch(2048, d, torch.float64, "cpu"))
                                                 for d in settings["d"]}},
@@ -201,7 +212,7 @@ def main(argv=None) -> int:
                             warmup=settings["warmup"], target_s=settings["target_s"],
                             min_repeats=settings["min_repeats"], max_repeats=settings["max_repeats"],
                             mem_cap_bytes=int(1.5 * settings["mem_limit_bytes"]), threads=args.threads,
-                            memory=settings["memory"])
+                            memory=settings["memory"], loss=settings["loss"])
                 allowed = guard.time_left()
                 result = runner.run(spec, allowed)
                 if result["status"] == TIMEOUT and allowed < settings["timeout_s"]:

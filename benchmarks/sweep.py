@@ -86,6 +86,16 @@ PRESETS = {
                            min_repeats=3, max_repeats=10, warmup=2,
                            goals=_goals("ms_fused:triton", "time_per_mm", 4, (256,))),
 }
+# the pair-weighting losses against pml's (its defaults), the torch backend so far; pml's NT-Xent holds a
+# (positive pairs x negative pairs) matrix, so it stops at a few hundred rows
+for _loss in impls.PAIR_LOSSES:
+    PRESETS[("cpu", _loss)] = dict(loss=_loss, n=[256, 512, 1024, 2048, 4096, 8192], d=[128], dtypes=["float32"],
+                                   modes=["forward_backward"], impls=["ms_fused:torch", "pml", "mm"], loop_max_n=0,
+                                   timeout_s=120, target_s=1.0, min_repeats=3, max_repeats=10, warmup=1,
+                                   deadline_s=900)
+    PRESETS[("cuda", _loss)] = dict(loss=_loss, n=[1024, 4096, 16384, 32768], d=[128], dtypes=["float32"],
+                                    modes=["forward_backward"], impls=["ms_fused:torch", "pml", "mm"], loop_max_n=0,
+                                    timeout_s=60, target_s=0.2, min_repeats=3, max_repeats=10, warmup=2)
 PRESET_NAMES = tuple(dict.fromkeys(name for _, name in PRESETS))  # quick, full, goals, floor, bank
 # no record starts with less than this before the global deadline
 MIN_RECORD_S = 5.0
@@ -119,11 +129,12 @@ class Guard:
     loop_max_n: int
     deadline: Optional[float] = None  # time.monotonic() after which nothing more starts
     memory: Optional[int] = None      # rows of the memory bank in a memory-bank sweep
+    loss: str = "ms"                  # impls.LOSSES
     done: Dict[Tuple, List[Tuple[int, dict]]] = field(default_factory=dict)
 
     def skip_reason(self, key: Key) -> Optional[Tuple[str, str]]:
         """(status, note) for a record that must not run, else None."""
-        reason = impls.unavailable_reason(key.impl, self.device, impls.DTYPES[key.dtype], self.memory)
+        reason = impls.unavailable_reason(key.impl, self.device, impls.DTYPES[key.dtype], self.memory, self.loss)
         if reason is not None:
             return UNAVAILABLE, reason
         if self.deadline is not None and self.deadline - time.monotonic() < MIN_RECORD_S:
@@ -134,7 +145,7 @@ class Guard:
         for n, rec in history:
             if rec["status"] in (OOM, TIMEOUT, "killed") and n < key.n:
                 return SKIPPED, f"N = {n} already ended in {rec['status']}"
-        est = impls.estimated_peak_bytes(key.impl, key.n, key.d, impls.DTYPES[key.dtype], self.memory)
+        est = impls.estimated_peak_bytes(key.impl, key.n, key.d, impls.DTYPES[key.dtype], self.memory, self.loss)
         if est > self.mem_limit_bytes:
             return SKIPPED, f"est. peak {est / 1e9:.1f} GB > limit {self.mem_limit_bytes / 1e9:.1f} GB"
         ok = [(n, rec["median_ms"]) for n, rec in history if rec["status"] == OK and n < key.n]
