@@ -86,11 +86,12 @@ PRESETS = {
                            min_repeats=3, max_repeats=10, warmup=2,
                            goals=_goals("ms_fused:triton", "time_per_mm", 4, (256,))),
 }
-# the pair-weighting losses against pml's (its defaults), the torch backend so far; pml's NT-Xent holds a
+# the pair-weighting losses against pml's (its defaults), on the backends that serve them; pml's NT-Xent holds a
 # (positive pairs x negative pairs) matrix, so it stops at a few hundred rows
 for _loss in impls.PAIR_LOSSES:
     PRESETS[("cpu", _loss)] = dict(loss=_loss, n=[256, 512, 1024, 2048, 4096, 8192], d=[128], dtypes=["float32"],
-                                   modes=["forward_backward"], impls=["ms_fused:torch", "pml", "mm"], loop_max_n=0,
+                                   modes=["forward_backward"], impls=["ms_fused:cpp", "ms_fused:torch", "pml", "mm"],
+                                   loop_max_n=0,
                                    timeout_s=120, target_s=1.0, min_repeats=3, max_repeats=10, warmup=1,
                                    deadline_s=900)
     PRESETS[("cuda", _loss)] = dict(loss=_loss, n=[1024, 4096, 16384, 32768], d=[128], dtypes=["float32"],

@@ -24,6 +24,17 @@ TORCH_LIBRARY(ms_fused, m) {
       "ms_backward(Tensor grad, Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, "
       "Tensor? ref_self_index, Tensor stats, float alpha, float beta, float base, float epsilon, bool mining, "
       "bool need_q, bool need_r) -> (Tensor dq, Tensor dr)");
+  // The pair-weighting losses (csrc/cpu/pair_loss_cpu.cpp): `loss` 0 SupCon, 1 NT-Xent, 2 Circle (PairLoss in
+  // csrc/cpu/pair_rows.h), p0 = temperature (SupCon, NT-Xent) or m (Circle), p1 = gamma (Circle). The forward
+  // returns the per-anchor losses (N,), the statistics (2, N) the backward rebuilds each block of G from, and the
+  // int64 (2, N) counts |P_i|, |N_i|; same modes and dtypes as ms_forward (no unit_q_grad).
+  m.def(
+      "pair_forward(Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, Tensor? ref_self_index, "
+      "int loss, float p0, float p1) -> (Tensor loss, Tensor stats, Tensor counts)");
+  m.def(
+      "pair_backward(Tensor grad, Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, "
+      "Tensor? ref_self_index, Tensor stats, int loss, float p0, float p1, bool need_q, bool need_r) -> "
+      "(Tensor dq, Tensor dr)");
   // the instruction-set variant of the row passes: "avx512", "avx2" or "default" (see csrc/cpu/row_kernels.h)
   m.def("cpu_capability() -> str");
   // whether the extension was compiled with OpenMP (without it, and with torch's OpenMP, the passes take one thread)

@@ -1,8 +1,9 @@
 """SupCon, NT-Xent and Circle loss: functional forms and pml-named modules (docs/semantics.md "Pair-weighting losses").
 
-Served today by the `torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py +
-torch_pair_engine.py) and the dense `reference` backend; `backend="auto"` takes `torch`. The `cpp` and `triton`
-backends serve the MS loss only so far, and say so when asked for these.
+Served by the `cpp` backend (fused row passes on the CPU; csrc/cpu/pair_rows.cpp + cpp_pair_engine.py), the
+`torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py + torch_pair_engine.py) and the
+dense `reference` backend; `backend="auto"` takes `cpp` on the CPU where it is built, else `torch`. The `triton`
+backend serves the MS loss only so far, and says so when asked for these.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from ._autograd import autocast_off
 from ._inputs import HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple, ALL_PAIRS
 from .pair_losses import LOSSES
 from .reference_pair_losses import pair_loss as reference_pair_loss
-from . import torch_pair_engine
+from . import cpp_pair_engine, torch_pair_engine
 
-PAIR_BACKENDS = ("torch", "reference")
+PAIR_BACKENDS = ("cpp", "torch", "reference")
 
 
 def reduction_terms(name: str, per_anchor: torch.Tensor, pairs: torch.Tensor, reduction: str):
@@ -40,12 +41,24 @@ def reduce_pair_losses(name: str, per_anchor: torch.Tensor, pairs: torch.Tensor,
 
 
 def check_pair_backend(name: str, backend: str) -> str:
+    """The backend name, "auto" kept; a backend that serves no pair-weighting loss raises ValueError."""
     backend = check_backend_name(backend)
+    if backend != "auto" and backend not in PAIR_BACKENDS:
+        raise ValueError(f"backend={backend!r} serves the MS loss only so far, not {name}; use backend='auto', "
+                         f"'cpp' (CPU), 'torch' (any device, chunked, O(N·D) memory) or 'reference'")
+    return backend
+
+
+def resolve_pair_backend(name: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """"auto": `cpp` on the CPU where its extension is built, else `torch`; a named backend that cannot serve
+    (device, dtype) raises ValueError saying why."""
+    backend = check_pair_backend(name, backend)
     if backend == "auto":
-        return "torch"
-    if backend not in PAIR_BACKENDS:
-        raise ValueError(f"backend={backend!r} serves the MS loss only so far, not {name}; use backend='torch' "
-                         f"(chunked, O(N·D) memory) or 'auto', or 'reference'")
+        return "cpp" if device.type == "cpu" and cpp_pair_engine.unavailable_reason(device, dtype) is None else "torch"
+    if backend == "cpp":
+        reason = cpp_pair_engine.unavailable_reason(device, dtype)
+        if reason is not None:
+            raise ValueError(f"backend='cpp' cannot serve {dtype} tensors on {device}: {reason}")
     return backend
 
 
@@ -59,14 +72,16 @@ def pair_weighting_loss(name: str, embeddings, labels, ref_emb=None, ref_labels=
     given by the `torch` backend."""
     loss = LOSSES[name](**params)
     reduction = check_reduction(reduction)
-    backend = check_pair_backend(name, backend)
+    check_pair_backend(name, backend)
     problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, HyperParams(), ref_normalized)
+    backend = resolve_pair_backend(name, backend, problem.q.device, problem.q.dtype)
     with autocast_off(problem.q.device):
         if backend == "reference":
             return reference_pair_loss(name, problem.q, problem.labels, problem.ref, problem.ref_labels,
                                        reduction=reduction, ref_self_index=problem.ref_self_index,
                                        **{k: getattr(loss, k) for k in params})
-        per_anchor, pairs = torch_pair_engine.per_anchor_loss(problem, loss)
+        engine = cpp_pair_engine if backend == "cpp" else torch_pair_engine
+        per_anchor, pairs = engine.per_anchor_loss(problem, loss)
         return reduce_pair_losses(name, per_anchor, pairs, reduction)
 
 

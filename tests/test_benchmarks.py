@@ -61,8 +61,8 @@ def test_pair_loss_presets_time_ms_fused_against_pmls_loss(tmp_path, loss):
     pytest.importorskip("pytorch_metric_learning")
     rc, doc, md = _sweep(tmp_path, "--preset", loss, "--n", "48", "--d", "16")
     assert rc == 0 and doc["settings"]["loss"] == loss
-    _assert_all_ran(doc, ["ms_fused:torch", "pml", "mm"])
-    assert {a["impl"] for a in doc["agreement"]} == {"ms_fused:torch", "pml"}
+    _assert_all_ran(doc, ["ms_fused:cpp", "ms_fused:torch", "pml", "mm"])
+    assert {a["impl"] for a in doc["agreement"]} == {"ms_fused:cpp", "ms_fused:torch", "pml"}
     assert all(a["loss_rel_err"] < 1e-12 and a["grad_rel_err"] < 1e-12 for a in doc["agreement"])
     assert f"Loss: **{report.LOSS_NAMES[loss]}**" in md
 

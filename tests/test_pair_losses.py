@@ -1,6 +1,6 @@
 """SupCon, NT-Xent and Circle loss beyond pml parity (tests/test_pair_losses_pml_parity.py): the `torch` engine's
-chunks, narrower dtypes against the float64 reference within helpers.TOLERANCE, reductions, gradcheck, NaN,
-and the errors of docs/semantics.md "Pair-weighting losses"."""
+chunks and the `cpp` kernel's row blocks, narrower dtypes against the float64 reference within helpers.TOLERANCE,
+reductions, gradcheck, NaN, and the errors of docs/semantics.md "Pair-weighting losses"."""
 import pytest
 import torch
 
@@ -60,15 +60,37 @@ def test_chunks_of_three_rows_equal_the_reference(name, mode):
     assert rel_err(per_anchor, dense(x, r)) <= 1e-12
 
 
+FUSED = ["cpp", "torch"]
+
+
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+@pytest.mark.parametrize("mode", ["self", "reference", "ref_self_index"])
+def test_cpp_over_several_row_blocks_equals_the_reference(name, mode):
+    """600 anchors: the cpp kernel's row blocks (at most 256 rows, a multiple of the thread count of them) and the
+    per-thread buffers, in float64 against the dense reference."""
+    x, y, r, yr = fresh(600, 5, 40, 2, None if mode == "self" else 350)
+    rsi = None
+    if mode == "ref_self_index":
+        r[:100], yr[:100] = x[200:300], y[200:300]
+        rsi = torch.full((600,), -1, dtype=torch.int64)
+        rsi[200:300] = torch.arange(100)
+    out = grads_of(lambda a, b: pair_weighting_loss(name, a, y, b, yr, backend="cpp", ref_self_index=rsi), x, r)
+    ref = grads_of(lambda a, b: pair_weighting_loss(name, a, y, b, yr, backend="reference", ref_self_index=rsi), x, r)
+    assert rel_err(out[0], ref[0]) <= 1e-10
+    for g, g_ref in zip(out[1], ref[1]):
+        assert rel_err(g, g_ref) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", PAIR_LOSSES)
-def test_narrow_dtypes_against_the_float64_reference(name, dtype):
-    """The torch engine computes in float32 (the inputs rounded to `dtype`) against the float64 reference on the
+def test_narrow_dtypes_against_the_float64_reference(name, dtype, backend):
+    """The fused backends compute in float32 (the inputs rounded to `dtype`) against the float64 reference on the
     same rounded values, within the tolerance table of every backend."""
     for seed, m in enumerate([None, 43]):
         x, y, r, yr = fresh(57, 24, 7, seed, m)
         x, r = x.to(dtype), None if r is None else r.to(dtype)
-        module = MODULES[name](backend="torch")
+        module = MODULES[name](backend=backend)
         out = grads_of(lambda a, b: module(a, y, None, b, yr), x, r)
         ref = grads_of(lambda a, b: MODULES[name](backend="reference")(a.double(), y, None,
                                                                        None if b is None else b.double(), yr), x, r)
@@ -94,27 +116,28 @@ def test_reductions(name):
         assert rel_err(mean, per_anchor[per_anchor > 0].mean()) <= 1e-12
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name", PAIR_LOSSES)
-def test_gradcheck_float64(name):
+def test_gradcheck_float64(name, backend):
     x, y, r, yr = fresh(9, 3, 3, 4, 7)
     x, r = x.requires_grad_(True), r.requires_grad_(True)
     # Circle's weights a = relu(.) are held constant (pml's detach), so its gradient is not that of its value
     if name == "circle":
-        fn = MODULES[name](backend="torch")
+        fn = MODULES[name](backend=backend)
         ref = MODULES[name](backend="reference")
         out = grads_of(lambda a, b: fn(a, y, None, b, yr), x.detach(), r.detach())
         want = grads_of(lambda a, b: ref(a, y, None, b, yr), x.detach(), r.detach())
         assert all(rel_err(g, w) <= 1e-12 for g, w in zip(out[1], want[1]))
         return
-    assert torch.autograd.gradcheck(lambda a, b: MODULES[name](backend="torch")(a, y, None, b, yr), (x, r))
-    assert torch.autograd.gradcheck(lambda a: MODULES[name](backend="torch")(a, y), (x,))
+    assert torch.autograd.gradcheck(lambda a, b: MODULES[name](backend=backend)(a, y, None, b, yr), (x, r))
+    assert torch.autograd.gradcheck(lambda a: MODULES[name](backend=backend)(a, y), (x,))
 
 
 @pytest.mark.parametrize("name", PAIR_LOSSES)
 def test_a_nan_row_makes_the_loss_nan(name):
     x, y, _, _ = fresh(20, 5, 4, 5)
     x[7, 2] = float("nan")
-    for backend in ("torch", "reference"):
+    for backend in ("cpp", "torch", "reference"):
         xs = x.clone().requires_grad_(True)
         loss = MODULES[name](backend=backend)(xs, y)
         assert torch.isnan(loss)
@@ -122,11 +145,12 @@ def test_a_nan_row_makes_the_loss_nan(name):
         assert torch.isnan(xs.grad).any()
 
 
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("name", PAIR_LOSSES)
-def test_double_backward_is_refused_on_torch(name):
+def test_double_backward_is_refused_on_the_fused_backends(name, backend):
     x, y, _, _ = fresh(12, 4, 3, 6)
     x.requires_grad_(True)
-    loss = MODULES[name](backend="torch")(x, y)
+    loss = MODULES[name](backend=backend)(x, y)
     with pytest.raises(NotImplementedError, match="double backward.*backend='reference'"):
         torch.autograd.grad(loss, x, create_graph=True)
 
@@ -135,11 +159,10 @@ def test_double_backward_is_refused_on_torch(name):
 def test_errors(name):
     x, y, _, _ = fresh(12, 4, 3, 7)
     cls = MODULES[name]
-    for backend in ("cpp", "triton"):
-        with pytest.raises(ValueError, match=f"backend='{backend}' serves the MS loss only.*backend='torch'"):
-            cls(backend=backend)
-        with pytest.raises(ValueError, match="serves the MS loss only"):
-            pair_weighting_loss(name, x, y, backend=backend)
+    with pytest.raises(ValueError, match="backend='triton' serves the MS loss only.*'cpp' \\(CPU\\), 'torch'"):
+        cls(backend="triton")
+    with pytest.raises(ValueError, match="serves the MS loss only"):
+        pair_weighting_loss(name, x, y, backend="triton")
     with pytest.raises(ValueError, match="uses every positive and negative pair.*drop the miner"):
         cls()(x, y, (torch.tensor([0]), torch.tensor([1]), torch.tensor([0]), torch.tensor([2])))
     with pytest.raises(TypeError, match="ref_emb=..., ref_labels=..."):
