@@ -40,13 +40,20 @@ def _exp_minus(z: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor) -> torch.
 
 
 @dataclass(frozen=True)
-class SupCon:
-    temperature: float = 0.1
-    name = "supcon"
+class _Tempered:
+    """A loss of the logits S / temperature."""
+
+    temperature: float
     needs_both = True
 
     def __post_init__(self):
         object.__setattr__(self, "temperature", _positive("temperature", self.temperature))
+
+
+@dataclass(frozen=True)
+class SupCon(_Tempered):
+    temperature: float = 0.1
+    name = "supcon"
 
     # L_i = LSE_{P u N} S/t, l_i = L_i - mean_P S/t (P_i non-empty); stats: L_i, |P_i|
     def forward(self, S, pos, neg):
@@ -66,13 +73,9 @@ class SupCon:
 
 
 @dataclass(frozen=True)
-class NTXent:
+class NTXent(_Tempered):
     temperature: float = 0.07
     name = "ntxent"
-    needs_both = True
-
-    def __post_init__(self):
-        object.__setattr__(self, "temperature", _positive("temperature", self.temperature))
 
     # L_i = LSE_N S/t; per positive pair l_ip = log(e^{L_i} + e^{z_ip}) - z_ip; the anchor's loss is their sum.
     # stats: L_i and W_i = sum_p sigmoid(L_i - z_ip), the weight that the negatives' softmax carries
