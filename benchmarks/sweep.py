@@ -86,14 +86,18 @@ PRESETS = {
                            min_repeats=3, max_repeats=10, warmup=2,
                            goals=_goals("ms_fused:triton", "time_per_mm", 4, (256,))),
 }
-# the pair-weighting losses against pml's (its defaults), on the backends that serve them; pml's NT-Xent holds a
-# (positive pairs x negative pairs) matrix, so it stops at a few hundred rows
+# the pair-weighting losses against pml's (its defaults), on the backends that serve them, with #30's goals for cpp:
+# 10x pml's speed and memory at N = 4096 (NT-Xent: pml's (positive pairs x negative pairs) matrix stops it at a
+# few hundred rows, so at N = 512), a step of at most 2.5 mm at N = 8192
 for _loss in impls.PAIR_LOSSES:
+    _vs_pml_n = (512,) if _loss == "ntxent" else (4096,)
     PRESETS[("cpu", _loss)] = dict(loss=_loss, n=[256, 512, 1024, 2048, 4096, 8192], d=[128], dtypes=["float32"],
                                    modes=["forward_backward"], impls=["ms_fused:cpp", "ms_fused:torch", "pml", "mm"],
-                                   loop_max_n=0,
-                                   timeout_s=120, target_s=1.0, min_repeats=3, max_repeats=10, warmup=1,
-                                   deadline_s=900)
+                                   loop_max_n=0, timeout_s=120, target_s=1.0, min_repeats=3, max_repeats=10,
+                                   warmup=1, deadline_s=900,
+                                   goals=_goals("ms_fused:cpp", "speedup_vs_pml", 10, _vs_pml_n)
+                                   + _goals("ms_fused:cpp", "memory_vs_pml", 10, _vs_pml_n)
+                                   + _goals("ms_fused:cpp", "time_per_mm", 2.5, (8192,)))
     PRESETS[("cuda", _loss)] = dict(loss=_loss, n=[1024, 4096, 16384, 32768], d=[128], dtypes=["float32"],
                                     modes=["forward_backward"], impls=["ms_fused:torch", "pml", "mm"], loop_max_n=0,
                                     timeout_s=60, target_s=0.2, min_repeats=3, max_repeats=10, warmup=2)
