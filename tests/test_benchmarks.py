@@ -56,7 +56,9 @@ def test_memory_bank_preset_runs_the_bank_step(tmp_path):
     assert "memory of 300 unit rows" in md
 
 
-@pytest.mark.parametrize("loss", ["supcon", "ntxent", "circle"])
+# one loss in the quick tier: the presets differ only in the loss they name
+@pytest.mark.parametrize("loss", ["supcon", pytest.param("ntxent", marks=pytest.mark.slow),
+                                  pytest.param("circle", marks=pytest.mark.slow)])
 def test_pair_loss_presets_time_ms_fused_against_pmls_loss(tmp_path, loss):
     pytest.importorskip("pytorch_metric_learning")
     rc, doc, md = _sweep(tmp_path, "--preset", loss, "--n", "48", "--d", "16")
