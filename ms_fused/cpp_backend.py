@@ -24,6 +24,8 @@ from ._jit_lock import guarded_build
 from ._once import once
 from .torch_backend import normalized_inputs
 
+N_PAIR_STATS = 2  # rows of the pair-weighting ops' statistics (kPairStats in csrc/cpu/pair_rows.h)
+
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 # installed: shipped inside the package; source checkout: next to it
@@ -146,6 +148,28 @@ def _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, st
     dq = q_hat.new_empty(q_hat.shape) if need_q else q_hat.new_empty(0)
     dr = r_hat.new_empty(r_hat.shape) if need_r and r_hat is not None else q_hat.new_empty(0)
     return dq, dr
+
+
+def _pair_forward_fake(q_hat, r_hat, labels, ref_labels, ref_self_index, loss, p0, p1):
+    n = q_hat.shape[0]
+    return q_hat.new_empty(n), q_hat.new_empty(N_PAIR_STATS, n), q_hat.new_empty(2, n, dtype=torch.int64)
+
+
+def _pair_backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, stats, loss, p0, p1, need_q, need_r):
+    return _ms_backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, stats, None, None, None, None,
+                             None, need_q, need_r)
+
+
+_pair_fakes = False
+
+
+def register_pair_fakes() -> None:
+    """The fake kernels of the pair-weighting ops (cpp_pair_engine.py registers their autograd); once."""
+    global _pair_fakes
+    if not _pair_fakes:
+        _pair_fakes = True
+        torch.library.register_fake("ms_fused::pair_forward", _pair_forward_fake)
+        torch.library.register_fake("ms_fused::pair_backward", _pair_backward_fake)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,6 +1,6 @@
 """The `cpp` backend of the pair-weighting losses: the ops ms_fused::pair_forward / pair_backward (csrc/cpu/
-pair_loss_cpu.cpp, each loss one struct of csrc/cpu/pair_rows.cpp), with their fake kernels and autograd formula
-registered here as cpp_backend.py registers the MS ops', so that they survive torch.compile."""
+pair_loss_cpu.cpp, each loss one struct of csrc/cpu/pair_rows.cpp), with their autograd formula registered here
+(their fake kernels in cpp_backend.py, the ops' python module), so that they survive torch.compile."""
 from __future__ import annotations
 
 from typing import Optional
@@ -13,7 +13,6 @@ from . import cpp_backend
 from .torch_backend import normalized_inputs
 
 _LOSS_IDS = {"supcon": 0, "ntxent": 1, "circle": 2}  # PairLoss in csrc/cpu/pair_rows.h
-N_PAIR_STATS = 2
 _registered = False
 
 
@@ -29,17 +28,6 @@ def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None
     if reason is None and not hasattr(torch.ops.ms_fused, "pair_forward"):
         return "the loaded C++ extension predates the pair-weighting losses; rebuild it (pip install -e .)"
     return reason
-
-
-def _forward_fake(q_hat, r_hat, labels, ref_labels, ref_self_index, loss, p0, p1):
-    n = q_hat.shape[0]
-    return q_hat.new_empty(n), q_hat.new_empty(N_PAIR_STATS, n), q_hat.new_empty(2, n, dtype=torch.int64)
-
-
-def _backward_fake(grad, q_hat, r_hat, labels, ref_labels, ref_self_index, stats, loss, p0, p1, need_q, need_r):
-    dq = q_hat.new_empty(q_hat.shape) if need_q else q_hat.new_empty(0)
-    dr = r_hat.new_empty(r_hat.shape) if need_r and r_hat is not None else q_hat.new_empty(0)
-    return dq, dr
 
 
 def _setup_context(ctx, inputs, output):
@@ -62,8 +50,7 @@ def _register() -> None:
     if _registered:
         return
     _registered = True
-    torch.library.register_fake("ms_fused::pair_forward", _forward_fake)
-    torch.library.register_fake("ms_fused::pair_backward", _backward_fake)
+    cpp_backend.register_pair_fakes()  # in cpp_backend.py, the ops' python module (csrc/ms_fused_ops.cpp)
     torch.library.register_autograd("ms_fused::pair_forward", _backward, setup_context=_setup_context)
 
 

@@ -70,19 +70,24 @@ def pair_weighting_loss(name: str, embeddings, labels, ref_emb=None, ref_labels=
     (NT-Xent: the sum of each anchor's positive pairs' losses). Raises ValueError/TypeError on bad input before
     any computation. `ref_normalized=True` declares a constant `ref_emb` of unit rows (a memory bank's), used as
     given by the `torch` backend."""
-    loss = LOSSES[name](**params)
-    reduction = check_reduction(reduction)
-    check_pair_backend(name, backend)
+    return loss_value(LOSSES[name](**params), embeddings, labels, ref_emb, ref_labels, check_reduction(reduction),
+                      check_pair_backend(name, backend), ref_self_index, ref_normalized)
+
+
+def loss_value(loss, embeddings, labels, ref_emb, ref_labels, reduction: str, backend: str, ref_self_index,
+               ref_normalized: bool):
+    """pair_weighting_loss for a validated loss of pair_losses.py, reduction and backend name (the modules validate
+    them once, in __init__, so that a compiled forward does not trace the checks)."""
     problem = check_inputs(embeddings, labels, ref_emb, ref_labels, ref_self_index, HyperParams(), ref_normalized)
-    backend = resolve_pair_backend(name, backend, problem.q.device, problem.q.dtype)
+    backend = resolve_pair_backend(loss.name, backend, problem.q.device, problem.q.dtype)
     with autocast_off(problem.q.device):
         if backend == "reference":
-            return reference_pair_loss(name, problem.q, problem.labels, problem.ref, problem.ref_labels,
-                                       reduction=reduction, ref_self_index=problem.ref_self_index,
-                                       **{k: getattr(loss, k) for k in params})
+            params = {k: getattr(loss, k) for k in loss.__dataclass_fields__}
+            return reference_pair_loss(loss.name, problem.q, problem.labels, problem.ref, problem.ref_labels,
+                                       reduction=reduction, ref_self_index=problem.ref_self_index, **params)
         engine = cpp_pair_engine if backend == "cpp" else torch_pair_engine
         per_anchor, pairs = engine.per_anchor_loss(problem, loss)
-        return reduce_pair_losses(name, per_anchor, pairs, reduction)
+        return reduce_pair_losses(loss.name, per_anchor, pairs, reduction)
 
 
 def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, reduction="mean",
@@ -113,17 +118,16 @@ class _PairWeightingLoss(nn.Module):
 
     def __init__(self, reduction="mean", backend="auto", **params):
         super().__init__()
-        self.params = {k: getattr(LOSSES[self.name](**params), k) for k in params}
+        self.loss = LOSSES[self.name](**params)
+        self.params = {k: getattr(self.loss, k) for k in params}
         self.reduction = check_reduction(reduction)
-        self.backend = check_backend_name(backend)
-        check_pair_backend(type(self).__name__, self.backend)
+        self.backend = check_pair_backend(type(self).__name__, backend)
 
     def forward(self, embeddings, labels, indices_tuple=None, ref_emb=None, ref_labels=None, *, ref_self_index=None,
                 ref_normalized=False):
         refuse_indices_tuple(indices_tuple, type(self).__name__, ALL_PAIRS)
-        return pair_weighting_loss(self.name, embeddings, labels, ref_emb, ref_labels, reduction=self.reduction,
-                                   backend=self.backend, ref_self_index=ref_self_index,
-                                   ref_normalized=ref_normalized, **self.params)
+        return loss_value(self.loss, embeddings, labels, ref_emb, ref_labels, self.reduction, self.backend,
+                          ref_self_index, ref_normalized)
 
     def extra_repr(self) -> str:
         kwargs = {**self.params, "reduction": self.reduction, "backend": self.backend}

@@ -194,3 +194,19 @@ def test_memory_bank_takes_a_configured_loss_only():
     x, y, _, _ = fresh(6, 4, 2, 8)
     xbm(x.float(), y)
     assert torch.allclose(xbm.memory[:6].norm(dim=1), torch.ones(6))  # unit rows, as these losses use
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", FUSED)
+def test_torch_compile_fullgraph_equals_eager(backend):
+    """The cpp ops' fake kernels and autograd formula (cpp_backend.py, cpp_pair_engine.py) and the torch engine's
+    autograd.Function trace into one graph; its loss and gradient are eager's within the float32 tolerance."""
+    torch._dynamo.reset()
+    x, y, _, _ = fresh(40, 16, 5, 9)
+    x = x.float()
+    for name in PAIR_LOSSES:
+        fn = MODULES[name](backend=backend)
+        eager = grads_of(lambda a, b: fn(a, y), x, None)
+        compiled = grads_of(lambda a, b: torch.compile(fn, fullgraph=True)(a, y), x, None)
+        assert rel_err(compiled[0], eager[0]) <= TOLERANCE[torch.float32].loss
+        assert rel_err(compiled[1][0], eager[1][0]) <= TOLERANCE[torch.float32].grad
