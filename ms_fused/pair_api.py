@@ -69,7 +69,9 @@ def pair_weighting_loss(name: str, embeddings, labels, ref_emb=None, ref_labels=
     Returns a float32 scalar (float64 for float64 inputs), or the (N,) per-anchor losses when reduction="none"
     (NT-Xent: the sum of each anchor's positive pairs' losses). Raises ValueError/TypeError on bad input before
     any computation. `ref_normalized=True` declares a constant `ref_emb` of unit rows (a memory bank's), used as
-    given by the `torch` backend."""
+    given by the fused backends."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown pair-weighting loss {name!r}; one of {tuple(LOSSES)}")
     return loss_value(LOSSES[name](**params), embeddings, labels, ref_emb, ref_labels, check_reduction(reduction),
                       check_pair_backend(name, backend), ref_self_index, ref_normalized)
 
