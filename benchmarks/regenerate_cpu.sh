@@ -44,7 +44,7 @@ for step in "${steps[@]}"; do
             $PY benchmarks/report.py benchmarks/results/cpu/results.json --readme README.md ;;
         kernels)  # counted and compiled for sm_90 under the GPU image's Triton 3.6 too (.ci/triton36.sh makes its venv)
             test -x .venv-triton36/bin/python || bash .ci/triton36.sh --collect-only -q >/dev/null
-            $PY benchmarks/kernel_stats.py --readme README.md --compile-with .venv-triton36/bin/python:sm_90 \
+            $PY benchmarks/kernel_stats.py --readme README.md --compile-with .venv-triton36/bin/python:sm_90,sm_100 \
                 --count-with .venv-triton36/bin/python ;;
         retrieval)
             $PY benchmarks/bench_retrieval.py --readme README.md ;;
