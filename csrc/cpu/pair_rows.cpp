@@ -61,7 +61,7 @@ struct SupCon {
     T inv_t, total, coef, mean_share;
     bool none;
     MS_FUSED_INLINE T operator()(T s, bool pos, bool neg) const {
-      const T e = vec_exp(pos | neg ? s * inv_t - total : -kInf<T>);
+      const T e = vec_exp((pos | neg) ? s * inv_t - total : -kInf<T>);
       return none ? T(0) : coef * (e - (pos ? mean_share : T(0)));
     }
   };
@@ -94,7 +94,7 @@ struct NTXent {
     T inv_t, negatives, pos_coef, neg_coef;
     bool no_negatives;
     MS_FUSED_INLINE T operator()(T s, bool pos, bool neg) const {
-      const T e = vec_exp(pos | neg ? s * inv_t - negatives : -kInf<T>);  // e^{z - L}; sigmoid(L - z) = 1 / (1 + e)
+      const T e = vec_exp((pos | neg) ? s * inv_t - negatives : -kInf<T>);  // e^{z - L}; sigmoid(L - z) = 1 / (1 + e)
       const T w_pos = no_negatives ? T(0) : pos_coef / (T(1) + e);
       return pos ? w_pos : (neg ? neg_coef * e : T(0));
     }
@@ -126,7 +126,7 @@ struct Circle {
     MS_FUSED_INLINE T operator()(T s, bool pos, bool neg) const {
       const T a_pos = std::max(T(1) + m - s, T(0)) * gamma, a_neg = std::max(s + m, T(0)) * gamma;
       const T z = pos ? -a_pos * (s - (T(1) - m)) - lse_pos : a_neg * (s - m) - lse_neg;
-      const T e = vec_exp(pos | neg ? z : -kInf<T>);
+      const T e = vec_exp((pos | neg) ? z : -kInf<T>);
       return pos ? -coef * e * a_pos : (neg ? coef * e * a_neg : T(0));
     }
   };
