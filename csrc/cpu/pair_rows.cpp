@@ -2,7 +2,8 @@
 // the row's positives P and negatives N, the log-sum-exps of the loss's logits over each set, the sum of the
 // positive logits and the pair counts; a loss (one struct below) turns them into its per-anchor loss and
 // statistics, and gives the weight of each pair for the backward. The loops are `#pragma omp simd` loops of
-// selects; the entry points are compiled once per ISA variant (isa_variants.h).
+// selects, but for the scan of maxima, in explicit vectors (vec.h); the entry points are compiled once per ISA
+// variant (isa_variants.h).
 #include "pair_rows.h"
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <limits>
 
 #include "simd_math.h"
+#include "vec.h"
 
 namespace ms_fused::cpu {
 namespace {
@@ -18,6 +20,12 @@ using namespace simd;
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
+
+// max(x, 0) for a scalar or a vector of `Vec` (the logits below are written once for both)
+template <typename V>
+MS_FUSED_INLINE V relu(V x) {
+  return x > V{} ? x : V{};
+}
 
 template <typename T>
 T log_add_exp(T a, T b) {  // log(e^a + e^b); -inf when both are, NaN when either is
@@ -49,8 +57,10 @@ struct SetSums {
 template <typename T>
 struct SupCon {
   T inv_t;
-  MS_FUSED_INLINE T pos_logit(T s) const { return s * inv_t; }
-  MS_FUSED_INLINE T neg_logit(T s) const { return s * inv_t; }
+  template <typename V>
+  MS_FUSED_INLINE V pos_logit(V s) const { return s * inv_t; }
+  template <typename V>
+  MS_FUSED_INLINE V neg_logit(V s) const { return s * inv_t; }
   PairRow<T> finish(const SetSums<T>& r, const T*, const int32_t*, int64_t, int32_t, int32_t) const {
     const T total = log_add_exp(r.lse_pos, r.lse_neg);
     const T loss = r.n_pos > 0 ? total - r.sum_pos / T(r.n_pos) : T(0);
@@ -75,8 +85,10 @@ struct SupCon {
 template <typename T>
 struct NTXent {
   T inv_t;
-  MS_FUSED_INLINE T pos_logit(T s) const { return s * inv_t; }
-  MS_FUSED_INLINE T neg_logit(T s) const { return s * inv_t; }
+  template <typename V>
+  MS_FUSED_INLINE V pos_logit(V s) const { return s * inv_t; }
+  template <typename V>
+  MS_FUSED_INLINE V neg_logit(V s) const { return s * inv_t; }
   PairRow<T> finish(const SetSums<T>& r, const T* s, const int32_t* yr, int64_t m, int32_t yq,
                     int32_t ref_self_index) const {
     const T negatives = r.lse_neg;
@@ -111,8 +123,10 @@ template <typename T>
 struct Circle {
   T m, gamma;
   static constexpr T kThreshold = 20;
-  MS_FUSED_INLINE T pos_logit(T s) const { return -gamma * std::max(T(1) + m - s, T(0)) * (s - (T(1) - m)); }
-  MS_FUSED_INLINE T neg_logit(T s) const { return gamma * std::max(s + m, T(0)) * (s - m); }
+  template <typename V>
+  MS_FUSED_INLINE V pos_logit(V s) const { return -gamma * relu(T(1) + m - s) * (s - (T(1) - m)); }
+  template <typename V>
+  MS_FUSED_INLINE V neg_logit(V s) const { return gamma * relu(s + m) * (s - m); }
   PairRow<T> finish(const SetSums<T>& r, const T*, const int32_t*, int64_t, int32_t, int32_t) const {
     const bool has = r.n_pos > 0 && r.n_neg > 0;
     const T x = r.lse_pos + r.lse_neg;
@@ -138,14 +152,37 @@ struct Circle {
   }
 };
 
-template <typename T, typename Loss>
-MS_FUSED_INLINE PairRow<T> forward_impl(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
-                                        const Loss& loss) {
-  using Count = simd::Count<T>;
-  T max_pos = -kInf<T>, max_neg = -kInf<T>, sum_pos = 0;
-  Count n_pos = 0, n_neg = 0;
-#pragma omp simd reduction(max : max_pos, max_neg) reduction(+ : sum_pos, n_pos, n_neg)
-  for (int64_t j = 0; j < m; ++j) {
+// The maxima of the positive and of the negative logits, the positive logits' sum and |P|, |N| of a row, in
+// vectors of `Bytes` (clang leaves a max reduction under `#pragma omp simd` scalar)
+template <int Bytes, typename T, typename Loss>
+MS_FUSED_INLINE void scan_sets(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
+                               const Loss& loss, T& max_pos, T& max_neg, T& sum_pos, int64_t& n_pos,
+                               int64_t& n_neg) {
+  using W = Vec<T, Bytes>;
+  using V = typename W::type;
+  using Mask = typename W::mask;
+  constexpr int L = W::lanes;
+  const V none = V{} - kInf<T>;
+  V hi_pos = none, hi_neg = none, sum = V{};
+  Mask count_pos{}, count_neg{}, index = lane_index<T, Bytes>();
+  int64_t j = 0;
+  for (; j + L <= m; j += L, index += L) {
+    const V v = load<V>(s + j);
+    const Mask same = same_label<T, Bytes>(yr + j, yq);
+    const Mask pos = same & (index != ref_self_index), neg = ~same;
+    const V zp = loss.pos_logit(v), zn = loss.neg_logit(v);
+    const V cand_pos = pos ? zp : none, cand_neg = neg ? zn : none;
+    hi_pos = cand_pos > hi_pos ? cand_pos : hi_pos;
+    hi_neg = cand_neg > hi_neg ? cand_neg : hi_neg;
+    sum += pos ? zp : V{};
+    count_pos -= pos;  // a true lane is -1
+    count_neg -= neg;
+  }
+  max_pos = max_of<T, Bytes>(hi_pos, -kInf<T>), max_neg = max_of<T, Bytes>(hi_neg, -kInf<T>);
+  sum_pos = sum_of<T, Bytes>(sum, T(0));
+  n_pos = n_neg = 0;
+  for (int l = 0; l < L; ++l) n_pos += count_pos[l], n_neg += count_neg[l];
+  for (; j < m; ++j) {
     const bool same = yr[j] == yq;
     const bool pos = same & (static_cast<int32_t>(j) != ref_self_index), neg = !same;
     const T zp = loss.pos_logit(s[j]), zn = loss.neg_logit(s[j]);
@@ -153,9 +190,16 @@ MS_FUSED_INLINE PairRow<T> forward_impl(const T* s, const int32_t* yr, int64_t m
     max_pos = cand_pos > max_pos ? cand_pos : max_pos;
     max_neg = cand_neg > max_neg ? cand_neg : max_neg;
     sum_pos += pos ? zp : T(0);
-    n_pos += pos ? Count(1) : Count(0);
-    n_neg += neg ? Count(1) : Count(0);
+    n_pos += pos, n_neg += neg;
   }
+}
+
+template <int Bytes, typename T, typename Loss>
+MS_FUSED_INLINE PairRow<T> forward_impl(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index,
+                                        const Loss& loss) {
+  T max_pos, max_neg, sum_pos;
+  int64_t n_pos, n_neg;
+  scan_sets<Bytes>(s, yr, m, yq, ref_self_index, loss, max_pos, max_neg, sum_pos, n_pos, n_neg);
   // a NaN logit never wins a max, but e^{NaN - max} makes its set's sum NaN
   T sum_exp_pos = 0, sum_exp_neg = 0;
 #pragma omp simd reduction(+ : sum_exp_pos, sum_exp_neg)
@@ -167,7 +211,7 @@ MS_FUSED_INLINE PairRow<T> forward_impl(const T* s, const int32_t* yr, int64_t m
   }
   const T lse_pos = n_pos > 0 ? max_pos + std::log(sum_exp_pos) : -kInf<T>;
   const T lse_neg = n_neg > 0 ? max_neg + std::log(sum_exp_neg) : -kInf<T>;
-  return loss.finish({lse_pos, lse_neg, sum_pos, int64_t(n_pos), int64_t(n_neg)}, s, yr, m, yq, ref_self_index);
+  return loss.finish({lse_pos, lse_neg, sum_pos, n_pos, n_neg}, s, yr, m, yq, ref_self_index);
 }
 
 template <typename T, typename Loss>
@@ -196,7 +240,7 @@ MS_FUSED_INLINE void weight_impl(T* s, const int32_t* yr, int64_t m, int32_t yq,
   template <typename T>                                                                                           \
   target PairRow<T> pair_forward_row(const T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index, \
                                      const PairParams<T>& p) {                                                   \
-    MS_FUSED_WITH_LOSS(p, return forward_impl(s, yr, m, yq, ref_self_index, loss))                                \
+    MS_FUSED_WITH_LOSS(p, return forward_impl<bytes>(s, yr, m, yq, ref_self_index, loss))                                \
   }                                                                                                               \
   template <typename T>                                                                                           \
   target void pair_weight_row(T* s, const int32_t* yr, int64_t m, int32_t yq, int32_t ref_self_index, T stat0,    \
