@@ -12,8 +12,10 @@ PY=${PY:-.venv/bin/python}
 
 # (the torch.compile cases of test_stats add nothing here but time)
 TESTS=(tests/test_retrieval.py tests/test_retrieval_inputs.py tests/test_edge_cases.py tests/test_contract.py
-       tests/test_stats.py tests/test_xbm.py tests/test_api.py tests/test_saved_stats.py tests/test_cached.py
-       tests/test_triton.py)
+       tests/test_stats.py tests/test_xbm.py tests/test_api.py tests/test_saved_stats.py tests/test_cached.py)
+# the triton interpreter's tests (its tl.dot is numpy's matmul, OpenBLAS) once, under the baseline configuration,
+# the one farthest from make test's native kernels: 70 s a configuration, which CI's 30 minutes cannot spare twice
+TRITON_TESTS=(tests/test_triton.py)
 CONFIGS=(
   # an AMD EPYC with AVX-512: PyTorch's AVX-512 kernels, MKL's AVX2 path, OpenBLAS's Zen (Haswell) kernels
   "ATEN_CPU_CAPABILITY=avx512 MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell"
@@ -31,5 +33,7 @@ for config in "${CONFIGS[@]}"; do
     continue
   fi
   echo "cpu_matrix: $config"
-  env $config "$PY" -m pytest "${TESTS[@]}" -q -p no:cacheprovider -k "not torch_compile"
+  extra=()
+  [ "$want" = default ] && extra=("${TRITON_TESTS[@]}")
+  env $config "$PY" -m pytest "${TESTS[@]}" "${extra[@]}" -q -p no:cacheprovider -k "not torch_compile"
 done
