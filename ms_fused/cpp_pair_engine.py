@@ -55,14 +55,12 @@ def _register() -> None:
 
 
 def per_anchor_loss(problem: Problem, loss):
-    """(per-anchor losses, |P_i|) of `loss` (a pair_losses.py loss), as torch_pair_engine.per_anchor_loss."""
+    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a pair_losses.py loss), as
+    torch_pair_engine.per_anchor_loss."""
     _register()
     q, r, yr = normalized_inputs(problem)
     ref = None if problem.self_mode else r
     per_anchor, _, counts = torch.ops.ms_fused.pair_forward(
         q, ref, problem.labels, None if problem.self_mode else yr,
         None if problem.self_mode else problem.ref_self_index, *op_params(loss))
-    if loss.needs_both:  # pml's guard: no positive pair or no negative pair in the whole batch gives zero
-        keep = (counts[0].sum() > 0) & (counts[1] > 0).any()
-        per_anchor = torch.where(keep, per_anchor, 0.0)
-    return per_anchor, counts[0]
+    return per_anchor, counts

@@ -26,10 +26,9 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._inputs import FLOAT_DTYPES, check_labels, compute_dtype, refuse_indices_tuple
+from ._inputs import FLOAT_DTYPES, check_labels, check_reduction, compute_dtype, refuse_indices_tuple
 from .api import multi_similarity_loss as _local_loss
 from .module import MultiSimilarityLoss
-from ._inputs import check_reduction
 from .pair_api import check_pair_backend, pair_weighting_loss as _local_pair_loss, reduction_terms
 from .pair_losses import LOSSES
 from .xbm import CrossBatchMemory as _LocalMemory

@@ -88,8 +88,11 @@ def loss_value(loss, embeddings, labels, ref_emb, ref_labels, reduction: str, ba
             return reference_pair_loss(loss.name, problem.q, problem.labels, problem.ref, problem.ref_labels,
                                        reduction=reduction, ref_self_index=problem.ref_self_index, **params)
         engine = cpp_pair_engine if backend == "cpp" else torch_pair_engine
-        per_anchor, pairs = engine.per_anchor_loss(problem, loss)
-        return reduce_pair_losses(loss.name, per_anchor, pairs, reduction)
+        per_anchor, counts = engine.per_anchor_loss(problem, loss)
+        if loss.needs_both:  # pml's guard: no positive pair or no negative pair in the whole batch gives zero
+            keep = (counts[0].sum() > 0) & (counts[1] > 0).any()
+            per_anchor = torch.where(keep, per_anchor, 0.0)
+        return reduce_pair_losses(loss.name, per_anchor, counts[0], reduction)
 
 
 def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, reduction="mean",

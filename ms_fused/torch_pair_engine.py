@@ -20,15 +20,14 @@ _FLOAT_TEMPS, _BOOL_TEMPS = 5, 4
 
 
 class ChunkedPairLoss(torch.autograd.Function):
-    """(q_hat, r_hat) -> (per-anchor losses, |P_i| as int64); pass the same tensor twice in self mode (autograd
-    adds G and G^T)."""
+    """(q_hat, r_hat) -> (per-anchor losses, (2, N) int64 counts |P_i|, |N_i|); pass the same tensor twice in self
+    mode (autograd adds G and G^T)."""
 
     @staticmethod
     def forward(ctx, q, r, yq, yr, ref_self_index, loss, chunk: int):
         n = q.shape[0]
         losses = q.new_empty(n)
-        counts = torch.empty(n, dtype=torch.int64, device=q.device)
-        any_neg = torch.zeros((), dtype=torch.bool, device=q.device)
+        counts = torch.empty(2, n, dtype=torch.int64, device=q.device)
         stats = None
         for s in range(0, n, chunk):
             e = min(n, s + chunk)
@@ -39,12 +38,8 @@ class ChunkedPairLoss(torch.autograd.Function):
             if stats is None:
                 stats = q.new_empty(block_stats.shape[0], n)
             stats[:, s:e] = block_stats
-            counts[s:e] = pos.sum(dim=1)
-            any_neg |= neg.any()
-        # pml's guard: no positive pair or no negative pair in the whole batch gives zero (no host sync)
-        keep = (counts.sum() > 0) & any_neg if loss.needs_both else torch.ones((), dtype=torch.bool, device=q.device)
-        losses = torch.where(keep, losses, 0.0)
-        ctx.save_for_backward(q, r, yq, yr, ref_self_index, stats, keep)
+            counts[0, s:e], counts[1, s:e] = pos.sum(dim=1), neg.sum(dim=1)
+        ctx.save_for_backward(q, r, yq, yr, ref_self_index, stats)
         ctx.loss, ctx.chunk = loss, chunk
         ctx.mark_non_differentiable(counts)
         return losses, counts
@@ -52,9 +47,9 @@ class ChunkedPairLoss(torch.autograd.Function):
     @staticmethod
     @fused_backward("torch")
     def backward(ctx, g, _counts_grad):
-        q, r, yq, yr, ref_self_index, stats, keep = ctx.saved_tensors
+        q, r, yq, yr, ref_self_index, stats = ctx.saved_tensors
         need_q, need_r = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        g = torch.where(keep, g.to(q.dtype), 0.0)
+        g = g.to(q.dtype)
         dq = torch.empty_like(q) if need_q else None
         dr = torch.zeros_like(r) if need_r else None
         for s in range(0, q.shape[0], ctx.chunk):
@@ -70,7 +65,8 @@ class ChunkedPairLoss(torch.autograd.Function):
 
 
 def per_anchor_loss(problem: Problem, loss, chunk_bytes: Optional[int] = None):
-    """(per-anchor losses, |P_i|) of `loss` (a pair_losses.py loss) on validated, unnormalised inputs."""
+    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a pair_losses.py loss) on validated,
+    unnormalised inputs; pml's empty-batch guard is pair_api.loss_value's."""
     q, r, yr = normalized_inputs(problem)
     if problem.self_mode:  # distinct views of one tensor, as torch_backend.per_anchor_loss passes them
         r, yr = q.view_as(q), yr.view_as(yr)

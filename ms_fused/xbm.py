@@ -85,15 +85,22 @@ class CrossBatchMemory(nn.Module):
             raise TypeError(f"loss must be a loss of ms_fused (MultiSimilarityLoss, SupConLoss, NTXentLoss, "
                             f"CircleLoss), got {type(loss).__name__}; other losses need pml's CrossBatchMemory")
         self.loss = loss
-        # the MS loss may work on raw rows (normalize=False); the pair-weighting losses always use unit rows
-        self.normalize = loss.kwargs["normalize"] if isinstance(loss, MultiSimilarityLoss) else True
-        self.check_finite = loss.kwargs["check_finite"] if isinstance(loss, MultiSimilarityLoss) else False
         self.register_buffer("memory", torch.zeros(memory_size, embedding_dim, dtype=dtype, device=device))
         self.register_buffer("memory_labels", torch.zeros(memory_size, dtype=torch.int64, device=device))
         # next slot to write, and how many slots hold data; 0-d int64 so that state_dict carries them
         self.register_buffer("ptr", torch.zeros((), dtype=torch.int64, device=device))
         self.register_buffer("filled", torch.zeros((), dtype=torch.int64, device=device))
         self._saved_rows = weakref.WeakSet()  # memory views saved by graphs not yet backpropagated
+
+    @property
+    def normalize(self) -> bool:
+        """Whether the memory holds unit rows: the MS loss may work on raw rows (normalize=False), the
+        pair-weighting losses always use unit rows."""
+        return self.loss.kwargs["normalize"] if isinstance(self.loss, MultiSimilarityLoss) else True
+
+    @property
+    def check_finite(self) -> bool:
+        return self.loss.kwargs["check_finite"] if isinstance(self.loss, MultiSimilarityLoss) else False
 
     @property
     def memory_size(self) -> int:
