@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from ms_fused.reference_pair_losses import PAIR_LOSSES  # the losses a sweep times besides "ms"
+
 ALPHA, BETA, BASE, EPSILON = 2.0, 50.0, 0.5, 0.1
 HYPER_PARAMS = dict(alpha=ALPHA, beta=BETA, base=BASE, epsilon=EPSILON)
 
@@ -31,8 +33,6 @@ SAMPLES_PER_CLASS = 4
 TARGET_HARD_NEGATIVES = 0.10
 
 BASELINES = ("pml", "dense_torch", "loop", "mm")
-PAIR_LOSSES = ("supcon", "ntxent", "circle")
-LOSSES = ("ms",) + PAIR_LOSSES
 PAIR_BASELINES = ("pml", "mm")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}

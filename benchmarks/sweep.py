@@ -134,7 +134,7 @@ class Guard:
     loop_max_n: int
     deadline: Optional[float] = None  # time.monotonic() after which nothing more starts
     memory: Optional[int] = None      # rows of the memory bank in a memory-bank sweep
-    loss: str = "ms"                  # impls.LOSSES
+    loss: str = "ms"                  # or one of impls.PAIR_LOSSES
     done: Dict[Tuple, List[Tuple[int, dict]]] = field(default_factory=dict)
 
     def skip_reason(self, key: Key) -> Optional[Tuple[str, str]]:
