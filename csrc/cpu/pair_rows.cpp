@@ -53,14 +53,20 @@ struct SetSums {
   int64_t n_pos, n_neg;
 };
 
-// SupCon: z = S/t for every pair. L_i = LSE over P u N, l_i = L_i - mean_P z (P non-empty); stats L_i, |P_i|
+// The logits of SupCon and NT-Xent: z = S/t, positives and negatives alike
 template <typename T>
-struct SupCon {
+struct Tempered {
   T inv_t;
   template <typename V>
   MS_FUSED_INLINE V pos_logit(V s) const { return s * inv_t; }
   template <typename V>
   MS_FUSED_INLINE V neg_logit(V s) const { return s * inv_t; }
+};
+
+// SupCon: L_i = LSE over P u N, l_i = L_i - mean_P z (P non-empty); stats L_i, |P_i|
+template <typename T>
+struct SupCon : Tempered<T> {
+  using Tempered<T>::inv_t;
   PairRow<T> finish(const SetSums<T>& r, const T*, const int32_t*, int64_t, int32_t, int32_t) const {
     const T total = log_add_exp(r.lse_pos, r.lse_neg);
     const T loss = r.n_pos > 0 ? total - r.sum_pos / T(r.n_pos) : T(0);
@@ -80,15 +86,11 @@ struct SupCon {
   }
 };
 
-// NT-Xent: z = S/t. L_i = LSE over N; per positive pair l_ip = softplus(L_i - z_ip); the anchor's loss is their
-// sum; stats L_i, W_i = sum_p sigmoid(L_i - z_ip)
+// NT-Xent: L_i = LSE over N; per positive pair l_ip = softplus(L_i - z_ip); the anchor's loss is their sum;
+// stats L_i, W_i = sum_p sigmoid(L_i - z_ip)
 template <typename T>
-struct NTXent {
-  T inv_t;
-  template <typename V>
-  MS_FUSED_INLINE V pos_logit(V s) const { return s * inv_t; }
-  template <typename V>
-  MS_FUSED_INLINE V neg_logit(V s) const { return s * inv_t; }
+struct NTXent : Tempered<T> {
+  using Tempered<T>::inv_t;
   PairRow<T> finish(const SetSums<T>& r, const T* s, const int32_t* yr, int64_t m, int32_t yq,
                     int32_t ref_self_index) const {
     const T negatives = r.lse_neg;
@@ -226,8 +228,8 @@ MS_FUSED_INLINE void weight_impl(T* s, const int32_t* yr, int64_t m, int32_t yq,
   }
 }
 
-// The loss of `p`, as `Loss(args)` for the call `expr` (a switch written out in each variant: a lambda there would
-// not be compiled for the variant's instruction set)
+// `call` with `loss` the loss that `p` names (a switch written out in each variant: a lambda there would not be
+// compiled for the variant's instruction set)
 #define MS_FUSED_WITH_LOSS(p, call)                                           \
   switch (p.loss) {                                                          \
     case PairLoss::kSupCon: { const SupCon<T> loss{T(1) / p.p0}; call; }     \
