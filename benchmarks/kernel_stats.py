@@ -533,6 +533,47 @@ def _uses_dot(kernel) -> bool:
     return re.search(r"\btt\.dot\b", kernel.asm.get("ttir", "")) is not None
 
 
+_DOT_OP = re.compile(r"\b(tt\.dot|ttng\.warp_group_dot|ttng\.tc_gen5_mma) ([^\n]*)")
+_OPERAND_TYPE = re.compile(r"(?:tensor|memdesc)<(\d+)x(\d+)x(\w+), (#[\w.]+)")
+_ENCODING = re.compile(r"^(#[\w.]+) = (#.*)$", re.M)
+
+
+def _instruction(encoding: str) -> str:
+    """The matrix instruction an accumulator's layout stands for (TTGIR): wgmma / mma.sync / MFMA with its
+    instrShape, tcgen05 with its tensor-memory block, else the CUDA cores' FMAs (a blocked layout)."""
+    shape = re.search(r"instrShape = \[([\d, ]+)\]", encoding)
+    if "nvidia_mma" in encoding:
+        version = re.search(r"versionMajor = (\d+)", encoding).group(1)
+        return f"{'wgmma' if version == '3' else 'mma.sync'} instrShape [{shape.group(1)}]"
+    if "amd_mfma" in encoding or "amd_wmma" in encoding:
+        kind = "mfma" if "amd_mfma" in encoding else "wmma"
+        transposed = ", transposed" if "isTransposed = true" in encoding else ""
+        return f"{kind} instrShape [{shape.group(1)}]{transposed}"
+    block = re.search(r"tensor_memory_encoding<blockM = (\d+), blockN = (\d+)", encoding)
+    if block:
+        return f"tcgen05 {block.group(1)}x{block.group(2)} block"
+    return "FMA"
+
+
+def s_dot_instruction(ttgir: str, block_n: int, block_m: int, k_step: int) -> str:
+    """How a kernel computes its S tiles, read from its TTGIR: the instruction of every dot whose result is a
+    (block_n, block_m) tile from block_n anchor rows over (a part of) the K step (the backward's second
+    product, W @ b, adds into a (block_n, BLOCK_DOUT) accumulator), with the K step; "" when the kernel has no
+    such dot, "several: ..." when its S dots differ among themselves."""
+    encodings = dict(_ENCODING.findall(ttgir))
+    found = set()
+    for op, rest in _DOT_OP.findall(ttgir):
+        types = _OPERAND_TYPE.findall(rest)
+        if len(types) < 3:
+            continue
+        a, acc = types[0], types[2]
+        # the compiler may split a dot's K step into a chain of narrower dots (mma.sync targets: K = 16)
+        if int(a[0]) != block_n or k_step % int(a[1]) or (int(acc[0]), int(acc[1])) != (block_n, block_m):
+            continue
+        found.add(f"{_instruction(encodings.get(acc[3], ''))}, {a[2]} K step {k_step}")
+    return "" if not found else found.pop() if len(found) == 1 else "several: " + " | ".join(sorted(found))
+
+
 def problems(row: dict) -> list:
     """What the CI test fails a compiled kernel for on its target (sm_75: shared memory only)."""
     arch = ARCHS[row["arch"]]
@@ -617,7 +658,7 @@ def stub_compiler(arch_name: str):
 def compile_stats(arch_name: str) -> list:
     """Every kernel variant of COMPILE_CASES compiled for one target through the backend's own launch code."""
     arch = ARCHS[arch_name]
-    rows, seen = [], set()
+    rows, seen = [], {}
     with stub_compiler(arch_name) as (compiled, tool):
         import torch
         import triton
@@ -634,6 +675,7 @@ def compile_stats(arch_name: str) -> list:
                               ref_labels=torch.randint(0, 20, (m,), generator=gen),
                               ref_self_index=torch.arange(n) if mode == "memory" else None)
             for count in (False, True):  # the default kernels, and those that count mined pairs (return_stats)
+                case = f"{mode}, {dtype}, N = {n}, M = {m}, D = {d}, pairs counted: {count}"
                 compiled.clear()
                 error = None
                 try:
@@ -643,11 +685,12 @@ def compile_stats(arch_name: str) -> list:
                     error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
                 base = dict(arch=arch.name, triton=triton.__version__, tool=tool, mode=mode, dtype=dtype, d=d,
                             count_pairs=count)
-                for name, kernel, config, _ in compiled:
+                for name, kernel, config, kwargs in compiled:
                     key = (name, dtype, kernel.hash if hasattr(kernel, "hash") else id(kernel))
-                    if key in seen:
+                    if key in seen:  # one row per kernel variant, with every launch case that ran it
+                        if case not in seen[key]["cases"]:
+                            seen[key]["cases"].append(case)
                         continue
-                    seen.add(key)
                     stats = _amd_stats(kernel, arch) if arch.vendor == "hip" else _nvidia_stats(kernel, arch)
                     warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
                     shared = kernel.metadata.shared
@@ -655,8 +698,12 @@ def compile_stats(arch_name: str) -> list:
                                shared_limit=arch.smem_per_block, needs_matrix=dtype != "float32" and _uses_dot(kernel),
                                needs_copy=bool(arch.copy_pattern) and name in COLUMN_TILE_KERNELS and stages > 1,
                                ctas_per_sm=occupancy(arch, stats["registers"], warps, shared), ok=True, **stats)
+                    row["s_dot"] = (s_dot_instruction(kernel.asm.get("ttgir", ""), kwargs["BLOCK_N"], kwargs["BLOCK_M"],
+                                                      kwargs["BLOCK_D"]) if "BLOCK_M" in kwargs else "")
+                    row["cases"] = [case]
                     row["problems"] = problems(row)
                     rows.append(row)
+                    seen[key] = row
                 if error is not None:
                     row = dict(base, kernel="(launch)", config="", ok=False, error=error)
                     row["problems"] = problems(row)

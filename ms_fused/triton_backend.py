@@ -176,16 +176,14 @@ def arch_family(arch: str) -> str:
     return "turing"
 
 
-# Hopper, bfloat16 / float16, D <= resident_widest_d(): the anchor rows stay resident and each column tile
-# is loaded once.
-# The backward's (64, D) float32 accumulator takes 128 of 255 registers at D = 512, so the column tile
-# narrows as D grows (32 columns up to D = 128, 16 up to 512): the widest that compiles without spills
-# under Triton 3.6 and 3.9 (32 columns above D = 128 spill the backward at D = 256 under 3.9, and the sweep
-# at D = 130 under 3.6, whose 4-byte copies take more registers than 16-byte ones). The forward runs 4 warps,
-# so that each 64-row dot is one warpgroup's (8 would compute it twice); so does the backward up to D = 128,
-# above which it takes 8 (two warpgroups share the accumulator's D; 4 spill it at D = 256). Skipping zero
-# tiles is off there: the branch around the second product costs registers the narrow tile saves.
-_RESIDENT_BLOCK_M = ((128, 32), (512, 16))
+# Hopper, bfloat16 / float16, D <= resident_widest_d(dtype): the anchor rows stay resident and each column tile
+# is loaded once. Every kernel of a launch computes S with the same matrix instruction on the same operand
+# blocks (docs/triton_tiles.md, "One S everywhere"; the compile test reads it from each kernel's TTGIR): up to
+# D = 128 on 4 warps, one warpgroup per 64-row block and 32 columns (m64n32k16); above, the backward's (64, D)
+# float32 accumulator needs 8 warps (128 of 255 registers each at D = 512), and so every kernel runs 8: two
+# warpgroups split each 64 x 32 tile into 16-column halves (m64n16k16). Skipping zero tiles is off: the branch
+# around the second product costs registers.
+RESIDENT_WARPS_UP_TO_D128, RESIDENT_WARPS = 4, 8
 
 
 def triton_version() -> tuple:
@@ -195,18 +193,13 @@ def triton_version() -> tuple:
     return tuple(int(p) for p in triton.__version__.split(".")[:2])
 
 
-def resident_widest_d() -> int:
-    """The widest D a resident configuration takes. At D = 512 the backward fits its 255 registers only
-    under Triton 3.6's ptxas options, the release it was compiled with; from 3.9 on, Triton calls ptxas with
-    --regAllocOptLevel=2, which spills it (kernel_stats.py shows both), and 3.7 / 3.8 are unchecked: there
-    D <= 256."""
-    return 512 if triton_version() == (3, 6) else 256
-
-
-def _resident_block_m(d: int) -> Optional[int]:
-    if d > resident_widest_d():
-        return None
-    return next((bm for widest, bm in _RESIDENT_BLOCK_M if d <= widest), None)
+def resident_widest_d(dtype: torch.dtype = torch.bfloat16) -> int:
+    """The widest D a resident configuration takes. At D = 512 the backward fits its 255 registers only under
+    Triton 3.6's ptxas options, the release it was compiled with, and only for bfloat16 (float16 scales the
+    column tile instead of the weights, which spills it); from 3.9 on, Triton calls ptxas with
+    --regAllocOptLevel=2, which spills the bfloat16 backward too (kernel_stats.py shows both), and 3.7 / 3.8
+    are unchecked: there D <= 256."""
+    return 512 if triton_version() == (3, 6) and dtype == torch.bfloat16 else 256
 
 
 def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> list:
@@ -231,14 +224,11 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
         chunked = [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
                    TileConfig(64, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128),
                    TileConfig(128, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128)]
-        bm = _resident_block_m(d)
-        if bm is None:
+        if d > resident_widest_d(dtype):
             return chunked
-        # the backward on the sweep's 4 warps while its (64, D) accumulator fits them without spills (D <= 128):
-        # each 64-row S dot is then one warpgroup's, the same instructions as the sweep's; wider D shares the
-        # accumulator over 8 warps (and both warpgroups compute the S dot, with instructions half as wide)
-        return [TileConfig(64, bm, bd, 4, 2, bwd_warps=4 if d <= 128 else 8, bwd_stages=2, row_groups=2,
-                           resident=True, skip_zero_tiles=False)] + chunked
+        warps = RESIDENT_WARPS_UP_TO_D128 if d <= 128 else RESIDENT_WARPS
+        return [TileConfig(64, 32, bd, warps, 2, bwd_warps=warps, bwd_stages=2, row_groups=2, resident=True,
+                           skip_zero_tiles=False)] + chunked
     # mma targets: 8 warps share the backward's (32, 256) accumulator, leaving the registers that the
     # normalisation chain at the end needs when the columns are not split
     if family == "ampere":
@@ -683,12 +673,16 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
     stats = plan.stats
     align = load_align(d, a_rows, b_rows)
+    shared = anchor_rows and anchor_cols and shared_exp(hp)
+    # each anchor's factors of the shared exponential (unread without it): pf = g 2^-A2, nf = g 2^-B2
+    pos_factor = g_sorted * torch.exp2(-stats[LSE_POS]) if shared else g_sorted
+    neg_factor = g_sorted * torch.exp2(-stats[LSE_NEG]) if shared else g_sorted
     _launch(kernels.backward_kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
             a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
             ref_self_index_rows_ptr=ref_self_index,
             b_ptr=b_rows, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels, ref_self_index_cols_ptr=ref_self_index,
             g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG],
-            lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG],
+            lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG], pos_factor_ptr=pos_factor, neg_factor_ptr=neg_factor,
             out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
             NA=na, NB=nb, D_vecs=d // align, stride_a_vecs=a_rows.stride(0) // align,
             stride_b_vecs=b_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, ALIGN=align,
@@ -697,7 +691,7 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
             ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode, MINING=hp.mining,
             NORMALIZE=hp.normalize, DOT_F32=_dot_f32(a_rows.dtype), SCALE_WEIGHTS=_scale_weights(a_rows.dtype, cfg),
             SPLIT=split, SKIP_ZERO_TILES=cfg.skip_zero_tiles, NEGATIVE_TILES=negative_tiles(cfg, d),
-            BLOCK_DOUT=block_dout)
+            SHARED_EXP=shared, BLOCK_DOUT=block_dout)
     if split:  # no recompute here: narrow D-slices cost nothing and keep the accumulator small
         combine_n, combine_dout = 32, min(block_dout, 128)
         _launch(kernels.combine_grad_kernel, (triton.cdiv(na, combine_n), triton.cdiv(d, combine_dout)), None,
@@ -706,6 +700,17 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
                 stride_a_vecs=a_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, n_splits=n_splits,
                 norm_eps=NORM_EPS, NORMALIZE=hp.normalize, ALIGN=align, BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
     return out
+
+
+def shared_exp(hp) -> bool:
+    """Does the self-mode backward compute G_ij and G_ji with one exp2 (backward_kernel's SHARED_EXP)? Where S
+    is normalised (at most 1) and the exponents beta2 (S - base) and -alpha2 (S - base) stay below
+    FIXED_SHIFT_LIMIT: the shared exponential is then at most 2^64, each anchor's factor g 2^-A2 (2^-B2) at
+    most 1 and above 2^-126 (A2, B2 < 64 + log2 N), and an exponential that flushes to zero belongs to a weight
+    below 2^-126."""
+    if not hp.normalize:
+        return False
+    return max(hp.beta * (1.0 - hp.base), hp.alpha * (1.0 + hp.base)) * LOG2E <= FIXED_SHIFT_LIMIT
 
 
 def negative_tiles(cfg: TileConfig, d: int) -> bool:
@@ -719,9 +724,10 @@ def negative_tiles(cfg: TileConfig, d: int) -> bool:
 
 def _scale_weights(dtype: torch.dtype, cfg: TileConfig) -> bool:
     """Fold the column norms into the weights (W inv_b) rather than scale the column tile (b inv_b)? Not for
-    float16, where W inv_b can pass its range; not for a resident tile, whose scaled copy costs fewer
-    registers on the compilers we check than the folded weights (kernel_stats.py)."""
-    return dtype != torch.float16 and not cfg.resident
+    float16, where W inv_b can pass its range; not for a resident tile on 4 warps, whose scaled copy costs
+    fewer registers on the compilers we check than the folded weights, while on 8 warps (D > 128) the scaled
+    copy of a (32, 512) tile spills the backward (kernel_stats.py)."""
+    return dtype != torch.float16 and not (cfg.resident and cfg.bwd_warps == RESIDENT_WARPS_UP_TO_D128)
 
 
 # float16 weights are scaled by this before the gradient's half-precision dot and the sums scaled back: a

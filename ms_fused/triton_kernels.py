@@ -591,6 +591,20 @@ def _weights(S, pos, neg, g, min_pos, max_neg, lse_pos, lse_neg, alpha2, beta2, 
 
 
 @triton.jit
+def _through_a_branch(x, always):
+    """x, returned through a branch that the compiler cannot fold (`always` holds at run time). Triton 3.6 puts
+    every warp of a dot whose result feeds another dot along its rows (its chained-dot rule, for attention), so
+    the backward's 64-row S dot on 8 warps would be computed by both warpgroups with other instructions than
+    the forward's; a result that leaves a branch hides the chain (NEGATIVE_TILES' branch does it already).
+    Float32 dots run on the CUDA cores, where the rule does not apply and the branch costs registers."""
+    if always:
+        y = x + 0.0
+    else:
+        y = tl.zeros_like(x)
+    return y
+
+
+@triton.jit
 def _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, idx, ok):
     """What the forward saved for the sorted anchors `idx`, their upstream gradient g, and whether they are
     bad (saved A2 NaN)."""
@@ -616,6 +630,38 @@ def _negative_stats(min_pos, lse_neg, bad, beta2, base):
     """What _negative_weights takes of an anchor's saved statistics: min_pos (-Inf for a bad anchor) and
     neg_offset."""
     return tl.where(bad, -INF, min_pos), -(beta2 * base + lse_neg)
+
+
+@triton.jit
+def _shared_exp_weights(S, pos, neg, pf_r, nf_r, min_pos_r, max_neg_r, pf_c, nf_c, min_pos_c, max_neg_c,
+                        alpha2, beta2, base, eps, MINING: tl.constexpr):
+    """G + G^T of a self-mode tile with one exp2 per pair (SHARED_EXP): a pair is a positive for both of its
+    anchors or a negative for both, so G_ij = -g_i exp2(-alpha2 (S - base) - A2_i) and G_ji share the
+    exponential e = exp2(-alpha2 (S - base)) on a positive, exp2(beta2 (S - base)) on a negative, and each
+    anchor adds its factor pf = g exp2(-A2) (nf = g exp2(-B2)) where the pair is hard for it."""
+    d = S - base
+    e = tl.exp2(tl.where(pos, d * (-alpha2), d * beta2))
+    if MINING:
+        lo = S - eps
+        hi = S + eps
+        w = (tl.where(pos & (lo < max_neg_r), -pf_r, tl.where(neg & (hi > min_pos_r), nf_r, 0.0))
+             + tl.where(pos & (lo < max_neg_c), -pf_c, tl.where(neg & (hi > min_pos_c), nf_c, 0.0)))
+    else:
+        w = tl.where(pos, -pf_r - pf_c, tl.where(neg, nf_r + nf_c, 0.0))
+    return e * w
+
+
+@triton.jit
+def _shared_exp_negative_weights(S, nf_r, min_pos_r, nf_c, min_pos_c, e_offset, beta2, eps, MINING: tl.constexpr):
+    """_shared_exp_weights of a tile whose pairs are all negatives: e = exp2(beta2 S + e_offset), e_offset =
+    -beta2 base; min_pos is -Inf for a bad anchor (_negative_stats), whose nf is NaN: every pair NaN."""
+    e = tl.exp2(tl.fma(S, beta2, e_offset))
+    if MINING:
+        hi = S + eps
+        w = tl.where(hi > min_pos_r, nf_r, 0.0) + tl.where(hi > min_pos_c, nf_c, 0.0)
+    else:
+        w = nf_r + nf_c
+    return e * w
 
 
 @triton.jit
@@ -666,15 +712,16 @@ def _finish_rows(acc, x_dot_dx, a_ptr, a_off, rows, row_ok, inv_a, norm_a_ptr, a
 @triton.jit(do_not_specialize=["NA", "NB", "cols_per_split"])
 def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_index_rows_ptr,
                     b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, ref_self_index_cols_ptr,
-                    g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr,
+                    g_ptr, g_scale_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, pos_factor_ptr, neg_factor_ptr,
                     out_ptr, part_ptr, x_dot_dx_part_ptr,
                     NA, NB, D_vecs, stride_a_vecs, stride_b_vecs, stride_out_vecs, cols_per_split,
                     alpha2, beta2, base, eps, norm_eps,
                     ANCHOR_ROWS: tl.constexpr, ANCHOR_COLS: tl.constexpr, REF_SELF_INDEX_MODE: tl.constexpr,
                     MINING: tl.constexpr, NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr,
                     SCALE_WEIGHTS: tl.constexpr, SPLIT: tl.constexpr, SKIP_ZERO_TILES: tl.constexpr,
-                    NEGATIVE_TILES: tl.constexpr, RESIDENT: tl.constexpr, ALIGN: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DOUT: tl.constexpr):
+                    NEGATIVE_TILES: tl.constexpr, SHARED_EXP: tl.constexpr, RESIDENT: tl.constexpr,
+                    ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_DOUT: tl.constexpr):
     """dA for BLOCK_N sorted rows of A, output columns [pid(2) * BLOCK_DOUT, +BLOCK_DOUT), over the columns
     of one split: dA_hat_i = sum_j W_ij b_hat_j with W = G (ANCHOR_ROWS), G^T (ANCHOR_COLS) or G + G^T
     (self mode), each tile of S computed once. No atomics: a program owns its rows; with SPLIT the
@@ -683,7 +730,9 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
     RESIDENT: one D-slice (BLOCK_DOUT = BLOCK_D >= D); each column tile is loaded once, for S and for W @ b;
     the launcher always stores partial sums then (SPLIT), the normalisation chain needs registers.
     NEGATIVE_TILES: a tile without a same-label pair and inside the split takes _negative_weights (no label,
-    self or bounds compare, one exp2 per anchor side); else every tile takes the masked weights."""
+    self or bounds compare, one exp2 per anchor side); else every tile takes the masked weights.
+    SHARED_EXP (self mode, normalised S, the launcher's bound on the exponents): one exp2 per pair for G and
+    G^T together, with the anchors' factors pf = g exp2(-A2), nf = g exp2(-B2) from pos_factor / neg_factor."""
     D, stride_a, stride_b = D_vecs * ALIGN, stride_a_vecs * ALIGN, stride_b_vecs * ALIGN
     stride_out = stride_out_vecs * ALIGN
     row0 = tl.program_id(0) * BLOCK_N
@@ -702,6 +751,10 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
     if ANCHOR_ROWS:
         g_r, min_pos_r, max_neg_r, lse_pos_r, lse_neg_r, bad_r = _anchor_stats(
             g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, rows, row_ok)
+    if SHARED_EXP:
+        pf_r = tl.load(pos_factor_ptr + rows, mask=row_ok, other=0.0)
+        nf_r = tl.load(neg_factor_ptr + rows, mask=row_ok, other=0.0)
+        e_offset = -(beta2 * base)
 
     # the rows' labels [y_lo, y_hi] (other labels' codes are negative): a column tile without one of them holds
     # negatives only, in G and in G^T
@@ -728,11 +781,20 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
                                    True, REF_SELF_INDEX_MODE)
             W = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             bad = valid & False
-            if ANCHOR_ROWS:
+            if SHARED_EXP:
+                _, min_pos_c, max_neg_c, _, _, bad_c = _anchor_stats(
+                    g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, cols, col_ok)
+                W = _shared_exp_weights(
+                    S, pos, neg, pf_r[:, None], nf_r[:, None], min_pos_r[:, None], max_neg_r[:, None],
+                    tl.load(pos_factor_ptr + cols, mask=col_ok, other=0.0)[None, :],
+                    tl.load(neg_factor_ptr + cols, mask=col_ok, other=0.0)[None, :], min_pos_c[None, :],
+                    max_neg_c[None, :], alpha2, beta2, base, eps, MINING)
+                bad = bad | bad_r[:, None] | bad_c[None, :]
+            elif ANCHOR_ROWS:
                 W += _weights(S, pos, neg, g_r[:, None], min_pos_r[:, None], max_neg_r[:, None], lse_pos_r[:, None],
                               lse_neg_r[:, None], alpha2, beta2, base, eps, MINING)
                 bad = bad | bad_r[:, None]
-            if ANCHOR_COLS:
+            if ANCHOR_COLS and not SHARED_EXP:
                 g_c, min_pos_c, max_neg_c, lse_pos_c, lse_neg_c, bad_c = _anchor_stats(
                     g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr, cols, col_ok)
                 W += _weights(S, pos, neg, g_c[None, :], min_pos_c[None, :], max_neg_c[None, :], lse_pos_c[None, :],
@@ -740,6 +802,15 @@ def backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_self_i
                 bad = bad | bad_c[None, :]
             # NaN on every pair of a bad anchor (docs/semantics.md "Non-finite inputs")
             W = tl.where(valid & bad, float("nan"), W)
+            if not NEGATIVE_TILES and not DOT_F32:
+                W = _through_a_branch(W, start < c1)
+        elif SHARED_EXP:
+            _, min_pos_c, _, _, _, bad_c = _anchor_stats(g_ptr, min_pos_ptr, max_neg_ptr, lse_pos_ptr, lse_neg_ptr,
+                                                         cols, col_ok)
+            W = _shared_exp_negative_weights(
+                S, nf_r[:, None], tl.where(bad_r, -INF, min_pos_r)[:, None],
+                tl.load(neg_factor_ptr + cols, mask=col_ok, other=0.0)[None, :],
+                tl.where(bad_c, -INF, min_pos_c)[None, :], e_offset, beta2, eps, MINING)
         else:
             if ANCHOR_ROWS:
                 min_pos_neg_r, neg_offset_r = _negative_stats(min_pos_r, lse_neg_r, bad_r, beta2, base)

@@ -93,6 +93,27 @@ def test_triton_matrix_instructions_in_every_half_precision_dot_kernel(compiled,
     assert not missing, f"no {ARCHS[arch].matrix} instruction on {arch} in:\n" + "\n".join(missing)
 
 
+@pytest.mark.parametrize("arch", TARGETS)
+@pytest.mark.slow
+def test_triton_every_kernel_of_a_launch_computes_s_with_one_instruction(compiled, arch):
+    """docs/triton_tiles.md, "One S everywhere": the forward mines with the S tiles that the backward
+    recomputes, so within each launch case (mode, dtype, shape) every kernel's S dots are the same matrix
+    instruction on the same K step, read from the compiled TTGIR (kernel_stats.s_dot_instruction)."""
+    rows = [r for r in compiled[arch] if r.get("ok")]
+    unread = [_name(r) for r in rows if r["kernel"] in COLUMN_TILE_KERNELS and not r["s_dot"]]
+    assert not unread, "no S dot found in the TTGIR of:\n" + "\n".join(unread)
+    by_case = {}
+    for r in rows:
+        if r["s_dot"]:
+            for case in r["cases"]:
+                by_case.setdefault(case, {})[r["kernel"]] = r["s_dot"]
+    assert by_case, f"no S dot read on {arch}"
+    differing = [f"{case}: {kernels}" for case, kernels in by_case.items() if len(set(kernels.values())) > 1]
+    assert not differing, f"S dots of one launch differ on {arch}:\n" + "\n".join(differing)
+    assert all("several" not in r["s_dot"] for r in rows), "a kernel computes its S dots with two instructions"
+    assert all(set(kernels) >= {"sweep_kernel", "backward_kernel"} for kernels in by_case.values())
+
+
 @pytest.mark.parametrize("arch", WITH_ASYNC_COPIES)
 @pytest.mark.slow
 def test_triton_column_tiles_are_copied_asynchronously(compiled, arch):
