@@ -193,18 +193,27 @@ def triton_version() -> tuple:
     return tuple(int(p) for p in triton.__version__.split(".")[:2])
 
 
-def resident_widest_d(dtype: torch.dtype = torch.bfloat16) -> int:
-    """The widest D a resident configuration takes. At D = 512 the backward fits its 255 registers only under
-    Triton 3.6's ptxas options, the release it was compiled with, and only for bfloat16 (float16 scales the
-    column tile instead of the weights, which spills it); from 3.9 on, Triton calls ptxas with
-    --regAllocOptLevel=2, which spills the bfloat16 backward too (kernel_stats.py shows both), and 3.7 / 3.8
-    are unchecked: there D <= 256."""
-    return 512 if triton_version() == (3, 6) and dtype == torch.bfloat16 else 256
+def resident_widest_d(dtype: torch.dtype = torch.bfloat16, shared_exp_backward: bool = True,
+                      arch: str = "sm_90") -> int:
+    """The widest D a resident configuration takes: 512 for bfloat16 under the Tritons whose compilers were
+    checked there, else 256. The (64, 512) accumulator leaves the backward a few registers: Triton 3.6's ptxas
+    options fit it either way; Triton 3.9 calls ptxas with --regAllocOptLevel=2, which fits it only with one
+    exp2 per pair (SHARED_EXP, the default hyper-parameters' backward) and spills the other, and on sm_100
+    spills the reference-mode finish_kernel that counts pairs (kernel_stats.py shows them). float16 scales the
+    column tile instead of the weights, which spills it at D = 512 under both; 3.7 / 3.8 are unchecked."""
+    if dtype != torch.bfloat16:
+        return 256
+    version = triton_version()
+    if version == (3, 9) and shared_exp_backward and _capability(arch) == 90:
+        return 512
+    return 512 if version == (3, 6) else 256
 
 
-def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> list:
+def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU, shared_exp_backward: bool = True) -> list:
     """Candidate configurations for `arch` (target_arch's names), first choice first: the interpreter runs
-    the first one too, so that tests on the CPU run what a GPU runs. Every first choice compiles for its
+    the first one too, so that tests on the CPU run what a GPU runs. shared_exp_backward: whether the
+    hyper-parameters give the self-mode backward one exp2 per pair (shared_exp), which decides how wide a
+    resident D fits (resident_widest_d). Every first choice compiles for its
     target without register spills, within its shared memory, and (bfloat16, float16) to the target's
     matrix instructions: benchmarks/kernel_stats.py reports them, tests/test_kernel_compile.py checks them."""
     family = arch_family(arch)
@@ -224,7 +233,7 @@ def tile_configs(d: int, dtype: torch.dtype, arch: str = ARCH_WITHOUT_GPU) -> li
         chunked = [TileConfig(64, 32, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=256),
                    TileConfig(64, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128),
                    TileConfig(128, 64, bd, 8, 3, bwd_warps=8, bwd_stages=2, max_dout=128)]
-        if d > resident_widest_d(dtype):
+        if d > resident_widest_d(dtype, shared_exp_backward, arch):
             return chunked
         warps = RESIDENT_WARPS_UP_TO_D128 if d <= 128 else RESIDENT_WARPS
         return [TileConfig(64, 32, bd, warps, 2, bwd_warps=warps, bwd_stages=2, row_groups=2, resident=True,
@@ -538,7 +547,7 @@ def make_plan(q, r, yq, yr, ref_self_index, hp: HyperParams, cfg: Optional[TileC
                                                             not hp.normalize or ref_normalized)
         if ref_self_index is not None:
             ref_self_index_sorted = ref_self_index[anchors.perm.long()].to(torch.int32)
-    cfg = cfg or tile_configs(q.shape[1], q.dtype, target_arch(q.device))[0]
+    cfg = cfg or tile_configs(q.shape[1], q.dtype, target_arch(q.device), shared_exp(hp))[0]
     return Plan(hp, cfg, anchors, refs, ref_self_index_sorted, bad_q[anchors.perm.long()].to(torch.int8), splits,
                 band=band, ref_tensors=ref_tensors)
 
@@ -752,9 +761,9 @@ def _unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] == 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _candidates(q: torch.Tensor, cfg: Optional[TileConfig]) -> list:
-    """A forced configuration alone, else the target's list, first choice first."""
-    return [cfg] if cfg is not None else tile_configs(q.shape[1], q.dtype, target_arch(q.device))
+def _candidates(q: torch.Tensor, cfg: Optional[TileConfig], hp) -> list:
+    """A forced configuration alone, else the target's list for these hyper-parameters, first choice first."""
+    return [cfg] if cfg is not None else tile_configs(q.shape[1], q.dtype, target_arch(q.device), shared_exp(hp))
 
 
 def _backward_all(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], g: torch.Tensor, needs: tuple) -> tuple:
@@ -780,10 +789,11 @@ def _backward_all(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], g: tor
 
 def tuning_key(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], forced: Optional[TileConfig]) -> tuple:
     """What a configuration choice is kept for: the device, the problem's switches, dtype, D, the log2
-    buckets of N and M, and a forced configuration (tests)."""
+    buckets of N and M, whether the backward shares its exp2 (it changes the candidates), and a forced
+    configuration (tests)."""
     m = q.shape[0] if r is None else r.shape[0]
     return (_device_key(q.device), q.dtype, q.shape[1], _log2_bucket(q.shape[0]), _log2_bucket(m),
-            plan.ref_self_index_mode, plan.hp.mining, plan.hp.normalize, forced)
+            plan.ref_self_index_mode, plan.hp.mining, plan.hp.normalize, shared_exp(plan.hp), forced)
 
 
 def _choose_plan(plan: Plan, q: torch.Tensor, r: Optional[torch.Tensor], candidates: list, key: tuple) -> Plan:

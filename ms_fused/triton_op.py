@@ -93,7 +93,7 @@ def forward_impl(q: Tensor, r: Optional[Tensor], labels: Tensor, ref_labels: Opt
                             None if r is None or ref_self_index is None else ref_self_index.contiguous(),
                             hp, forced, None if splits < 0 else splits, ref_normalized)
         key = tb.tuning_key(plan, q_, r_, forced)
-        candidates = tb._candidates(q_, forced)
+        candidates = tb._candidates(q_, forced, hp)
         if forced is None:
             tb._choose_plan(plan, q_, r_, candidates, key)
         plan.count = count
@@ -146,7 +146,7 @@ def triton_backward(grad: Tensor, q: Tensor, r: Optional[Tensor], labels: Tensor
         plan = _unpack(hp, forced, None if splits < 0 else splits, ref_self_index is not None and r is not None,
                        anchor_index, anchor_norms, ref_index, ref_norms)
         key = tb.tuning_key(plan, q_, r_, forced)
-        candidates = tb._candidates(q_, forced)
+        candidates = tb._candidates(q_, forced, hp)
         forward_cfg = _LAUNCHED.get(key, candidates[0])
         if forward_cfg is None:  # the forward found no configuration either: its torch fallback's gradients
             dq, dr = tb._torch_gradients(_problem(q, r, labels, ref_labels, ref_self_index, hp, ref_normalized),

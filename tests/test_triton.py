@@ -463,16 +463,22 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
 def test_triton_older_than_the_compiled_release_is_refused(monkeypatch):
     """The kernels are compiled and tested with Triton 3.6 and newer (setup.py's extra asks for it); an older
     Triton makes the backend unavailable, with both versions in the reason; the resident D = 512
-    configurations are Triton 3.6's alone."""
+    configurations are bfloat16's under the checked Tritons (3.9: only with one exp2 per pair)."""
     from ms_fused import backends
     monkeypatch.setattr(triton_backend.triton, "__version__", "3.5.1")
     reason = triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32)
     assert reason is not None and "3.5.1" in reason and "3.6" in reason
     with pytest.raises(ValueError, match="3.5.1"):
         backends.resolve("triton", torch.device(DEVICE), torch.float32)
-    for version, widest in (("3.5.0", 256), ("3.6.0", 512), ("3.6.2", 512), ("3.7.0", 256), ("3.9.0", 256)):
+    # (version, widest for bfloat16 with one exp2 per pair in the backward, without it); float16 256 everywhere
+    for version, shared, other in (("3.5.0", 256, 256), ("3.6.0", 512, 512), ("3.6.2", 512, 512),
+                                   ("3.7.0", 256, 256), ("3.9.0", 512, 256), ("3.10.0", 256, 256)):
         monkeypatch.setattr(triton_backend.triton, "__version__", version)
-        assert triton_backend.resident_widest_d() == widest, version
+        assert triton_backend.resident_widest_d(torch.bfloat16, True) == shared, version
+        assert triton_backend.resident_widest_d(torch.bfloat16, False) == other, version
+        assert triton_backend.resident_widest_d(torch.float16, True) == 256, version
+        assert triton_backend.resident_widest_d(torch.bfloat16, True, "sm_100") == (512 if version.startswith("3.6.")
+                                                                                   else 256), version
     monkeypatch.setattr(triton_backend.triton, "__version__", "3.6.0")
     assert triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32) is None
 
