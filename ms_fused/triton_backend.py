@@ -732,11 +732,12 @@ def negative_tiles(cfg: TileConfig, d: int) -> bool:
 
 
 def _scale_weights(dtype: torch.dtype, cfg: TileConfig) -> bool:
-    """Fold the column norms into the weights (W inv_b) rather than scale the column tile (b inv_b)? Not for
-    float16, where W inv_b can pass its range; not for a resident tile on 4 warps, whose scaled copy costs
-    fewer registers on the compilers we check than the folded weights, while on 8 warps (D > 128) the scaled
-    copy of a (32, 512) tile spills the backward (kernel_stats.py)."""
-    return dtype != torch.float16 and not (cfg.resident and cfg.bwd_warps == RESIDENT_WARPS_UP_TO_D128)
+    """Fold the column norms into the weights (W inv_b) rather than scale the column tile (b inv_b)? Yes but for
+    float16, where W inv_b can pass its range: one multiply per weight instead of a multiply and two
+    conversions per element of the column tile, and on the resident configurations the tile then stays in
+    shared memory as loaded (since the backward shares its exp2 the folded form also takes fewer registers;
+    kernel_stats.py)."""
+    return dtype != torch.float16
 
 
 # float16 weights are scaled by this before the gradient's half-precision dot and the sums scaled back: a

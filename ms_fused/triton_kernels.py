@@ -138,14 +138,20 @@ def _column_tile(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_p
                  stride_b, start, end, D,
                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ROW_GROUPS: tl.constexpr,
                  NORMALIZE: tl.constexpr, DOT_F32: tl.constexpr, RESIDENT: tl.constexpr,
-                 MASK_COLS: tl.constexpr = True):
+                 MASK_COLS: tl.constexpr = True, LABELS: tl.constexpr = True):
     """Sorted columns [start, start + BLOCK_M) below `end`: their indices, in-range mask, element offsets,
     inverse norms and labels, the rows' S tile against them, and (RESIDENT) the whole column rows loaded
     for it (else 0). Without MASK_COLS the tile is whole (start + BLOCK_M <= end): no column is masked and
-    the labels are not loaded (-1)."""
+    the labels are not loaded (-1); without LABELS they are not loaded either (the caller loads them where
+    it needs them)."""
     cols = start + tl.arange(0, BLOCK_M)
     col_ok = cols < end
-    if MASK_COLS:
+    if MASK_COLS and not LABELS:
+        b_off = tl.load(b_perm_ptr + cols, mask=col_ok, other=0).to(tl.int64) * stride_b
+        inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=1.0)
+        yb = cols * 0 - 1
+        b_ok = col_ok
+    elif MASK_COLS:
         b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
         b_ok = col_ok
     else:
@@ -465,20 +471,27 @@ def sweep_kernel(a_ptr, a_perm_ptr, inv_a_ptr, ya_ptr, band_lo_ptr, band_hi_ptr,
     total = tl.zeros([ROWS], dtype=tl.float32)
     c0 = split * cols_per_split
     c1 = tl.minimum(c0 + cols_per_split, NB)
+    LABELS_WITH_TILE: tl.constexpr = (not SELF_MODE) or (not RESIDENT)
     if SELF_MODE:
         lo, hi = _band(band_lo_ptr, band_hi_ptr, row0, NA, ROWS)
     else:
         y_first = tl.load(ya_ptr + row0)
         y_last = tl.load(ya_ptr + tl.minimum(row0 + ROWS, NA) - 1)
     for start in range(c0, c1, BLOCK_M):
+        # self mode tells a tile of negatives by the band, and loads the labels only for the masked tiles
+        # (resident tiles only: elsewhere the branch's own load spilled the sweep, sm_80 at D = 130 and sm_100's
+        # float32 under Triton 3.6)
         cols, col_ok, b_off, inv_b, yb, S, b_res = _column_tile(
             a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr,
-            stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT)
+            stride_b, start, c1, D, BLOCK_N, BLOCK_M, BLOCK_D, ROW_GROUPS, NORMALIZE, DOT_F32, RESIDENT,
+            LABELS=LABELS_WITH_TILE)
         if SELF_MODE:
             masked = ((start < hi) & (start + BLOCK_M > lo)) | (start + BLOCK_M > c1)
         else:
             masked = (tl.sum(((yb >= y_first) & (yb <= y_last)).to(tl.int32)) > 0) | (start + BLOCK_M > c1)
         if masked:
+            if not LABELS_WITH_TILE:
+                yb = tl.load(yb_ptr + cols, mask=col_ok, other=-1)
             neg = col_ok[None, :] & (ya[:, None] != yb[None, :])
             max_acc, sum_acc, count_acc, shift, total = _negatives_tile(
                 S, neg, min_pos, max_acc, sum_acc, count_acc, shift, total, beta2, base, neg_offset, eps,
