@@ -127,10 +127,14 @@ def _similarities(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_
 
 
 @triton.jit
-def _rows(perm_ptr, inv_ptr, y_ptr, idx, ok, stride):
-    """Element offsets, inverse norms and labels of the sorted rows `idx`."""
+def _rows(perm_ptr, inv_ptr, y_ptr, idx, ok, stride, LABELS: tl.constexpr = True):
+    """Element offsets, inverse norms and labels (without LABELS: -1) of the sorted rows `idx`."""
     off = tl.load(perm_ptr + idx, mask=ok, other=0).to(tl.int64) * stride
-    return off, tl.load(inv_ptr + idx, mask=ok, other=1.0), tl.load(y_ptr + idx, mask=ok, other=-1)
+    if LABELS:
+        y = tl.load(y_ptr + idx, mask=ok, other=-1)
+    else:
+        y = idx * 0 - 1
+    return off, tl.load(inv_ptr + idx, mask=ok, other=1.0), y
 
 
 @triton.jit
@@ -146,13 +150,8 @@ def _column_tile(a_ptr, a0_off, a0_ok, a0_res, a1_off, a1_ok, a1_res, inv_a, b_p
     it needs them)."""
     cols = start + tl.arange(0, BLOCK_M)
     col_ok = cols < end
-    if MASK_COLS and not LABELS:
-        b_off = tl.load(b_perm_ptr + cols, mask=col_ok, other=0).to(tl.int64) * stride_b
-        inv_b = tl.load(inv_b_ptr + cols, mask=col_ok, other=1.0)
-        yb = cols * 0 - 1
-        b_ok = col_ok
-    elif MASK_COLS:
-        b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b)
+    if MASK_COLS:
+        b_off, inv_b, yb = _rows(b_perm_ptr, inv_b_ptr, yb_ptr, cols, col_ok, stride_b, LABELS)
         b_ok = col_ok
     else:
         b_off = tl.load(b_perm_ptr + cols).to(tl.int64) * stride_b
