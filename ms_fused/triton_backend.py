@@ -663,11 +663,12 @@ def backward_splits(na: int, nb: int, d: int, cfg: TileConfig, device: torch.dev
     return n_splits, cols_per_split, n_splits > 1 or cfg.resident
 
 
-def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedRows, b: SortedRows,
-              g_sorted: torch.Tensor, g_scale: torch.Tensor, *, anchor_rows: bool, anchor_cols: bool,
-              ref_self_index_mode: int) -> torch.Tensor:
-    """Gradient of the rows of `a_rows` (in its dtype, input order), pairing them with every row of b."""
-    hp, cfg = plan.hp, plan.cfg
+def accumulated_gradient(kernel, cfg: TileConfig, splits: Optional[int], a_rows: torch.Tensor, b_rows: torch.Tensor,
+                         a: SortedRows, b: SortedRows, g_scale: torch.Tensor, ref_self_index: torch.Tensor,
+                         normalize: bool, **weight_args) -> torch.Tensor:
+    """Gradient of the rows of `a_rows` (in its dtype, input order), pairing them with every row of b: `kernel`
+    (backward_kernel or a pair loss's) over column splits, with `weight_args` (its loss's), then
+    combine_grad_kernel where the sums went through float32 partial sums."""
     na, d = a_rows.shape
     nb = b_rows.shape[0]
     dev = a_rows.device
@@ -675,40 +676,48 @@ def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedR
     block_dout = cfg.block_dout(d)
     d_slices = triton.cdiv(d, block_dout)
     row_blocks = triton.cdiv(na, cfg.block_n)
-    n_splits, cols_per_split, split = backward_splits(na, nb, d, cfg, dev, plan.splits)
+    n_splits, cols_per_split, split = backward_splits(na, nb, d, cfg, dev, splits)
     part = torch.empty((n_splits * na, d) if split else (1, 1), dtype=torch.float32, device=dev)
     x_dot_dx = torch.empty(n_splits * na if split else 1, dtype=torch.float32, device=dev)
-    # unread unless a REF_SELF_INDEX_OF_* mode
-    ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
-    stats = plan.stats
     align = load_align(d, a_rows, b_rows)
-    shared = anchor_rows and anchor_cols and shared_exp(hp)
-    # each anchor's factors of the shared exponential (unread without it): pf = g 2^-A2, nf = g 2^-B2
-    pos_factor = g_sorted * torch.exp2(-stats[LSE_POS]) if shared else g_sorted
-    neg_factor = g_sorted * torch.exp2(-stats[LSE_NEG]) if shared else g_sorted
-    _launch(kernels.backward_kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
+    _launch(kernel, (row_blocks, n_splits, d_slices), cfg, backward=True,
             a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, ya_ptr=a.labels,
             ref_self_index_rows_ptr=ref_self_index,
             b_ptr=b_rows, b_perm_ptr=b.perm, inv_b_ptr=b.inv, yb_ptr=b.labels, ref_self_index_cols_ptr=ref_self_index,
-            g_ptr=g_sorted, g_scale_ptr=g_scale, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG],
-            lse_pos_ptr=stats[LSE_POS], lse_neg_ptr=stats[LSE_NEG], pos_factor_ptr=pos_factor, neg_factor_ptr=neg_factor,
-            out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
+            g_scale_ptr=g_scale, out_ptr=out, part_ptr=part, x_dot_dx_part_ptr=x_dot_dx,
             NA=na, NB=nb, D_vecs=d // align, stride_a_vecs=a_rows.stride(0) // align,
             stride_b_vecs=b_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, ALIGN=align,
-            cols_per_split=cols_per_split, alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base,
-            eps=hp.epsilon, norm_eps=NORM_EPS,
-            ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode, MINING=hp.mining,
-            NORMALIZE=hp.normalize, DOT_F32=_dot_f32(a_rows.dtype), SCALE_WEIGHTS=_scale_weights(a_rows.dtype, cfg),
-            SPLIT=split, SKIP_ZERO_TILES=cfg.skip_zero_tiles, NEGATIVE_TILES=negative_tiles(cfg, d),
-            SHARED_EXP=shared, BLOCK_DOUT=block_dout)
+            cols_per_split=cols_per_split, norm_eps=NORM_EPS, NORMALIZE=normalize, DOT_F32=_dot_f32(a_rows.dtype),
+            SCALE_WEIGHTS=_scale_weights(a_rows.dtype, cfg), SPLIT=split, BLOCK_DOUT=block_dout, **weight_args)
     if split:  # no recompute here: narrow D-slices cost nothing and keep the accumulator small
         combine_n, combine_dout = 32, min(block_dout, 128)
         _launch(kernels.combine_grad_kernel, (triton.cdiv(na, combine_n), triton.cdiv(d, combine_dout)), None,
                 a_ptr=a_rows, a_perm_ptr=a.perm, inv_a_ptr=a.inv, norm_a_ptr=a.norm, g_scale_ptr=g_scale,
                 part_ptr=part, x_dot_dx_part_ptr=x_dot_dx, out_ptr=out, NA=na, D_vecs=d // align,
                 stride_a_vecs=a_rows.stride(0) // align, stride_out_vecs=out.stride(0) // align, n_splits=n_splits,
-                norm_eps=NORM_EPS, NORMALIZE=hp.normalize, ALIGN=align, BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
+                norm_eps=NORM_EPS, NORMALIZE=normalize, ALIGN=align, BLOCK_N=combine_n, BLOCK_DOUT=combine_dout)
     return out
+
+
+def _backward(plan: Plan, a_rows: torch.Tensor, b_rows: torch.Tensor, a: SortedRows, b: SortedRows,
+              g_sorted: torch.Tensor, g_scale: torch.Tensor, *, anchor_rows: bool, anchor_cols: bool,
+              ref_self_index_mode: int) -> torch.Tensor:
+    """The MS loss's gradient of the rows of `a_rows` (accumulated_gradient with backward_kernel)."""
+    hp, cfg, stats = plan.hp, plan.cfg, plan.stats
+    shared = anchor_rows and anchor_cols and shared_exp(hp)
+    # each anchor's factors of the shared exponential (unread without it): pf = g 2^-A2, nf = g 2^-B2
+    pos_factor = g_sorted * torch.exp2(-stats[LSE_POS]) if shared else g_sorted
+    neg_factor = g_sorted * torch.exp2(-stats[LSE_NEG]) if shared else g_sorted
+    # unread unless a REF_SELF_INDEX_OF_* mode
+    ref_self_index = plan.ref_self_index if plan.ref_self_index is not None else a.perm
+    return accumulated_gradient(
+        kernels.backward_kernel, cfg, plan.splits, a_rows, b_rows, a, b, g_scale, ref_self_index, hp.normalize,
+        g_ptr=g_sorted, min_pos_ptr=stats[MIN_POS], max_neg_ptr=stats[MAX_NEG], lse_pos_ptr=stats[LSE_POS],
+        lse_neg_ptr=stats[LSE_NEG], pos_factor_ptr=pos_factor, neg_factor_ptr=neg_factor,
+        alpha2=hp.alpha * LOG2E, beta2=hp.beta * LOG2E, base=hp.base, eps=hp.epsilon,
+        ANCHOR_ROWS=anchor_rows, ANCHOR_COLS=anchor_cols, REF_SELF_INDEX_MODE=ref_self_index_mode,
+        MINING=hp.mining, SKIP_ZERO_TILES=cfg.skip_zero_tiles, NEGATIVE_TILES=negative_tiles(cfg, a_rows.shape[1]),
+        SHARED_EXP=shared)
 
 
 def shared_exp(hp) -> bool:
@@ -747,12 +756,13 @@ def _scale_weights(dtype: torch.dtype, cfg: TileConfig) -> bool:
 FLOAT16_WEIGHT_SCALE = 2.0 ** 14
 
 
-def _unit_upstream(g: torch.Tensor, weight_scale: float = 1.0):
-    """(g / c * weight_scale, c / weight_scale) with c = max|g| (1 when that is 0 or not finite), so the
-    weights fed to half-precision dots are at most 2 * weight_scale in magnitude even for g = 1/N with a large
-    N; the kernels multiply the second factor back in."""
+def _unit_upstream(g: torch.Tensor, weight_scale: float = 1.0, magnitude: Optional[torch.Tensor] = None):
+    """(g / c * weight_scale, c / weight_scale) with c = max|magnitude| (default g; 1 when that is 0 or not
+    finite), so the weights fed to half-precision dots are at most 2 * weight_scale in magnitude even for
+    g = 1/N with a large N, where `magnitude` bounds each anchor's weights (g alone for the MS loss); the
+    kernels multiply the second factor back in."""
     g = g.to(torch.float32).contiguous()
-    c = g.abs().amax().reshape(1)
+    c = (g if magnitude is None else magnitude).abs().amax().reshape(1)
     c = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
     return g / c * weight_scale, c / weight_scale
 
