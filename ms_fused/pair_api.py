@@ -1,9 +1,10 @@
 """SupCon, NT-Xent and Circle loss: functional forms and pml-named modules (docs/semantics.md "Pair-weighting losses").
 
-Served by the `cpp` backend (fused row passes on the CPU; csrc/cpu/pair_rows.cpp + cpp_pair_engine.py), the
-`torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py + torch_pair_engine.py) and the
-dense `reference` backend; `backend="auto"` takes `cpp` on the CPU where it is built, else `torch`. The `triton`
-backend serves the MS loss only so far, and says so when asked for these.
+Served by the `triton` backend (fused GPU kernels on the MS loss's engine; triton_pair_kernels.py +
+triton_pair_engine.py), the `cpp` backend (fused row passes on the CPU; csrc/cpu/pair_rows.cpp +
+cpp_pair_engine.py), the `torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py +
+torch_pair_engine.py) and the dense `reference` backend; `backend="auto"` takes `triton` on a GPU where it
+serves (backends.resolve's rule), `cpp` on the CPU where it is built, else `torch`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from ._autograd import autocast_off
 from ._inputs import HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple, ALL_PAIRS
 from .pair_losses import LOSSES
 from .reference_pair_losses import pair_loss as reference_pair_loss
-from . import cpp_pair_engine, torch_pair_engine
+from . import backends, cpp_pair_engine, torch_pair_engine
 
-PAIR_BACKENDS = ("cpp", "torch", "reference")
+PAIR_BACKENDS = ("triton", "cpp", "torch", "reference")
 
 
 def reduction_terms(name: str, per_anchor: torch.Tensor, pairs: torch.Tensor, reduction: str):
@@ -41,24 +42,30 @@ def reduce_pair_losses(name: str, per_anchor: torch.Tensor, pairs: torch.Tensor,
 
 
 def check_pair_backend(name: str, backend: str) -> str:
-    """The backend name, "auto" kept; a backend that serves no pair-weighting loss raises ValueError."""
-    backend = check_backend_name(backend)
-    if backend != "auto" and backend not in PAIR_BACKENDS:
-        raise ValueError(f"backend={backend!r} serves the MS loss only so far, not {name}; use backend='auto', "
-                         f"'cpp' (CPU), 'torch' (any device, chunked, O(N·D) memory) or 'reference'")
-    return backend
+    """The backend name, "auto" kept; an unknown one raises ValueError."""
+    return check_backend_name(backend)
 
 
 def resolve_pair_backend(name: str, backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """"auto": `cpp` on the CPU where its extension is built, else `torch`; a named backend that cannot serve
-    (device, dtype) raises ValueError saying why."""
+    """"auto": `triton` on a GPU where it serves and "auto" does not pass it over (as for the MS loss), `cpp` on
+    the CPU where its extension is built, else `torch`; a named backend that cannot serve (device, dtype)
+    raises ValueError saying why."""
     backend = check_pair_backend(name, backend)
     if backend == "auto":
-        return "cpp" if device.type == "cpu" and cpp_pair_engine.unavailable_reason(device, dtype) is None else "torch"
+        if device.type == "cpu":
+            return "cpp" if cpp_pair_engine.unavailable_reason(device, dtype) is None else "torch"
+        if (device.type == "cuda" and backends.unavailable_reason("triton", device, dtype) is None
+                and backends._auto_skip_reason("triton", device, dtype) is None):
+            return "triton"
+        return "torch"
     if backend == "cpp":
         reason = cpp_pair_engine.unavailable_reason(device, dtype)
-        if reason is not None:
-            raise ValueError(f"backend='cpp' cannot serve {dtype} tensors on {device}: {reason}")
+    elif backend == "triton":
+        reason = backends.unavailable_reason("triton", device, dtype)
+    else:
+        reason = None
+    if reason is not None:
+        raise ValueError(f"backend={backend!r} cannot serve {dtype} tensors on {device}: {reason}")
     return backend
 
 
@@ -87,12 +94,17 @@ def loss_value(loss, embeddings, labels, ref_emb, ref_labels, reduction: str, ba
             params = {k: getattr(loss, k) for k in loss.__dataclass_fields__}
             return reference_pair_loss(loss.name, problem.q, problem.labels, problem.ref, problem.ref_labels,
                                        reduction=reduction, ref_self_index=problem.ref_self_index, **params)
-        engine = cpp_pair_engine if backend == "cpp" else torch_pair_engine
+        engine = {"cpp": cpp_pair_engine, "torch": torch_pair_engine}.get(backend) or _triton_engine()
         per_anchor, counts = engine.per_anchor_loss(problem, loss)
         if loss.needs_both:  # pml's guard: no positive pair or no negative pair in the whole batch gives zero
             keep = (counts[0].sum() > 0) & (counts[1] > 0).any()
             per_anchor = torch.where(keep, per_anchor, 0.0)
         return reduce_pair_losses(loss.name, per_anchor, counts[0], reduction)
+
+
+def _triton_engine():
+    from . import triton_pair_engine  # imports triton: only when asked for
+    return triton_pair_engine
 
 
 def supcon_loss(embeddings, labels, ref_emb=None, ref_labels=None, *, temperature=0.1, reduction="mean",
