@@ -131,7 +131,8 @@ fi
 $PY benchmarks/prediction.py "$results" --out "$results/prediction.md" || echo "== prediction table failed"
 
 # 4. the GPU tests, last: the figures above are what a short lease must not lose
-GPU_TESTS=(tests/test_triton.py tests/test_triton_half.py tests/test_compile.py -k "triton or cuda")
+GPU_TESTS=(tests/test_triton.py tests/test_triton_half.py tests/test_triton_pair_losses.py tests/test_compile.py
+           -k "triton or cuda")
 tests_rc=0
 if ! $PY -c 'import pytest' 2>/dev/null; then
     echo "== pytest is not installed: GPU tests NOT run"

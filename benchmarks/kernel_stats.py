@@ -72,6 +72,13 @@ COMPILE_CASES = [
     # N large enough that no launch splits its columns: the variants a training-size batch runs
     ("self", 34000, 34000, 512, "bfloat16"), ("self", 34000, 34000, 512, "float16"), ("self", 34000, 34000, 512, "float32"),
 ]
+# the pair-weighting losses' kernel variants (triton_pair_kernels.py), for each loss: self mode in each dtype (and
+# bfloat16's widest resident D), a reference set with own copies and both gradients
+PAIR_LOSS_NAMES = ("supcon", "ntxent", "circle")
+PAIR_COMPILE_CASES = [
+    ("self", 300, 300, 128, "bfloat16"), ("self", 300, 300, 512, "bfloat16"), ("reference", 100, 90, 96, "bfloat16"),
+    ("self", 300, 300, 128, "float16"), ("self", 300, 300, 128, "float32"),
+]
 
 # ---- the roofline's rates --------------------------------------------------------------------------------
 PEAK_TFLOPS = 788.0
@@ -115,7 +122,8 @@ ASYNC_COPY = r"\bcp\.async\.(?:c[ag]\.shared\.global|bulk)"
 NARROW_LOAD = r"\bld\.global(?:\.(?!v\d)[\w:]+)*\.[bus]16\b"
 # the kernels that stream column tiles through a loop: pipelined (2 or more stages), each must copy them
 # asynchronously where the target can
-COLUMN_TILE_KERNELS = ("band_min_kernel", "sweep_kernel", "finish_kernel", "backward_kernel")
+COLUMN_TILE_KERNELS = ("band_min_kernel", "sweep_kernel", "finish_kernel", "backward_kernel", "pair_sweep_kernel",
+                       "pair_backward_kernel")
 
 ARCHS = {a.name: a for a in [
     Arch("sm_75", "T4, RTX 20", "cuda", 65536, 65536, max_warps=32, max_ctas=16, smem_reserved=0,
@@ -664,50 +672,67 @@ def compile_stats(arch_name: str) -> list:
         import triton
 
         import ms_fused
-        for mode, n, m, d, dtype in COMPILE_CASES:
+        from ms_fused.pair_api import pair_weighting_loss
+
+        def inputs_of(mode, n, m, d, dtype):
             dt = getattr(torch, dtype)
             gen = torch.Generator().manual_seed(0)
             q = torch.randn(n, d, generator=gen).to(dt).requires_grad_()
-            y = torch.randint(0, 20, (n,), generator=gen)
-            inputs = dict(embeddings=q, labels=y)
+            inputs = dict(embeddings=q, labels=torch.randint(0, 20, (n,), generator=gen))
             if mode != "self":
                 inputs.update(ref_emb=torch.randn(m, d, generator=gen).to(dt).requires_grad_(mode == "reference"),
                               ref_labels=torch.randint(0, 20, (m,), generator=gen),
                               ref_self_index=torch.arange(n) if mode == "memory" else None)
-            for count in (False, True):  # the default kernels, and those that count mined pairs (return_stats)
-                case = f"{mode}, {dtype}, N = {n}, M = {m}, D = {d}, pairs counted: {count}"
-                compiled.clear()
-                error = None
-                try:
-                    out = ms_fused.multi_similarity_loss(**inputs, backend="triton", return_stats=count)
-                    (out[0] if count else out).backward()
-                except Exception as exc:  # a target the kernels do not compile for: reported, not fatal
-                    error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-                base = dict(arch=arch.name, triton=triton.__version__, tool=tool, mode=mode, dtype=dtype, d=d,
-                            count_pairs=count)
-                for name, kernel, config, kwargs in compiled:
-                    key = (name, dtype, kernel.hash if hasattr(kernel, "hash") else id(kernel))
-                    if key in seen:  # one row per kernel variant, with every launch case that ran it
-                        if case not in seen[key]["cases"]:
-                            seen[key]["cases"].append(case)
-                        continue
-                    stats = _amd_stats(kernel, arch) if arch.vendor == "hip" else _nvidia_stats(kernel, arch)
-                    warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
-                    shared = kernel.metadata.shared
-                    row = dict(base, kernel=name, config=config, num_warps=warps, shared_bytes=shared,
-                               shared_limit=arch.smem_per_block, needs_matrix=dtype != "float32" and _uses_dot(kernel),
-                               needs_copy=bool(arch.copy_pattern) and name in COLUMN_TILE_KERNELS and stages > 1,
-                               ctas_per_sm=occupancy(arch, stats["registers"], warps, shared), ok=True, **stats)
-                    row["s_dot"] = (s_dot_instruction(kernel.asm.get("ttgir", ""), kwargs["BLOCK_N"], kwargs["BLOCK_M"],
-                                                      kwargs["BLOCK_D"]) if "BLOCK_M" in kwargs else "")
-                    row["cases"] = [case]
-                    row["problems"] = problems(row)
-                    rows.append(row)
-                    seen[key] = row
-                if error is not None:
-                    row = dict(base, kernel="(launch)", config="", ok=False, error=error)
-                    row["problems"] = problems(row)
-                    rows.append(row)
+            return inputs
+
+        def ms_step(inputs, count):
+            out = ms_fused.multi_similarity_loss(**inputs, backend="triton", return_stats=count)
+            (out[0] if count else out).backward()
+
+        def pair_step(inputs, name):  # a reference set holds the anchors' own copies: every pair-mask variant
+            x = inputs["embeddings"]
+            pair_weighting_loss(name, x, inputs["labels"], inputs.get("ref_emb"), inputs.get("ref_labels"),
+                                ref_self_index=None if "ref_emb" not in inputs else torch.arange(x.shape[0]) % inputs["ref_emb"].shape[0],
+                                backend="triton").backward()
+
+        launches = [(mode, n, m, d, dtype, count, lambda inputs, count=count: ms_step(inputs, count))
+                    for mode, n, m, d, dtype in COMPILE_CASES for count in (False, True)]
+        # the default kernels, and those that count mined pairs (return_stats); then each pair-weighting loss
+        launches += [(f"{mode} ({name})", n, m, d, dtype, False, lambda inputs, name=name: pair_step(inputs, name))
+                     for mode, n, m, d, dtype in PAIR_COMPILE_CASES for name in PAIR_LOSS_NAMES]
+        for mode, n, m, d, dtype, count, step in launches:
+            case = f"{mode}, {dtype}, N = {n}, M = {m}, D = {d}, pairs counted: {count}"
+            compiled.clear()
+            error = None
+            try:
+                step(inputs_of(mode.split(" ")[0], n, m, d, dtype))
+            except Exception as exc:  # a target the kernels do not compile for: reported, not fatal
+                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            base = dict(arch=arch.name, triton=triton.__version__, tool=tool, mode=mode, dtype=dtype, d=d,
+                        count_pairs=count)
+            for name, kernel, config, kwargs in compiled:
+                key = (name, dtype, kernel.hash if hasattr(kernel, "hash") else id(kernel))
+                if key in seen:  # one row per kernel variant, with every launch case that ran it
+                    if case not in seen[key]["cases"]:
+                        seen[key]["cases"].append(case)
+                    continue
+                stats = _amd_stats(kernel, arch) if arch.vendor == "hip" else _nvidia_stats(kernel, arch)
+                warps, stages = kernel.metadata.num_warps, kernel.metadata.num_stages
+                shared = kernel.metadata.shared
+                row = dict(base, kernel=name, config=config, num_warps=warps, shared_bytes=shared,
+                           shared_limit=arch.smem_per_block, needs_matrix=dtype != "float32" and _uses_dot(kernel),
+                           needs_copy=bool(arch.copy_pattern) and name in COLUMN_TILE_KERNELS and stages > 1,
+                           ctas_per_sm=occupancy(arch, stats["registers"], warps, shared), ok=True, **stats)
+                row["s_dot"] = (s_dot_instruction(kernel.asm.get("ttgir", ""), kwargs["BLOCK_N"], kwargs["BLOCK_M"],
+                                                  kwargs["BLOCK_D"]) if "BLOCK_M" in kwargs else "")
+                row["cases"] = [case]
+                row["problems"] = problems(row)
+                rows.append(row)
+                seen[key] = row
+            if error is not None:
+                row = dict(base, kernel="(launch)", config="", ok=False, error=error)
+                row["problems"] = problems(row)
+                rows.append(row)
     return rows
 
 

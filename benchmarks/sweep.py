@@ -99,7 +99,8 @@ for _loss in impls.PAIR_LOSSES:
                                    + _goals("ms_fused:cpp", "memory_vs_pml", 10, _vs_pml_n)
                                    + _goals("ms_fused:cpp", "time_per_mm", 2.5, (8192,)))
     PRESETS[("cuda", _loss)] = dict(loss=_loss, n=[1024, 4096, 16384, 32768], d=[128], dtypes=["float32"],
-                                    modes=["forward_backward"], impls=["ms_fused:torch", "pml", "mm"], loop_max_n=0,
+                                    modes=["forward_backward"],
+                                    impls=["ms_fused:triton", "ms_fused:torch", "pml", "mm"], loop_max_n=0,
                                     timeout_s=60, target_s=0.2, min_repeats=3, max_repeats=10, warmup=2)
 PRESET_NAMES = tuple(dict.fromkeys(name for _, name in PRESETS))  # quick, full, goals, floor, bank
 # no record starts with less than this before the global deadline
