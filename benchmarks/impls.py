@@ -303,11 +303,11 @@ _PML_NTXENT_BYTES_PER_ENTRY = 16
 
 
 def estimated_peak_bytes(impl: str, n: int, d: int, dtype: torch.dtype, memory: Optional[int] = None,
-                         loss: str = "ms") -> int:
+                         loss: str = "ms", samples_per_class: int = SAMPLES_PER_CLASS) -> int:
     if loss != "ms" and impl == "pml":
         m = memory or n
         if loss == "ntxent":
-            return int(_PML_NTXENT_BYTES_PER_ENTRY * n * (SAMPLES_PER_CLASS - 1) * n * m) + 8 * n * d * 4
+            return int(_PML_NTXENT_BYTES_PER_ENTRY * n * (samples_per_class - 1) * n * m) + 8 * n * d * 4
         return int(_PML_PAIR_BYTES[loss] * n * m) + 8 * n * d * 4
     if memory:  # a memory-bank step: N x M pairs, and the memory itself
         per_pair = _BYTES_PER_PAIR.get(impl, 0)

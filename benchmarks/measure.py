@@ -111,7 +111,8 @@ def _inputs(spec: dict, n: int, device: torch.device, yardstick: bool, m: Option
         x, y, memory, memory_labels, ref_self_index = impls.make_memory_bank(
             n, m or spec["memory"], spec["d"], dtype, device, seed=spec.get("seed", 0))
         return x.requires_grad_(not yardstick), y, (memory, memory_labels, ref_self_index)
-    x, y = impls.make_batch(n, spec["d"], dtype, device, seed=spec.get("seed", 0))
+    x, y = impls.make_batch(n, spec["d"], dtype, device, seed=spec.get("seed", 0),
+                            samples_per_class=spec.get("samples_per_class", impls.SAMPLES_PER_CLASS))
     return x.requires_grad_(not yardstick), y, None
 
 

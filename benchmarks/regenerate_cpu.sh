@@ -4,7 +4,8 @@
 #   goals     run.py --preset goals                     ~4 min    benchmarks/results/cpu/goals/
 #   floor     run.py --preset floor                     ~1 min    benchmarks/results/cpu/floor/
 #   bank      run.py --preset bank                      ~2 min    benchmarks/results/cpu/bank/
-#   supcon, ntxent, circle: run.py --preset <loss>      ~5 min each  benchmarks/results/cpu/<loss>/
+#   supcon, ntxent, circle: run.py --preset <loss>      ~8 min each  benchmarks/results/cpu/<loss>/
+#   ntxent_views  run.py --preset ntxent_views           ~3 min    benchmarks/results/cpu/ntxent_views/
 #   quick     run.py --quick                            < 1 min   benchmarks/results/cpu/quick/
 #   full      run.py (the full sweep)                   ~15 min   benchmarks/results/cpu/
 #   kernels   kernel_stats.py (Triton work, no GPU)     ~3 min    benchmarks/results/kernel_stats.md
@@ -21,7 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 steps=("$@")
-(( ${#steps[@]} )) || steps=(goals floor bank supcon ntxent circle quick full kernels retrieval cached)
+(( ${#steps[@]} )) || steps=(goals floor bank supcon ntxent circle ntxent_views quick full kernels retrieval cached)
 wait_for_idle() {
     local cores waited=0
     cores=$(nproc)
@@ -34,7 +35,7 @@ for step in "${steps[@]}"; do
     wait_for_idle
     echo "== $step ($(date -u +%H:%M:%S) UTC, 1-minute load $(cut -d' ' -f1 /proc/loadavg))"
     case $step in
-        goals|floor|bank|supcon|ntxent|circle)
+        goals|floor|bank|supcon|ntxent|circle|ntxent_views)
             $PY benchmarks/run.py --preset "$step" --no-progress
             $PY benchmarks/report.py "benchmarks/results/cpu/$step/results.json" --readme README.md ;;
         quick)

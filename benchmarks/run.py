@@ -86,6 +86,7 @@ def settings_from(args, device: torch.device) -> dict:
     preset.setdefault("memory", None)
     preset.setdefault("goals", [])
     preset.setdefault("loss", "ms")
+    preset.setdefault("samples_per_class", impls.SAMPLES_PER_CLASS)
     preset.setdefault("impls", impls.all_impls(device))
     if args.mem_limit_gb is not None:
         preset["mem_limit_bytes"] = int(args.mem_limit_gb * 1e9)
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
     guard = sweep.Guard(device=device, mem_limit_bytes=settings["mem_limit_bytes"], timeout_s=settings["timeout_s"],
                         calls_per_record=settings["warmup"] + settings["min_repeats"],
                         loop_max_n=settings["loop_max_n"], deadline=deadline, memory=settings["memory"],
-                        loss=settings["loss"])
+                        loss=settings["loss"], samples_per_class=settings["samples_per_class"])
     agreement = [] if args.no_check else check_agreement(runner, device, settings["impls"], settings["timeout_s"],
                                                         args.threads, settings["loss"])
 
@@ -189,11 +190,12 @@ def main(argv=None) -> int:
         "complete": False,
         "environment": env["environment"],
         "settings": settings,
-        "batches": {"samples_per_class": impls.SAMPLES_PER_CLASS,
+        "batches": {"samples_per_class": settings["samples_per_class"],
                     "target_hard_negative_share": impls.TARGET_HARD_NEGATIVES,
                     "hyper_parameters": impls.HYPER_PARAMS if settings["loss"] == "ms" else pair_defaults(settings["loss"]),
                     # what the miner keeps of these batches, per D, measured on the CPU at N = 2048
-                    "hard_pair_share_at_2048": {str(d): impls.hard_pair_fractions(*impls.make_batch(2048, d, torch.float64, "cpu"))
+                    "hard_pair_share_at_2048": {str(d): impls.hard_pair_fractions(*impls.make_batch(
+                        2048, d, torch.float64, "cpu", samples_per_class=settings["samples_per_class"]))
                                                 for d in settings["d"]}},
         "agreement": agreement,
         "records": [],
@@ -212,7 +214,8 @@ def main(argv=None) -> int:
                             warmup=settings["warmup"], target_s=settings["target_s"],
                             min_repeats=settings["min_repeats"], max_repeats=settings["max_repeats"],
                             mem_cap_bytes=int(1.5 * settings["mem_limit_bytes"]), threads=args.threads,
-                            memory=settings["memory"], loss=settings["loss"])
+                            memory=settings["memory"], loss=settings["loss"],
+                            samples_per_class=settings["samples_per_class"])
                 allowed = guard.time_left()
                 result = runner.run(spec, allowed)
                 if result["status"] == TIMEOUT and allowed < settings["timeout_s"]:

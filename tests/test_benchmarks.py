@@ -69,6 +69,15 @@ def test_pair_loss_presets_time_ms_fused_against_pmls_loss(tmp_path, loss):
     assert f"Loss: **{report.LOSS_NAMES[loss]}**" in md
 
 
+@pytest.mark.slow
+def test_ntxent_views_preset_draws_two_rows_per_class(tmp_path):
+    pytest.importorskip("pytorch_metric_learning")
+    rc, doc, md = _sweep(tmp_path, "--preset", "ntxent_views", "--n", "48", "--d", "16")
+    assert rc == 0 and doc["settings"]["loss"] == "ntxent" and doc["batches"]["samples_per_class"] == 2
+    _assert_all_ran(doc, ["ms_fused:cpp", "ms_fused:torch", "pml", "mm"])
+    assert all(a["loss_rel_err"] < 1e-12 and a["grad_rel_err"] < 1e-12 for a in doc["agreement"])
+
+
 def _record(impl, n, ms, peak, status="ok", mode="forward_backward", d=128, dtype="float32"):
     return dict(impl=impl, n=n, d=d, dtype=dtype, mode=mode, status=status, median_ms=ms, peak_mb=peak)
 
