@@ -72,12 +72,13 @@ COMPILE_CASES = [
     # N large enough that no launch splits its columns: the variants a training-size batch runs
     ("self", 34000, 34000, 512, "bfloat16"), ("self", 34000, 34000, 512, "float16"), ("self", 34000, 34000, 512, "float32"),
 ]
-# the pair-weighting losses' kernel variants (triton_pair_kernels.py), for each loss: self mode in each dtype (and
-# bfloat16's widest resident D), a reference set with own copies and both gradients
+# the pair-weighting losses' kernel variants (triton_pair_kernels.py), for each loss: self mode in bfloat16 (at
+# D = 128 and at the widest resident D) and float32, a reference set with own copies and both gradients (float16
+# differs from bfloat16 by its scaled column tile only: checked clean by hand, left out of CI's time)
 PAIR_LOSS_NAMES = ("supcon", "ntxent", "circle")
 PAIR_COMPILE_CASES = [
     ("self", 300, 300, 128, "bfloat16"), ("self", 300, 300, 512, "bfloat16"), ("reference", 100, 90, 96, "bfloat16"),
-    ("self", 300, 300, 128, "float16"), ("self", 300, 300, 128, "float32"),
+    ("self", 300, 300, 128, "float32"),
 ]
 
 # ---- the roofline's rates --------------------------------------------------------------------------------

@@ -111,7 +111,9 @@ def test_triton_every_kernel_of_a_launch_computes_s_with_one_instruction(compile
     differing = [f"{case}: {kernels}" for case, kernels in by_case.items() if len(set(kernels.values())) > 1]
     assert not differing, f"S dots of one launch differ on {arch}:\n" + "\n".join(differing)
     assert all("several" not in r["s_dot"] for r in rows), "a kernel computes its S dots with two instructions"
-    assert all(set(kernels) >= {"sweep_kernel", "backward_kernel"} for kernels in by_case.values())
+    # each launch ran a forward sweep and a backward: the MS loss's, or a pair-weighting loss's
+    assert all(set(kernels) >= {"sweep_kernel", "backward_kernel"}
+               or set(kernels) >= {"pair_sweep_kernel", "pair_backward_kernel"} for kernels in by_case.values())
 
 
 @pytest.mark.parametrize("arch", WITH_ASYNC_COPIES)
@@ -121,7 +123,9 @@ def test_triton_column_tiles_are_copied_asynchronously(compiled, arch):
     D = 130 two; either way the pipeliner turns the column-tile loads into cp.async."""
     rows = [r for r in compiled[arch] if r.get("ok") and r["needs_copy"]]
     compiled_for = {(r["kernel"], r["d"]) for r in rows if r["dtype"] == "bfloat16"}
-    wanted = {(k, d) for k in COLUMN_TILE_KERNELS for d in (100, 130)}
+    # the odd D are the MS loss's cases; the pair-weighting kernels load through the same _column_tile and are
+    # held to their copies below wherever they are compiled
+    wanted = {(k, d) for k in COLUMN_TILE_KERNELS if not k.startswith("pair_") for d in (100, 130)}
     assert wanted <= compiled_for, f"not compiled, or not pipelined, on {arch}: {sorted(wanted - compiled_for)}"
     synchronous = [f"{_name(r)}: {r['async_copies']} asynchronous copies, {r['narrow_loads']} 2-byte loads"
                    for r in rows if not r["async_copies"] or r["narrow_loads"]]
