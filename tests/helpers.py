@@ -35,6 +35,17 @@ def clustered(n: int, d: int, n_classes: int, gen: torch.Generator, spread: floa
     return x, labels
 
 
+def fresh_clustered(n: int, d: int, n_classes: int, seed: int, m: Optional[int] = None):
+    """(x, y, r, yr): `clustered` rows, a fresh draw each run (`seed` offsets it), with m reference rows of the
+    same classes (r, yr None without m). For losses without mining thresholds, which any draw serves."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))) + seed)
+    x, y = clustered(n, d, n_classes, gen)
+    if m is None:
+        return x, y, None, None
+    r, yr = clustered(m, d, n_classes, gen)
+    return x, y, r, yr
+
+
 def threshold_gap(q, yq, r=None, yr=None, ref_self_index=None, epsilon: float = 0.1, normalize: bool = True) -> float:
     """Smallest distance (float64) between any S ± ε and the mining extreme it is compared with."""
     self_mode = r is None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ms_fused
-from helpers import TOLERANCE, clustered, rel_err
+from helpers import TOLERANCE, fresh_clustered, rel_err
 from ms_fused import torch_pair_engine
 from ms_fused._inputs import HyperParams, check_inputs
 from ms_fused.pair_api import pair_weighting_loss
@@ -15,13 +15,7 @@ from ms_fused.reference_pair_losses import PAIR_LOSSES
 MODULES = {"supcon": ms_fused.SupConLoss, "ntxent": ms_fused.NTXentLoss, "circle": ms_fused.CircleLoss}
 
 
-def fresh(n, d, classes, seed, m=None):
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))) + seed)
-    x, y = clustered(n, d, classes, gen)
-    if m is None:
-        return x, y, None, None
-    r, yr = clustered(m, d, classes, gen)
-    return x, y, r, yr
+fresh = fresh_clustered
 
 
 def grads_of(fn, x, r):

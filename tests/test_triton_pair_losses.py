@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backends_under_test import INTERPRETER_WARNINGS, triton_backend_or_skip
-from helpers import TOLERANCE, clustered, device_of, rel_err
+from helpers import TOLERANCE, device_of, fresh_clustered, rel_err
 from ms_fused import pair_losses, torch_pair_engine
 from ms_fused._inputs import HyperParams, check_inputs
 from ms_fused.pair_api import pair_weighting_loss
@@ -26,13 +26,7 @@ def on(t):
     return None if t is None else t.to(DEV)
 
 
-def batch(n, d, classes, seed, m=None):
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))) + seed)
-    x, y = clustered(n, d, classes, gen)
-    if m is None:
-        return x, y, None, None
-    r, yr = clustered(m, d, classes, gen)
-    return x, y, r, yr
+batch = fresh_clustered
 
 
 def loss_and_grads(name, backend, x, y, r, yr, weights, ref_self_index=None):
