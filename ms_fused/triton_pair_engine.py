@@ -119,7 +119,9 @@ class TritonPairLoss(torch.autograd.Function):
             per_anchor, stats, counts = _forward(plan, q_, q_ if r_ is None else r_, params)
         ctx.save_for_backward(q_, r_, stats)
         ctx.plan, ctx.loss, ctx.params = plan, loss, params
-        counts = counts.long()[:, torch.argsort(plan.anchors.perm.long())]  # input order
+        in_order = torch.empty((2, counts.shape[1]), dtype=torch.int64, device=counts.device)
+        in_order[:, plan.anchors.perm.long()] = counts.long()  # sorted position k is input row perm[k]
+        counts = in_order
         ctx.mark_non_differentiable(counts)
         return per_anchor, counts
 
