@@ -60,7 +60,7 @@ inline constexpr T kInverseFactorial = T(1) / factorial<T>(K);
 template <typename T, int Degree>
 MS_FUSED_INLINE T exp_taylor(T r) {
   T p = kInverseFactorial<T, Degree>;
-  [&]<int... K>(std::integer_sequence<int, K...>) {
+  [&]<int... K>(std::integer_sequence<int, K...>) __attribute__((always_inline)) {  // else GCC may call it per lane
     ((p = p * r + kInverseFactorial<T, Degree - 1 - K>), ...);
   }(std::make_integer_sequence<int, Degree>{});
   return p;
