@@ -1,9 +1,9 @@
 // CPU kernels of ms_fused::pair_forward / ms_fused::pair_backward (schemas in csrc/ms_fused_ops.cpp): SupCon,
-// NT-Xent and Circle loss on the row blocks of blocks.h. Each block's similarities come from one ATen product
-// into a per-thread (rows x M) buffer; the loss's row pass (pair_rows.h) gives each anchor's loss and statistics,
-// and in the backward turns the recomputed row into g_i d l_i / d S_ij in place, which two products multiply back
-// (G R for the anchors, G^T Q for the reference rows; in self mode both reach the one input). Scratch memory is
-// O(rows x M); nothing N x M is ever allocated.
+// NT-Xent and Circle loss. Self mode runs the upper triangle of the symmetric S (pair_self_mode.h); against a
+// reference set, the row blocks of blocks.h: each block's similarities come from one ATen product into a
+// per-thread (rows x M) buffer; the loss's row pass (pair_rows.h) gives each anchor's loss and statistics, and in
+// the backward turns the recomputed row into g_i d l_i / d S_ij in place, which two products multiply back (G R
+// for the anchors, G^T Q for the reference rows). Scratch memory is O(rows x M); nothing N x M is ever allocated.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,6 +14,7 @@
 #include "blocks.h"
 #include "openmp.h"
 #include "pair_rows.h"
+#include "pair_self_mode.h"
 
 namespace ms_fused::cpu {
 namespace {
@@ -24,9 +25,8 @@ PairParams<T> params(int64_t loss, double p0, double p1) {
   return {static_cast<PairLoss>(loss), static_cast<T>(p0), static_cast<T>(p1)};
 }
 
-// the column of anchor i's own copy: i in self mode, ref_self_index[i] (or -1) against a reference set
+// the column of anchor i's own copy against a reference set: ref_self_index[i], or -1
 int32_t own_column(const Inputs& in, int64_t i) {
-  if (in.self_mode) return static_cast<int32_t>(i);
   return in.ref_self_index ? static_cast<int32_t>(in.ref_self_index->data_ptr<int64_t>()[i]) : -1;
 }
 
@@ -47,6 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_forward_cpu(
     scalar_t* loss_out = loss.data_ptr<scalar_t>();
     scalar_t* st = stats.data_ptr<scalar_t>();
     int64_t* pairs = counts.data_ptr<int64_t>();
+    if (in.self_mode) return pair_self_forward<scalar_t>(in.q, in.q_ids, p, loss_out, st, pairs);
     for_each_block(row_blocks(n, m, sizeof(scalar_t)), m, in.q.options(), /*spread=*/true,
                    [&](int64_t start, int64_t count, at::Tensor sim) {
       scores(sim, in.q.narrow(0, start, count), in.r);
@@ -67,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pair_forward_cpu(
   return {loss, stats, counts};
 }
 
-// dq = G R (plus G^T Q in self mode, where R = Q) and dr = G^T Q, recomputing the forward's similarities. Blocks
-// that add to a shared dR run in turn (parallel inside); with dq alone they are spread over the threads.
+// Self mode: the triangle's backward. Else dq = G R and dr = G^T Q, recomputing the forward's similarities.
+// Blocks that add to a shared dR run in turn (parallel inside); with dq alone they are spread over the threads.
 std::tuple<at::Tensor, at::Tensor> pair_backward_cpu(
     const at::Tensor& grad, const at::Tensor& q_hat, const std::optional<at::Tensor>& r_hat, const at::Tensor& labels,
     const std::optional<at::Tensor>& ref_labels, const std::optional<at::Tensor>& ref_self_index,
@@ -81,22 +82,26 @@ std::tuple<at::Tensor, at::Tensor> pair_backward_cpu(
               "ms_fused: stats must have shape (", kPairStats, ", ", n, ")");
   const at::Tensor g = grad.to(in.q.scalar_type()).contiguous();
   const at::Tensor st = stats.to(in.q.scalar_type()).contiguous();
-  const bool self_mode = in.self_mode;
-  need_r = need_r && !self_mode;
+  need_r = need_r && !in.self_mode;  // in self mode the one input gets the whole gradient through q
   TORCH_CHECK(!need_r || in.r.scalar_type() == in.q.scalar_type(),
               "ms_fused: a gradient for r_hat needs r_hat in the dtype of q_hat");
   at::Tensor dq = need_q ? at::empty_like(in.q) : at::empty({0}, in.q.options());
   at::Tensor dr = need_r ? at::zeros_like(in.r) : at::empty({0}, in.q.options());
   if (!need_q && !need_r) return {dq, dr};
-  at::Tensor dcols = self_mode ? at::zeros_like(in.q) : dr;  // G^T Q: dr, or in self mode the second half of dq
-  const bool with_cols = self_mode || need_r;
+  if (in.self_mode) {
+    AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "pair_self_backward_cpu", [&] {
+      pair_self_backward<scalar_t>(in.q, in.q_ids, params<scalar_t>(loss_id, p0, p1), g.data_ptr<scalar_t>(),
+                                   st.data_ptr<scalar_t>(), dq);
+    });
+    return {dq, dr};
+  }
   AT_DISPATCH_FLOATING_TYPES(in.q.scalar_type(), "pair_backward_cpu", [&] {
     const PairParams<scalar_t> p = params<scalar_t>(loss_id, p0, p1);
     const int32_t* q_ids = in.q_ids.data_ptr<int32_t>();
     const int32_t* r_ids = in.r_ids.data_ptr<int32_t>();
     const scalar_t* gv = g.data_ptr<scalar_t>();
     const scalar_t* sv = st.data_ptr<scalar_t>();
-    for_each_block(row_blocks(n, m, sizeof(scalar_t)), m, in.q.options(), /*spread=*/!with_cols,
+    for_each_block(row_blocks(n, m, sizeof(scalar_t)), m, in.q.options(), /*spread=*/!need_r,
                    [&](int64_t start, int64_t count, at::Tensor sim) {
       const at::Tensor q_block = in.q.narrow(0, start, count);
       scores(sim, q_block, in.r);  // the forward's product again
@@ -111,10 +116,9 @@ std::tuple<at::Tensor, at::Tensor> pair_backward_cpu(
         at::Tensor dq_block = dq.narrow(0, start, count);
         times(dq_block, sim, in.r);
       }
-      if (with_cols) dcols.addmm_(sim.t(), q_block);
+      if (need_r) dr.addmm_(sim.t(), q_block);
     });
   });
-  if (self_mode && need_q) dq.add_(dcols);
   return {dq, dr};
 }
 

@@ -1,5 +1,5 @@
 // Per-row passes of the pair-weighting losses (docs/semantics.md "Pair-weighting losses"): SupCon, NT-Xent and
-// Circle loss, each one struct of pair_rows.cpp (its logits, its per-anchor loss and statistics, its pair weights)
+// Circle loss, each one struct of pair_losses.h (its logits, its per-anchor loss and statistics, its pair weights)
 // run by one generic row pass. Plain C++ over raw pointers like row_kernels.h, compiled once per ISA variant.
 //
 // A row is anchor i's similarities s[0..m) to the reference rows; column j is a positive when its label id
