@@ -75,6 +75,40 @@ def test_cpp_over_several_row_blocks_equals_the_reference(name, mode):
         assert rel_err(g, g_ref) <= 1e-10
 
 
+# hyper-parameters whose per-anchor log-sum-exps lie within the shared-exp range of float64 (500), and ones that
+# spread them wider (S/t over [-1/t, 1/t]; Circle's positive logits reach about 4.4 gamma)
+SPREADS = {"supcon": [{}, {"temperature": 0.0002}], "ntxent": [{}, {"temperature": 0.0002}],
+           "circle": [{}, {"gamma": 1000.0}]}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("sizes", [(350, 350), (200, 7, 1, 90, 232), (30, 30, 30)])
+@pytest.mark.parametrize("name", PAIR_LOSSES)
+def test_cpp_self_mode_triangle_at_every_thread_count(name, sizes, threads):
+    """Self mode runs the upper triangle of S (csrc/cpu/pair_self_mode.cpp): rows in label order, tiles in rounds
+    cut by the thread count (an odd block count sitting out: 90 rows), classes larger than a tile, one exp per
+    pair shared by its two anchors where their shifts are close and two where not; float64 against the dense
+    reference, and the same thread count repeats the bits."""
+    n = sum(sizes)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))) + threads)
+    y = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))[torch.randperm(n, generator=gen)]
+    x = torch.randn(len(sizes), 12, generator=gen, dtype=torch.float64)[y] + torch.randn(n, 12, generator=gen,
+                                                                                       dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for options in SPREADS[name]:
+            step = lambda a, b, backend: pair_weighting_loss(name, a, y, backend=backend, reduction="none",
+                                                             **options) @ torch.linspace(0.5, 1.5, n).double()
+            out = grads_of(lambda a, b: step(a, b, "cpp"), x, None)
+            ref = grads_of(lambda a, b: step(a, b, "reference"), x, None)
+            assert rel_err(out[0], ref[0]) <= 1e-10 and rel_err(out[1][0], ref[1][0]) <= 1e-10
+            again = grads_of(lambda a, b: step(a, b, "cpp"), x, None)
+            assert torch.equal(out[0], again[0]) and torch.equal(out[1][0], again[1][0])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("name", PAIR_LOSSES)
