@@ -53,7 +53,7 @@ def clustered(n: int, d: int, spread: float, seed: int, device="cpu", samples_pe
 
 def hard_pair_fractions(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
     """Share of the positive and of the negative pairs that the miner keeps (float64, self mode)."""
-    from ms_fused._inputs import HyperParams
+    from ms_fused.engine._inputs import HyperParams
     from ms_fused.reference import mined_masks, pair_masks
 
     xn = F.normalize(x.double(), dim=1)
@@ -233,7 +233,7 @@ def mm_yardstick(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
 def ms_fused_backends(device: torch.device) -> List[str]:
     """The package's backends on `device` at run time, less the dense oracle and interpreted Triton."""
     import ms_fused
-    from ms_fused.backends import REFERENCE, TRITON
+    from ms_fused.engine.backends import REFERENCE, TRITON
 
     names = [b for b in ms_fused.available_backends(device) if b != REFERENCE]
     if device.type != "cuda":
@@ -263,7 +263,7 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, memo
     if memory and impl in BASELINES and impl not in BANK_BASELINES:
         return f"{impl} has no memory-bank form"
     if impl.startswith("ms_fused:"):
-        from ms_fused.backends import unavailable_reason as backend_reason
+        from ms_fused.engine.backends import unavailable_reason as backend_reason
 
         return backend_reason(impl.split(":", 1)[1], device, dtype)
     if impl == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:

@@ -1,11 +1,11 @@
 """ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (docs/semantics.md is the contract)."""
 from .api import multi_similarity_loss
-from .backends import available_backends
+from .engine.backends import available_backends
 from .cached import cached_backward
 from .module import MultiSimilarityLoss
 from .pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
 from . import retrieval
-from .stats import PairStats
+from .engine.stats import PairStats
 from .xbm import CrossBatchMemory
 
 __all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory", "retrieval",

@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from ._inputs import check_labels
+from .engine._inputs import check_labels
 from .module import MultiSimilarityLoss
 
 _BN_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()

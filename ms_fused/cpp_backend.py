@@ -18,10 +18,10 @@ from typing import Optional
 
 import torch
 
-from ._autograd import N_STATS, fused_backward
-from ._inputs import Problem
-from ._jit_lock import guarded_build
-from ._once import once
+from .engine._autograd import N_STATS, fused_backward
+from .engine._inputs import Problem
+from .engine._jit_lock import guarded_build
+from .engine._once import once
 from .torch_backend import normalized_inputs
 
 N_PAIR_STATS = 2  # rows of the pair-weighting ops' statistics (kPairStats in csrc/cpu/pair_rows.h)

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from ._autograd import fused_backward
-from ._inputs import Problem
+from .engine._autograd import fused_backward
+from .engine._inputs import Problem
 from . import cpp_backend
 from .torch_backend import normalized_inputs
 

@@ -25,8 +25,8 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from . import backends
-from ._inputs import FLOAT_DTYPES, check_labels, check_reduction, compute_dtype, refuse_indices_tuple
+from .engine import backends
+from .engine._inputs import FLOAT_DTYPES, check_labels, check_reduction, compute_dtype, refuse_indices_tuple
 from .api import multi_similarity_loss as _local_loss
 from .module import MultiSimilarityLoss
 from .pair_api import check_pair_backend, pair_weighting_loss as _local_pair_loss, reduction_terms

@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._autograd import autocast_off
-from ._inputs import HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple, ALL_PAIRS
+from .engine._autograd import autocast_off
+from .engine._inputs import HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple, ALL_PAIRS
 from .pair_losses import LOSSES
 from .reference_pair_losses import pair_loss as reference_pair_loss
-from . import backends, cpp_pair_engine, torch_pair_engine
+from .engine import backends
+from . import cpp_pair_engine, torch_pair_engine
 
 PAIR_BACKENDS = ("triton", "cpp", "torch", "reference")
 

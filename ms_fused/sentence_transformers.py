@@ -43,7 +43,7 @@ from torch import nn
 from .cached import ChunkedPasses
 from .module import MultiSimilarityLoss as _MSLoss
 from .pair_api import CircleLoss as _CircleLoss, SupConLoss as _SupConLoss
-from .stats import PairStats
+from .engine.stats import PairStats
 
 __all__ = ["MultiSimilarityLoss", "CachedMultiSimilarityLoss", "SupConLoss", "CachedSupConLoss", "CircleLoss",
            "CachedCircleLoss", "MiningStatsCallback"]

@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from ._autograd import fused_backward
-from ._inputs import Problem
+from .engine._autograd import fused_backward
+from .engine._inputs import Problem
 from .torch_backend import DEFAULT_CHUNK_BYTES, _pair_masks, _scores, _times, chunk_rows, normalized_inputs
 
 # live (chunk x M) temporaries in the worst step: S, z, exp terms, G in the float type plus ~4 bool masks

@@ -22,8 +22,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
-from ._inputs import HyperParams, Problem
+from .engine._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
+from .engine._inputs import HyperParams, Problem
 
 try:
     import triton

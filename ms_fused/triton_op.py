@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from . import triton_backend as tb
-from ._autograd import N_STATS, fused_backward
-from ._inputs import HyperParams, Problem
+from .engine._autograd import N_STATS, fused_backward
+from .engine._inputs import HyperParams, Problem
 
 # rows of the forward's packed plan tensors (one column per anchor, or per reference row)
 PERM, LABELS, BAND_LO, BAND_HI, OWN_COLUMN, BAD = range(6)   # int32

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 
 from . import triton_backend as tb
-from ._autograd import fused_backward
-from ._inputs import HyperParams, Problem
+from .engine._autograd import fused_backward
+from .engine._inputs import HyperParams, Problem
 
 try:
     import triton

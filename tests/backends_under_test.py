@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from helpers import device_of
-from ms_fused import available_backends, backends
+from ms_fused import available_backends
+from ms_fused.engine import backends
 
 ALL_BACKENDS = backends.BACKEND_NAMES
 # the CPU backends that the larger parity tests run on: every built one except the slow interpreted triton

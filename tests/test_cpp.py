@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from helpers import (Tol, assert_close, assert_matches_reference, clustered_batch, loss_and_grads,
                      memory_bank_batch, rel_err, threshold_gap)
-from ms_fused import backends, multi_similarity_loss
+from ms_fused.engine import backends
+from ms_fused import multi_similarity_loss
 
 CPU = torch.device("cpu")
 if os.environ.get("MS_FUSED_NO_CPP") == "1":
@@ -214,7 +215,7 @@ def _sparsely_mined_batch(n, d, spread, seed, margin):
 
 def _mined_negative_share(x, y):
     """The share of negative pairs that either anchor mines: the nonzeros of a sweep tile's G + G^T."""
-    from ms_fused._inputs import HyperParams
+    from ms_fused.engine._inputs import HyperParams
     from ms_fused.reference import mined_masks, pair_masks
 
     xn = F.normalize(x.double(), dim=1)

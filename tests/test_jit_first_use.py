@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ms_fused import _jit_lock
+from ms_fused.engine import _jit_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a build: 25-50 s on 2 idle cores (issue 31), 7.6 minutes on the same 2 cores under a load average of 10

@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from ms_fused import _jit_lock, cpp_backend
+from ms_fused.engine import _jit_lock
+from ms_fused import cpp_backend
 
 pytestmark = pytest.mark.skipif(_jit_lock.fcntl is None, reason="no fcntl.flock on this platform")
 

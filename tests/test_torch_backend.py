@@ -9,7 +9,7 @@ import torch
 
 from helpers import Tol, assert_close, assert_matches_reference, clustered_batch, loss_and_grads, rel_err
 from ms_fused import multi_similarity_loss
-from ms_fused._inputs import HyperParams, check_inputs
+from ms_fused.engine._inputs import HyperParams, check_inputs
 from ms_fused import torch_backend
 
 # float32 against the float32 reference (same rounded inputs, both float32 GEMMs): this backend's own

@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from backends_under_test import INTERPRETER_WARNINGS, triton_backend_or_skip
 from helpers import assert_matches_reference, clustered_batch, loss_and_grads, memory_bank_batch, rel_err, threshold_gap
 from ms_fused import multi_similarity_loss
-from ms_fused._inputs import HyperParams, check_inputs
+from ms_fused.engine._inputs import HyperParams, check_inputs
 
 triton_backend = triton_backend_or_skip()
 pytestmark = INTERPRETER_WARNINGS
@@ -425,7 +425,7 @@ def fake_gpu(monkeypatch, arch):
 
 
 def test_auto_takes_torch_where_triton_has_no_tensor_cores(monkeypatch):
-    from ms_fused import backends
+    from ms_fused.engine import backends
     fake_gpu(monkeypatch, "sm_75")
     cuda = torch.device("cuda")
     assert backends.resolve("auto", cuda, torch.float16).__name__ == "ms_fused.torch_backend"
@@ -441,7 +441,7 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
     "auto" passes it to torch and backend="triton" still runs there."""
     import kernel_stats
 
-    from ms_fused import backends
+    from ms_fused.engine import backends
     assert f"sm_{triton_backend.NEWEST_COMPILED_CC}" in kernel_stats.ARCHS
     cuda = torch.device("cuda")
     fake_gpu(monkeypatch, "sm_100")
@@ -464,7 +464,7 @@ def test_triton_older_than_the_compiled_release_is_refused(monkeypatch):
     """The kernels are compiled and tested with Triton 3.6 and newer (setup.py's extra asks for it); an older
     Triton makes the backend unavailable, with both versions in the reason; the resident D = 512
     configurations are bfloat16's under the checked Tritons (3.9: only with one exp2 per pair)."""
-    from ms_fused import backends
+    from ms_fused.engine import backends
     monkeypatch.setattr(triton_backend.triton, "__version__", "3.5.1")
     reason = triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32)
     assert reason is not None and "3.5.1" in reason and "3.6" in reason
