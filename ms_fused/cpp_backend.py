@@ -22,7 +22,7 @@ from .engine._autograd import N_STATS, fused_backward
 from .engine._inputs import Problem
 from .engine._jit_lock import guarded_build
 from .engine._once import once
-from .torch_backend import normalized_inputs
+from .engine.torch.backend import normalized_inputs
 
 N_PAIR_STATS = 2  # rows of the pair-weighting ops' statistics (kPairStats in csrc/cpu/pair_rows.h)
 

@@ -848,7 +848,7 @@ def _fallback_warning(exc: Exception) -> None:
 
 def _torch_gradients(problem: Problem, g: torch.Tensor, needs: tuple) -> tuple:
     """(dq, dr) from the torch backend, for when no triton configuration launches."""
-    from . import torch_backend
+    from .engine.torch import backend as torch_backend
     return torch_backend.gradients(problem, g, needs)
 
 

@@ -105,7 +105,7 @@ def forward_impl(q: Tensor, r: Optional[Tensor], labels: Tensor, ref_labels: Opt
         except tb.NoConfigurationFits as exc:
             tb._fallback_warning(exc)
             _LAUNCHED[key] = None
-            from . import torch_backend
+            from .engine.torch import backend as torch_backend
             with torch.no_grad():
                 loss, counts = torch_backend.per_anchor_loss(
                     _problem(q, r, labels, ref_labels, ref_self_index, hp, ref_normalized), count_pairs=True)

@@ -6,7 +6,7 @@ import torch
 
 import ms_fused
 from helpers import TOLERANCE, fresh_clustered, rel_err
-from ms_fused import torch_pair_engine
+from ms_fused.engine.torch import pair_engine as torch_pair_engine
 from ms_fused.engine._inputs import HyperParams, check_inputs
 from ms_fused.pair_api import pair_weighting_loss
 from ms_fused.pair_losses import LOSSES

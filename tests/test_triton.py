@@ -428,7 +428,7 @@ def test_auto_takes_torch_where_triton_has_no_tensor_cores(monkeypatch):
     from ms_fused.engine import backends
     fake_gpu(monkeypatch, "sm_75")
     cuda = torch.device("cuda")
-    assert backends.resolve("auto", cuda, torch.float16).__name__ == "ms_fused.torch_backend"
+    assert backends.resolve("auto", cuda, torch.float16).__name__ == "ms_fused.engine.torch.backend"
     assert backends.resolve("triton", cuda, torch.float16).__name__ == "ms_fused.triton_backend"
     with pytest.raises(ValueError, match="float16 and float32"):
         backends.resolve("triton", cuda, torch.bfloat16)
@@ -451,12 +451,12 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
     # under Triton 3.6 sm_100 compiles with a few bytes of spills: "auto" takes torch there
     monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 6))
     assert "sm_90" in triton_backend.auto_skip_reason(cuda)
-    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.torch_backend"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.torch.backend"
     monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 9))
     for arch in ("sm_103", "sm_120"):
         fake_gpu(monkeypatch, arch)
         assert arch in triton_backend.auto_skip_reason(cuda) and "sm_100" in triton_backend.auto_skip_reason(cuda)
-        assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.torch_backend"
+        assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.torch.backend"
         assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
 
 

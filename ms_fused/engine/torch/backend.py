@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .engine._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows, fused_backward
-from .engine._inputs import HyperParams, Problem, compute_dtype
+from .._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows, fused_backward
+from .._inputs import HyperParams, Problem, compute_dtype
 
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from .engine._autograd import fused_backward
-from .engine._inputs import Problem
-from .torch_backend import DEFAULT_CHUNK_BYTES, _pair_masks, _scores, _times, chunk_rows, normalized_inputs
+from .._autograd import fused_backward
+from .._inputs import Problem
+from .backend import DEFAULT_CHUNK_BYTES, _pair_masks, _scores, _times, chunk_rows, normalized_inputs
 
 # live (chunk x M) temporaries in the worst step: S, z, exp terms, G in the float type plus ~4 bool masks
 _FLOAT_TEMPS, _BOOL_TEMPS = 5, 4
