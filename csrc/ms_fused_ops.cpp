@@ -13,7 +13,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(ms_fused, m) {
-  m.set_python_module("ms_fused.cpp_backend");
+  m.set_python_module("ms_fused.engine.cpp.backend");
   m.def(
       "ms_forward(Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, Tensor? ref_self_index, "
       "float alpha, float beta, float base, float epsilon, bool mining, bool unit_q_grad=False) -> "

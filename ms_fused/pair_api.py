@@ -16,7 +16,7 @@ from .engine._inputs import HyperParams, check_backend_name, check_inputs, check
 from .pair_losses import LOSSES
 from .reference_pair_losses import pair_loss as reference_pair_loss
 from .engine import backends
-from . import cpp_pair_engine
+from .engine.cpp import pair_engine as cpp_pair_engine
 from .engine.torch import pair_engine as torch_pair_engine
 
 PAIR_BACKENDS = ("triton", "cpp", "torch", "reference")

@@ -29,7 +29,7 @@ HP = (2.0, 50.0, 0.5, 0.1, True)  # alpha, beta, base, epsilon, mining as the op
 def test_extension_is_built_and_auto_picks_it():
     # CI builds the extension from scratch; a silently failed build must fail here, not skip the module
     assert backends.unavailable_reason("cpp", CPU) is None
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert backends.resolve("auto", CPU, dtype) is cpp_backend
@@ -432,7 +432,7 @@ def test_compile_fullgraph(backend, reference_mode):
 # ---- fallback when the extension is missing ------------------------------------------------------------
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     import ms_fused
 
@@ -490,7 +490,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 PARITY_ON_VARIANT = textwrap.dedent("""
     import torch
     import test_cpp as t
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
     print(cpp_backend.cpu_capability())
     t.test_self_mode_float64(0, 37, 5, 4)
     t.test_self_mode_float32(False, 150, 10)
@@ -515,7 +515,7 @@ PARITY_ON_VARIANT = textwrap.dedent("""
 def test_default_variant_is_the_widest_the_cpu_runs():
     if "ATEN_CPU_CAPABILITY" in os.environ:
         pytest.skip("ATEN_CPU_CAPABILITY is set")
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     # torch makes the same choice for its own kernels (AVX512 / AVX2 / DEFAULT)
     assert cpp_backend.cpu_capability() == torch.backends.cpu.get_cpu_capability().lower()
@@ -525,7 +525,7 @@ def test_default_variant_is_the_widest_the_cpu_runs():
 def variant_runs():
     """One process per variant this CPU can run (every one up to the widest), all started at once:
     variant -> (stdout, stderr, return code)."""
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     runnable = VARIANTS[: VARIANTS.index(cpp_backend.cpu_capability()) + 1]
     procs = {v: subprocess.Popen([sys.executable, "-c", PARITY_ON_VARIANT], cwd=TESTS_DIR, text=True,

@@ -26,7 +26,7 @@ FIRST_USE = r"""
 import sys
 sys.modules["ms_fused._C"] = None  # no compiled extension, as after `pip install .`: the JIT path
 import time, torch, ms_fused
-from ms_fused import cpp_backend
+from ms_fused.engine.cpp import backend as cpp_backend
 t0 = time.monotonic()
 reason = cpp_backend.unavailable_reason(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ms_fused.engine import _jit_lock
-from ms_fused import cpp_backend
+from ms_fused.engine.cpp import backend as cpp_backend
 
 pytestmark = pytest.mark.skipif(_jit_lock.fcntl is None, reason="no fcntl.flock on this platform")
 

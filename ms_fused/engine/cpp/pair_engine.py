@@ -7,10 +7,10 @@ from typing import Optional
 
 import torch
 
-from .engine._autograd import fused_backward
-from .engine._inputs import Problem
-from . import cpp_backend
-from .engine.torch.backend import normalized_inputs
+from .._autograd import fused_backward
+from .._inputs import Problem
+from . import backend as cpp_backend
+from ..torch.backend import normalized_inputs
 
 _LOSS_IDS = {"supcon": 0, "ntxent": 1, "circle": 2}  # PairLoss in csrc/cpu/pair_rows.h
 _registered = False
