@@ -305,7 +305,7 @@ class _SplitPlan:
         import torch
         import triton
 
-        from ms_fused import triton_backend as tb
+        from ms_fused.engine.triton import backend as tb
         real = self.real = tb.column_splits
         plan = self
 
@@ -335,7 +335,7 @@ class _SplitPlan:
         return self
 
     def __exit__(self, *exc):
-        from ms_fused import triton_backend as tb
+        from ms_fused.engine.triton import backend as tb
         tb.column_splits = self.real
 
 
@@ -650,7 +650,7 @@ def stub_compiler(arch_name: str):
         return kernel
 
     jitmod.JITFunction.run = compile_only
-    from ms_fused import triton_backend as tb
+    from ms_fused.engine.triton import backend as tb
 
     real_reason = tb.unavailable_reason
     # CPU tensors stand in for GPU ones: nothing runs, the launches only compile

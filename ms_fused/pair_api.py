@@ -105,7 +105,7 @@ def loss_value(loss, embeddings, labels, ref_emb, ref_labels, reduction: str, ba
 
 
 def _triton_engine():
-    from . import triton_pair_engine  # imports triton: only when asked for
+    from .engine.triton import pair_engine as triton_pair_engine  # imports triton: only when asked for
     return triton_pair_engine
 
 

@@ -318,7 +318,7 @@ if triton_backend.kernels is not None:
     import triton
     import triton.language as tl
 
-    from ms_fused import triton_kernels as K
+    from ms_fused.engine.triton import ms_kernels as K
 
     @triton.jit
     def s_tiles_kernel(a_ptr, a_perm_ptr, inv_a_ptr, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, out_ptr, sink_ptr,
@@ -429,11 +429,11 @@ def test_auto_takes_torch_where_triton_has_no_tensor_cores(monkeypatch):
     fake_gpu(monkeypatch, "sm_75")
     cuda = torch.device("cuda")
     assert backends.resolve("auto", cuda, torch.float16).__name__ == "ms_fused.engine.torch.backend"
-    assert backends.resolve("triton", cuda, torch.float16).__name__ == "ms_fused.triton_backend"
+    assert backends.resolve("triton", cuda, torch.float16).__name__ == "ms_fused.engine.triton.backend"
     with pytest.raises(ValueError, match="float16 and float32"):
         backends.resolve("triton", cuda, torch.bfloat16)
     fake_gpu(monkeypatch, "sm_80")
-    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.triton.backend"
 
 
 def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
@@ -447,7 +447,7 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
     fake_gpu(monkeypatch, "sm_100")
     assert triton_backend.arch_family("sm_100") == "hopper"
     monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 9))
-    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.triton.backend"
     # under Triton 3.6 sm_100 compiles with a few bytes of spills: "auto" takes torch there
     monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 6))
     assert "sm_90" in triton_backend.auto_skip_reason(cuda)
@@ -457,7 +457,7 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
         fake_gpu(monkeypatch, arch)
         assert arch in triton_backend.auto_skip_reason(cuda) and "sm_100" in triton_backend.auto_skip_reason(cuda)
         assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.torch.backend"
-        assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+        assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.engine.triton.backend"
 
 
 def test_triton_older_than_the_compiled_release_is_refused(monkeypatch):
@@ -579,7 +579,7 @@ def test_a_memory_bank_call_reads_nothing_of_o_m_outside_the_kernels(monkeypatch
     launches = []
     monkeypatch.setattr(triton_backend, "_launch", lambda kernel, grid, cfg, backward=False, **args:
                         launches.append((kernel.fn.__name__, math.prod(grid))))
-    from ms_fused import triton_op
+    from ms_fused.engine.triton import ms_op as triton_op
     n, m, d = 256, 10 ** 6, 128
     gen = torch.Generator().manual_seed(38)
     bank = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1).to(torch.bfloat16)

@@ -18,7 +18,7 @@ from ms_fused.reference_pair_losses import PAIR_LOSSES
 triton_backend = triton_backend_or_skip()
 # an anchor without pairs of a kind has a log-sum-exp of log2(0) = -Inf, which numpy warns of and a GPU does not
 pytestmark = INTERPRETER_WARNINGS + [pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")]
-from ms_fused import triton_pair_engine  # noqa: E402  (imports triton)
+from ms_fused.engine.triton import pair_engine as triton_pair_engine  # noqa: E402  (imports triton)
 
 DEV = device_of("triton")
 

@@ -23,8 +23,8 @@ and one loss-specific value:
 import triton
 import triton.language as tl
 
-from .triton_kernels import (INF, REF_SELF_INDEX_OF_COLS, REF_SELF_INDEX_OF_ROWS, _accumulate, _anchor_block,
-                             _band_chunk, _band_rows, _band_tile, _column_tile, _finish_rows, _pair_masks)
+from .ms_kernels import (INF, REF_SELF_INDEX_OF_COLS, REF_SELF_INDEX_OF_ROWS, _accumulate, _anchor_block,
+                         _band_chunk, _band_rows, _band_tile, _column_tile, _finish_rows, _pair_masks)
 
 SUPCON = tl.constexpr(0)
 NTXENT = tl.constexpr(1)

@@ -10,13 +10,13 @@ from typing import Optional
 
 import torch
 
-from . import triton_backend as tb
-from .engine._autograd import fused_backward
-from .engine._inputs import HyperParams, Problem
+from . import backend as tb
+from .._autograd import fused_backward
+from .._inputs import HyperParams, Problem
 
 try:
     import triton
-    from . import triton_pair_kernels as kernels
+    from . import pair_kernels as kernels
 except Exception:  # triton_backend.unavailable_reason says why
     triton = kernels = None
 

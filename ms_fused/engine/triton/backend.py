@@ -22,13 +22,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .engine._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
-from .engine._inputs import HyperParams, Problem
+from .._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
+from .._inputs import HyperParams, Problem
 
 try:
     import triton
 
-    from . import triton_kernels as kernels
+    from . import ms_kernels as kernels
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # triton missing or broken: the backend reports why instead of failing the package
     triton = kernels = None
@@ -848,7 +848,7 @@ def _fallback_warning(exc: Exception) -> None:
 
 def _torch_gradients(problem: Problem, g: torch.Tensor, needs: tuple) -> tuple:
     """(dq, dr) from the torch backend, for when no triton configuration launches."""
-    from .engine.torch import backend as torch_backend
+    from ..torch import backend as torch_backend
     return torch_backend.gradients(problem, g, needs)
 
 
@@ -857,7 +857,7 @@ def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, split
     """(N,) float32 per-anchor losses attached to autograd (with `count_pairs`, also the (2, N) mined
     positives and negatives per anchor), through the torch ops of triton_op.py; `config` and `splits`
     force the tile configuration and column splits (tests)."""
-    from . import triton_op  # it imports this module
+    from . import ms_op as triton_op  # it imports this module
     return triton_op.per_anchor_loss(problem, config, splits, count_pairs)
 
 __all__ = ["unavailable_reason", "per_anchor_loss", "TileConfig", "tile_configs", "target_arch",

@@ -17,9 +17,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import triton_backend as tb
-from .engine._autograd import N_STATS, fused_backward
-from .engine._inputs import HyperParams, Problem
+from . import backend as tb
+from .._autograd import N_STATS, fused_backward
+from .._inputs import HyperParams, Problem
 
 # rows of the forward's packed plan tensors (one column per anchor, or per reference row)
 PERM, LABELS, BAND_LO, BAND_HI, OWN_COLUMN, BAD = range(6)   # int32
@@ -105,7 +105,7 @@ def forward_impl(q: Tensor, r: Optional[Tensor], labels: Tensor, ref_labels: Opt
         except tb.NoConfigurationFits as exc:
             tb._fallback_warning(exc)
             _LAUNCHED[key] = None
-            from .engine.torch import backend as torch_backend
+            from ..torch import backend as torch_backend
             with torch.no_grad():
                 loss, counts = torch_backend.per_anchor_loss(
                     _problem(q, r, labels, ref_labels, ref_self_index, hp, ref_normalized), count_pairs=True)
