@@ -673,7 +673,7 @@ def compile_stats(arch_name: str) -> list:
         import triton
 
         import ms_fused
-        from ms_fused.pair_api import pair_weighting_loss
+        from ms_fused.losses.pair_api import pair_weighting_loss
 
         def inputs_of(mode, n, m, d, dtype):
             dt = getattr(torch, dtype)

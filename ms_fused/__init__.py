@@ -1,9 +1,9 @@
 """ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (docs/semantics.md is the contract)."""
-from .api import multi_similarity_loss
+from .losses.ms_api import multi_similarity_loss
 from .engine.backends import available_backends
 from .cached import cached_backward
-from .module import MultiSimilarityLoss
-from .pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
+from .losses.ms_module import MultiSimilarityLoss
+from .losses.pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
 from . import retrieval
 from .engine.stats import PairStats
 from .xbm import CrossBatchMemory

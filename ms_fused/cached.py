@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .engine._inputs import check_labels
-from .module import MultiSimilarityLoss
+from .losses.ms_module import MultiSimilarityLoss
 
 _BN_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from .cached import ChunkedPasses
-from .module import MultiSimilarityLoss as _MSLoss
-from .pair_api import CircleLoss as _CircleLoss, SupConLoss as _SupConLoss
+from .losses.ms_module import MultiSimilarityLoss as _MSLoss
+from .losses.pair_api import CircleLoss as _CircleLoss, SupConLoss as _SupConLoss
 from .engine.stats import PairStats
 
 __all__ = ["MultiSimilarityLoss", "CachedMultiSimilarityLoss", "SupConLoss", "CachedSupConLoss", "CircleLoss",

@@ -216,7 +216,7 @@ def _sparsely_mined_batch(n, d, spread, seed, margin):
 def _mined_negative_share(x, y):
     """The share of negative pairs that either anchor mines: the nonzeros of a sweep tile's G + G^T."""
     from ms_fused.engine._inputs import HyperParams
-    from ms_fused.reference import mined_masks, pair_masks
+    from ms_fused.losses.ms_reference import mined_masks, pair_masks
 
     xn = F.normalize(x.double(), dim=1)
     pos, neg = pair_masks(y, y, torch.arange(len(y)))

@@ -8,9 +8,9 @@ import ms_fused
 from helpers import TOLERANCE, fresh_clustered, rel_err
 from ms_fused.engine.torch import pair_engine as torch_pair_engine
 from ms_fused.engine._inputs import HyperParams, check_inputs
-from ms_fused.pair_api import pair_weighting_loss
-from ms_fused.pair_losses import LOSSES
-from ms_fused.reference_pair_losses import PAIR_LOSSES
+from ms_fused.losses.pair_api import pair_weighting_loss
+from ms_fused.losses.pair_losses import LOSSES
+from ms_fused.losses.pair_reference import PAIR_LOSSES
 
 MODULES = {"supcon": ms_fused.SupConLoss, "ntxent": ms_fused.NTXentLoss, "circle": ms_fused.CircleLoss}
 

@@ -9,8 +9,8 @@ import torch
 
 from helpers import clustered, rel_err
 import ms_fused
-from ms_fused.pair_api import PAIR_BACKENDS as ALL_PAIR_BACKENDS
-from ms_fused.reference_pair_losses import DEFAULTS, PAIR_LOSSES, pair_loss
+from ms_fused.losses.pair_api import PAIR_BACKENDS as ALL_PAIR_BACKENDS
+from ms_fused.losses.pair_reference import DEFAULTS, PAIR_LOSSES, pair_loss
 
 # the float64 backends (triton computes in float32 at most: tests/test_triton_pair_losses.py holds it to the
 # float64 reference within helpers.TOLERANCE)

@@ -12,7 +12,7 @@ from ms_fused.engine.torch import backend as torch_backend
 from ms_fused.engine.triton import ms_op as triton_op
 from ms_fused.engine._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows
 from ms_fused.engine._inputs import HyperParams, check_inputs
-from ms_fused.reference import log1p_sum_exp, mined_masks, pair_masks
+from ms_fused.losses.ms_reference import log1p_sum_exp, mined_masks, pair_masks
 
 BAD_ANCHOR = 3
 

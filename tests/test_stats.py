@@ -11,7 +11,7 @@ import torch
 from backends_under_test import CPU_BACKENDS
 from helpers import TOLERANCE, clustered_batch, rel_err, similarity_rounding, threshold_gap
 from ms_fused import MultiSimilarityLoss, PairStats, available_backends, multi_similarity_loss
-from ms_fused.reference import mined_masks, pair_masks
+from ms_fused.losses.ms_reference import mined_masks, pair_masks
 from ms_fused.engine._inputs import HyperParams
 
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")

@@ -9,11 +9,11 @@ import torch
 
 from backends_under_test import INTERPRETER_WARNINGS, triton_backend_or_skip
 from helpers import TOLERANCE, device_of, fresh_clustered, rel_err
-from ms_fused import pair_losses
+from ms_fused.losses import pair_losses
 from ms_fused.engine.torch import pair_engine as torch_pair_engine
 from ms_fused.engine._inputs import HyperParams, check_inputs
-from ms_fused.pair_api import pair_weighting_loss
-from ms_fused.reference_pair_losses import PAIR_LOSSES
+from ms_fused.losses.pair_api import pair_weighting_loss
+from ms_fused.losses.pair_reference import PAIR_LOSSES
 
 triton_backend = triton_backend_or_skip()
 # an anchor without pairs of a kind has a log-sum-exp of log2(0) = -Inf, which numpy warns of and a GPU does not

@@ -15,7 +15,7 @@ BACKEND_NAMES = ("triton", "cpp", "torch", "reference")
 TRITON, CPP, TORCH, REFERENCE = BACKEND_NAMES
 
 _MODULES = dict(zip(BACKEND_NAMES, ("ms_fused.engine.triton.backend", "ms_fused.engine.cpp.backend",
-                                    "ms_fused.engine.torch.backend", "ms_fused.reference")))
+                                    "ms_fused.engine.torch.backend", "ms_fused.losses.ms_reference")))
 # fastest first; on the CPU triton only runs under TRITON_INTERPRET=1, slower than anything else
 _ORDER = {"cuda": (TRITON, TORCH, REFERENCE), "cpu": (CPP, TORCH, REFERENCE, TRITON)}
 _GENERIC_ORDER = (TORCH, REFERENCE)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .engine._autograd import autocast_off
-from .engine._inputs import HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple, ALL_PAIRS
+from ..engine._autograd import autocast_off
+from ..engine._inputs import (HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple,
+                              ALL_PAIRS)
 from .pair_losses import LOSSES
-from .reference_pair_losses import pair_loss as reference_pair_loss
-from .engine import backends
-from .engine.cpp import pair_engine as cpp_pair_engine
-from .engine.torch import pair_engine as torch_pair_engine
+from .pair_reference import pair_loss as reference_pair_loss
+from ..engine import backends
+from ..engine.cpp import pair_engine as cpp_pair_engine
+from ..engine.torch import pair_engine as torch_pair_engine
 
 PAIR_BACKENDS = ("triton", "cpp", "torch", "reference")
 
@@ -105,7 +106,7 @@ def loss_value(loss, embeddings, labels, ref_emb, ref_labels, reduction: str, ba
 
 
 def _triton_engine():
-    from .engine.triton import pair_engine as triton_pair_engine  # imports triton: only when asked for
+    from ..engine.triton import pair_engine as triton_pair_engine  # imports triton: only when asked for
     return triton_pair_engine
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .reference import FullPrecisionMatmul, pair_masks
+from .ms_reference import FullPrecisionMatmul, pair_masks
 
 PAIR_LOSSES = ("supcon", "ntxent", "circle")
 DEFAULTS = {"supcon": dict(temperature=0.1), "ntxent": dict(temperature=0.07), "circle": dict(m=0.4, gamma=80.0)}
