@@ -1,12 +1,12 @@
 """ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (docs/semantics.md is the contract)."""
 from .losses.ms_api import multi_similarity_loss
 from .engine.backends import available_backends
-from .cached import cached_backward
+from .features.cached import cached_backward
 from .losses.ms_module import MultiSimilarityLoss
 from .losses.pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
-from . import retrieval
+from .features import retrieval
 from .engine.stats import PairStats
-from .xbm import CrossBatchMemory
+from .features.xbm import CrossBatchMemory
 
 __all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory", "retrieval",
            "cached_backward", "PairStats",

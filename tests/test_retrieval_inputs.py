@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import METRIC_ROUNDING, similarity_gap, similarity_rounding
-from ms_fused import _duplicates, _topk
+from ms_fused.features import _duplicates, _topk
 from ms_fused.retrieval import map_at_r, nearest_neighbors, recall_at_k
 
 

@@ -16,8 +16,8 @@ from typing import Callable, List, Optional
 import torch
 from torch import nn
 
-from .engine._inputs import check_labels
-from .losses.ms_module import MultiSimilarityLoss
+from ..engine._inputs import check_labels
+from ..losses.ms_module import MultiSimilarityLoss
 
 _BN_WARNED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._duplicates import Duplicates
-from .engine.torch.backend import DEFAULT_CHUNK_BYTES, chunk_rows
+from ..engine.torch.backend import DEFAULT_CHUNK_BYTES, chunk_rows
 
 REF_BLOCK = 16384  # references per tile; the queries per tile follow from the byte budget
 GROUP = 32  # columns per group of the pre-selection in `_top_values`

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _duplicates, _topk
-from .engine._inputs import check_embedding, check_flag, check_labels, check_same_device, compute_dtype
+from ..engine._inputs import check_embedding, check_flag, check_labels, check_same_device, compute_dtype
 
 
 @dataclass

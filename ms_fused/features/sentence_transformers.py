@@ -41,9 +41,9 @@ import torch
 from torch import nn
 
 from .cached import ChunkedPasses
-from .losses.ms_module import MultiSimilarityLoss as _MSLoss
-from .losses.pair_api import CircleLoss as _CircleLoss, SupConLoss as _SupConLoss
-from .engine.stats import PairStats
+from ..losses.ms_module import MultiSimilarityLoss as _MSLoss
+from ..losses.pair_api import CircleLoss as _CircleLoss, SupConLoss as _SupConLoss
+from ..engine.stats import PairStats
 
 __all__ = ["MultiSimilarityLoss", "CachedMultiSimilarityLoss", "SupConLoss", "CachedSupConLoss", "CircleLoss",
            "CachedCircleLoss", "MiningStatsCallback"]

@@ -25,12 +25,12 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from .engine import backends
-from .engine._inputs import FLOAT_DTYPES, check_labels, check_reduction, compute_dtype, refuse_indices_tuple
-from .losses.ms_api import multi_similarity_loss as _local_loss
-from .losses.ms_module import MultiSimilarityLoss
-from .losses.pair_api import check_pair_backend, pair_weighting_loss as _local_pair_loss, reduction_terms
-from .losses.pair_losses import LOSSES
+from ..engine import backends
+from ..engine._inputs import FLOAT_DTYPES, check_labels, check_reduction, compute_dtype, refuse_indices_tuple
+from ..losses.ms_api import multi_similarity_loss as _local_loss
+from ..losses.ms_module import MultiSimilarityLoss
+from ..losses.pair_api import check_pair_backend, pair_weighting_loss as _local_pair_loss, reduction_terms
+from ..losses.pair_losses import LOSSES
 from .xbm import CrossBatchMemory as _LocalMemory
 
 # what one rank tells the others before any row moves: rows, dim, dtype, inputs accepted
