@@ -4,7 +4,7 @@ from .engine.backends import available_backends
 from .features.cached import cached_backward
 from .losses.ms_module import MultiSimilarityLoss
 from .losses.pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
-from .features import retrieval
+from . import cached, retrieval  # the public paths ms_fused.cached and ms_fused.retrieval, set as before
 from .engine.stats import PairStats
 from .features.xbm import CrossBatchMemory
 
