@@ -33,7 +33,7 @@ def backend_params(names):
 
 
 def triton_backend_or_skip():
-    """ms_fused.triton_backend for a test module of triton's own, which is skipped whole where the backend
+    """ms_fused.engine.triton.backend for a test module of triton's own, which is skipped whole where the backend
     cannot run (no triton, or a CPU without the interpreter)."""
     module = pytest.importorskip("ms_fused.engine.triton.backend")
     reason = module.unavailable_reason(torch.device("cpu"))

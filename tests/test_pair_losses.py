@@ -191,8 +191,8 @@ def test_memory_bank_takes_a_configured_loss_only():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
 def test_torch_compile_fullgraph_equals_eager(backend):
-    """The cpp ops' fake kernels and autograd formula (cpp_backend.py, cpp_pair_engine.py) and the torch engine's
-    autograd.Function trace into one graph; its loss and gradient are eager's within the float32 tolerance."""
+    """The cpp ops' fake kernels and autograd formula (ms_fused/engine/cpp/backend.py, pair_engine.py) and the torch
+    engine's autograd.Function trace into one graph; its loss and gradient are eager's within the float32 tolerance."""
     torch._dynamo.reset()
     x, y, _, _ = fresh(40, 16, 5, 9)
     x = x.float()

@@ -205,7 +205,7 @@ def test_cuda_equals_cpu():
 
 
 def copies_by_unique(x):
-    """(members, their first copies) found by torch.unique, independently of ms_fused._duplicates."""
+    """(members, their first copies) found by torch.unique, independently of ms_fused.features._duplicates."""
     _, inverse = torch.unique(x, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), x.shape[0]).scatter_reduce(
         0, inverse, torch.arange(x.shape[0]), reduce="amin")[inverse]

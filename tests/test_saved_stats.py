@@ -1,4 +1,4 @@
-"""The per-anchor statistics every fused backend saves for its backward: one layout (ms_fused/_autograd.py),
+"""The per-anchor statistics every fused backend saves for its backward: one layout (ms_fused/engine/_autograd.py),
 whose NaN log-sum-exps are the one "bad row" flag."""
 import math
 

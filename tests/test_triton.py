@@ -50,8 +50,8 @@ def test_two_runs_are_bitwise_identical():
 
 
 def test_load_alignment_follows_d_the_row_strides_and_the_start():
-    """ALIGN (triton_kernels.py, "Alignment") divides D and every row stride, is at most 16, and is 1 for rows
-    that do not start at a 16-byte boundary."""
+    """ALIGN (ms_fused/engine/triton/ms_kernels.py, "Alignment") divides D and every row stride, is at most 16, and
+    is 1 for rows that do not start at a 16-byte boundary."""
     align = triton_backend.load_align
     wide = torch.zeros(8, 256, dtype=torch.bfloat16)
     assert align(256, wide) == 16

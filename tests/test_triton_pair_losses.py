@@ -1,5 +1,5 @@
-"""SupCon, NT-Xent and Circle loss on the `triton` backend (triton_pair_kernels.py, triton_pair_engine.py) against
-the float64 `reference` (itself held to pml's losses within 1e-10, tests/test_pair_losses_pml_parity.py):
+"""SupCon, NT-Xent and Circle loss on the `triton` backend (ms_fused/engine/triton/pair_kernels.py, pair_engine.py)
+against the float64 `reference` (itself held to pml's losses within 1e-10, tests/test_pair_losses_pml_parity.py):
 float32 under the interpreter, bfloat16 and float16 with the operands rounded as a GPU rounds them, within
 helpers.TOLERANCE; every mode (self, reference set, own copies, memory bank), column splits, tiles of negatives
 only and masked ones, the edge cases of docs/semantics.md "Pair-weighting losses", NaN, counts, errors. The

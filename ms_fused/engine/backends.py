@@ -41,7 +41,7 @@ def check_backend_module(name: str, module) -> None:
     missing = [member for member in BACKEND_MEMBERS if not callable(getattr(module, member, None))]
     if missing:
         raise TypeError(f"backend {name!r} (module {getattr(module, '__name__', module)!r}) does not provide "
-                        f"{', '.join(missing)}, which every backend must (ms_fused.backends.Backend)")
+                        f"{', '.join(missing)}, which every backend must (ms_fused.engine.backends.Backend)")
 
 
 @once

@@ -14,10 +14,10 @@ compute dtype) are scored once, for the lowest-indexed copy, and every copy gets
 tie exactly and rank by index on every CPU (docs/semantics.md "Retrieval ranking"); a matrix product
 alone may round a row differently depending on its position.
 
-One tiled top-k (`ms_fused._topk`) serves both metrics on every device: tiles of `REF_BLOCK` references
+One tiled top-k (`ms_fused.features._topk`) serves both metrics on every device: tiles of `REF_BLOCK` references
 times as many queries as fit the byte budget of the `torch` loss backend (`MS_FUSED_TORCH_CHUNK_MB`,
 default 32 MiB), matrix product then `torch.topk` per tile, merged into a running top-k. The copies are
-found once per call (`ms_fused._duplicates`: an exact integer key per row, a sort, a comparison of the
+found once per call (`ms_fused.features._duplicates`: an exact integer key per row, a sort, a comparison of the
 rows that share a key), in O(M) memory. On CUDA this runs
 the same tiled `torch.topk`; no fused Triton kernel is used (none has been measured to beat it).
 """

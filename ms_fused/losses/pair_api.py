@@ -1,9 +1,9 @@
 """SupCon, NT-Xent and Circle loss: functional forms and pml-named modules (docs/semantics.md "Pair-weighting losses").
 
-Served by the `triton` backend (fused GPU kernels on the MS loss's engine; triton_pair_kernels.py +
-triton_pair_engine.py), the `cpp` backend (fused row passes on the CPU; csrc/cpu/pair_rows.cpp +
-cpp_pair_engine.py), the `torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py +
-torch_pair_engine.py) and the dense `reference` backend; `backend="auto"` takes `triton` on a GPU where it
+Served by the `triton` backend (fused GPU kernels on the MS loss's engine; engine/triton/pair_kernels.py +
+pair_engine.py), the `cpp` backend (fused row passes on the CPU; csrc/cpu/pair_rows.cpp +
+engine/cpp/pair_engine.py), the `torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py +
+engine/torch/pair_engine.py) and the dense `reference` backend; `backend="auto"` takes `triton` on a GPU where it
 serves (backends.resolve's rule), `cpp` on the CPU where it is built, else `torch`.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The `reference` form of the General Pair Weighting losses beside MS: SupCon, NT-Xent and Circle, dense, line by
 line docs/semantics.md ("Pair-weighting losses"), differentiated by autograd. The oracle that the other backends
-of these losses are tested against, and their `backend="reference"` (ms_fused/pair_api.py).
+of these losses are tested against, and their `backend="reference"` (ms_fused/losses/pair_api.py).
 
 Every loss here is a function of per-anchor statistics over the anchor's positive pairs P_i and negative pairs
 N_i (the pair sets of MS, docs/semantics.md "Pair sets"; no mining), then of a per-anchor loss and a reduction:

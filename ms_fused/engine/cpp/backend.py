@@ -164,7 +164,7 @@ _pair_fakes = False
 
 
 def register_pair_fakes() -> None:
-    """The fake kernels of the pair-weighting ops (cpp_pair_engine.py registers their autograd); once."""
+    """The fake kernels of the pair-weighting ops (pair_engine.py registers their autograd); once."""
     global _pair_fakes
     if not _pair_fakes:
         _pair_fakes = True

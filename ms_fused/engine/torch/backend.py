@@ -1,7 +1,7 @@
 """The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (docs/semantics.md "Gradient").
 
 Scratch memory is O(chunk x M): `chunk` rows of anchors are processed at a time, chunk chosen from a
-byte budget. Forward keeps only the per-row statistics of _autograd.py's layout (min_pos, max_neg, A, B;
+byte budget. Forward keeps only the per-row statistics of engine/_autograd.py's layout (min_pos, max_neg, A, B;
 NaN A and B for a non-finite row); backward recomputes each chunk's similarities and rebuilds its weight
 block G, never the whole N x M matrix.
 """

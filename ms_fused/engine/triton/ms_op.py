@@ -5,7 +5,7 @@ instead of tracing into the launchers, and CUDA graphs capture the launches alon
 What the forward derives from its inputs besides the loss (the label order, row norms, bands, the "bad row"
 flags) comes out of the forward op as O(N + M) tensors and goes into the backward op, so the backward never
 sorts or reads a row norm again. The tile configuration a forward launched is kept per tuning key
-(triton_backend.tuning_key): the backward of that call mines with the same tiles. Nothing in either op
+(backend.tuning_key): the backward of that call mines with the same tiles. Nothing in either op
 synchronises the host with the device (autotuning aside, which runs once per key and never while a CUDA
 graph is captured).
 """
