@@ -142,7 +142,7 @@ for choice in neoverse-n1:default "max,sve=off":default "max,sve128=on":sve128 "
   cpu=${choice%:*} want=${choice##*:}
   # --quick: the CPUs the subset ran on are left out here (its variant tests compared their choice with PyTorch's)
   if [ $MODE = quick ] && [[ " $CPUS " == *" $cpu "* ]]; then continue; fi
-  got=$(QEMU_CPU=$cpu "$PY" -c "from ms_fused import cpp_backend; print(cpp_backend.cpu_capability())")
+  got=$(QEMU_CPU=$cpu "$PY" -c "from ms_fused.engine.cpp import backend as cpp_backend; print(cpp_backend.cpu_capability())")
   echo "aarch64: QEMU_CPU=$cpu runs the $got variant"
   [ "$got" = "$want" ] || { echo "aarch64: expected the $want variant on QEMU_CPU=$cpu" >&2; exit 1; }
 done

@@ -18,7 +18,7 @@ py="$PWD/.venv/bin/python"
 cd "$dest"
 PYTHONPATH="$PWD" "$py" -c "
 import torch
-from ms_fused import cpp_backend
+from ms_fused.engine.cpp import backend as cpp_backend
 isa = cpp_backend.cpu_capability()  # loads the extension
 assert torch.ops.ms_fused.built_with_openmp(), 'the clang build has no OpenMP'
 print('clang build:', cpp_backend.__file__, isa, 'with OpenMP')"

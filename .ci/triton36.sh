@@ -55,7 +55,8 @@ EOF
 unset TRITON_INTERPRET
 rc=0
 # the compile tests under 3.6: sm_90, the GPU image's target (sm_100 spills a few bytes under 3.6, so "auto"
-# leaves it to torch there: triton_backend.newest_compiled_cc); every target runs under 3.9 in `make test`
+# leaves it to torch there: newest_compiled_cc in ms_fused/engine/triton/backend.py); every target runs under
+# 3.9 in `make test`
 MS_FUSED_COMPILE_TARGETS=sm_90 "$PY" -m pytest tests -k triton -q -p no:cacheprovider -rfEs "$@" || rc=$?
 echo "== triton36: pytest exit code $rc after $(( $(date +%s) - start )) s in all"
 exit $rc

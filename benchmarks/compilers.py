@@ -28,7 +28,7 @@ CHILD = """
 import json, sys, time, torch
 sys.path.insert(0, {bench_dir!r})
 import impls, measure
-from ms_fused import cpp_backend
+from ms_fused.engine.cpp import backend as cpp_backend
 torch.set_num_threads({threads})
 assert cpp_backend.cpu_capability() is not None, "no cpp extension"
 fn = impls.ms_fused_loss("cpp")

@@ -17,7 +17,7 @@ def _load() -> dict:
     if os.environ.get("MS_FUSED_NO_CPP") == "1":
         reason = "MS_FUSED_NO_CPP=1"
     else:
-        from ms_fused import cpp_backend
+        from ms_fused.engine.cpp import backend as cpp_backend
 
         reason = cpp_backend.unavailable_reason(torch.device("cpu"))
     return {"status": "ok" if reason is None else "unavailable", "reason": reason, "pid": os.getpid()}

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ms_fused.reference_pair_losses import PAIR_LOSSES  # the losses a sweep times besides "ms"
+from ms_fused.losses.pair_reference import PAIR_LOSSES  # the losses a sweep times besides "ms"
 
 ALPHA, BETA, BASE, EPSILON = 2.0, 50.0, 0.5, 0.1
 HYPER_PARAMS = dict(alpha=ALPHA, beta=BETA, base=BASE, epsilon=EPSILON)
@@ -53,8 +53,8 @@ def clustered(n: int, d: int, spread: float, seed: int, device="cpu", samples_pe
 
 def hard_pair_fractions(x: torch.Tensor, y: torch.Tensor) -> Dict[str, float]:
     """Share of the positive and of the negative pairs that the miner keeps (float64, self mode)."""
-    from ms_fused._inputs import HyperParams
-    from ms_fused.reference import mined_masks, pair_masks
+    from ms_fused.engine._inputs import HyperParams
+    from ms_fused.losses.ms_reference import mined_masks, pair_masks
 
     xn = F.normalize(x.double(), dim=1)
     S = xn @ xn.T
@@ -199,7 +199,7 @@ def loop_loss(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
 
 
 def ms_fused_pair_loss(loss_name: str, backend: str) -> Callable:
-    from ms_fused.pair_api import pair_weighting_loss
+    from ms_fused.losses.pair_api import pair_weighting_loss
 
     def loss(x, y, bank=None):
         if bank is None:
@@ -233,7 +233,7 @@ def mm_yardstick(x: torch.Tensor, y: torch.Tensor, bank=None) -> torch.Tensor:
 def ms_fused_backends(device: torch.device) -> List[str]:
     """The package's backends on `device` at run time, less the dense oracle and interpreted Triton."""
     import ms_fused
-    from ms_fused.backends import REFERENCE, TRITON
+    from ms_fused.engine.backends import REFERENCE, TRITON
 
     names = [b for b in ms_fused.available_backends(device) if b != REFERENCE]
     if device.type != "cuda":
@@ -256,14 +256,14 @@ def unavailable_reason(impl: str, device: torch.device, dtype: torch.dtype, memo
         if impl in BASELINES and impl not in PAIR_BASELINES:
             return f"{impl} is a form of the MS loss only"
         if impl.startswith("ms_fused:"):
-            from ms_fused.pair_api import PAIR_BACKENDS
+            from ms_fused.losses.pair_api import PAIR_BACKENDS
 
             if impl.split(":", 1)[1] not in PAIR_BACKENDS:
                 return f"the {impl.split(':', 1)[1]} backend serves the MS loss only so far"
     if memory and impl in BASELINES and impl not in BANK_BASELINES:
         return f"{impl} has no memory-bank form"
     if impl.startswith("ms_fused:"):
-        from ms_fused.backends import unavailable_reason as backend_reason
+        from ms_fused.engine.backends import unavailable_reason as backend_reason
 
         return backend_reason(impl.split(":", 1)[1], device, dtype)
     if impl == "pml" and importlib.util.find_spec("pytorch_metric_learning") is None:

@@ -72,9 +72,9 @@ COMPILE_CASES = [
     # N large enough that no launch splits its columns: the variants a training-size batch runs
     ("self", 34000, 34000, 512, "bfloat16"), ("self", 34000, 34000, 512, "float16"), ("self", 34000, 34000, 512, "float32"),
 ]
-# the pair-weighting losses' kernel variants (triton_pair_kernels.py), for each loss: self mode in bfloat16 (at
-# D = 128 and at the widest resident D) and float32, a reference set with own copies and both gradients (float16
-# differs from bfloat16 by its scaled column tile only: checked clean by hand, left out of CI's time)
+# the pair-weighting losses' kernel variants (ms_fused/engine/triton/pair_kernels.py), for each loss: self mode in
+# bfloat16 (at D = 128 and at the widest resident D) and float32, a reference set with own copies and both gradients
+# (float16 differs from bfloat16 by its scaled column tile only: checked clean by hand, left out of CI's time)
 PAIR_LOSS_NAMES = ("supcon", "ntxent", "circle")
 PAIR_COMPILE_CASES = [
     ("self", 300, 300, 128, "bfloat16"), ("self", 300, 300, 512, "bfloat16"), ("reference", 100, 90, 96, "bfloat16"),
@@ -285,7 +285,7 @@ class _InterpreterCounter:
 
 
 class _SplitPlan:
-    """Hooks triton_backend.column_splits (benchmark only; nothing a user calls changes): records every
+    """Hooks the triton backend's column_splits (benchmark only; nothing a user calls changes): records every
     launch's column split beside the split that the same launch plans at the case's TARGETS point, and with
     as_target=True gives the launch the point's columns per split, capped at the counted columns (a single
     split then). The point's rows and columns are the counted ones mapped counted -> predicted (self mode
@@ -305,7 +305,7 @@ class _SplitPlan:
         import torch
         import triton
 
-        from ms_fused import triton_backend as tb
+        from ms_fused.engine.triton import backend as tb
         real = self.real = tb.column_splits
         plan = self
 
@@ -335,7 +335,7 @@ class _SplitPlan:
         return self
 
     def __exit__(self, *exc):
-        from ms_fused import triton_backend as tb
+        from ms_fused.engine.triton import backend as tb
         tb.column_splits = self.real
 
 
@@ -352,7 +352,7 @@ def count_work(case, plan: str = "own") -> dict:
         counter.phase = "backward"
         loss.backward()
     if not splits.plans:
-        raise RuntimeError("no launch planned its column splits through triton_backend.column_splits")
+        raise RuntimeError("no launch planned its column splits through the triton backend's column_splits")
     launches = counter.launches
     per_pass = n * m * d
     fwd_macs = sum(x["macs"] for x in launches if x["phase"] == "forward")
@@ -650,7 +650,7 @@ def stub_compiler(arch_name: str):
         return kernel
 
     jitmod.JITFunction.run = compile_only
-    from ms_fused import triton_backend as tb
+    from ms_fused.engine.triton import backend as tb
 
     real_reason = tb.unavailable_reason
     # CPU tensors stand in for GPU ones: nothing runs, the launches only compile
@@ -673,7 +673,7 @@ def compile_stats(arch_name: str) -> list:
         import triton
 
         import ms_fused
-        from ms_fused.pair_api import pair_weighting_loss
+        from ms_fused.losses.pair_api import pair_weighting_loss
 
         def inputs_of(mode, n, m, d, dtype):
             dt = getattr(torch, dtype)
@@ -1051,7 +1051,7 @@ def main(argv=None) -> None:
                    help="also compile ARCHS (comma-separated) with this Python interpreter's Triton")
     p.add_argument("--count-with", default=sys.executable, metavar="PYTHON",
                    help="run the interpreter count with this Python's Triton (the first choices depend on its "
-                        "version: resident_widest_d in ms_fused/triton_backend.py)")
+                        "version: resident_widest_d in ms_fused/engine/triton/backend.py)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help=f"tensor-core rate ({PEAK_SOURCE})")
     p.add_argument("--l2-tbps", type=float, default=L2_TBPS, help=f"L2 bandwidth for the load time ({L2_SOURCE})")
     p.add_argument("--readme", help="also write the summaries into this file between its kernel_stats markers")

@@ -170,7 +170,7 @@ def agreement(spec: dict) -> dict:
     if loss == "ms":
         ref = ms_fused.multi_similarity_loss(ref_x, y, backend="reference", **impls.HYPER_PARAMS)
     else:
-        from ms_fused.pair_api import pair_weighting_loss
+        from ms_fused.losses.pair_api import pair_weighting_loss
 
         ref = pair_weighting_loss(loss, ref_x, y, backend="reference")
     ref.backward()

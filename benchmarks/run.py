@@ -135,7 +135,7 @@ class Progress:
 
 
 def pair_defaults(loss: str) -> dict:
-    from ms_fused.reference_pair_losses import DEFAULTS
+    from ms_fused.losses.pair_reference import DEFAULTS
 
     return DEFAULTS[loss]
 

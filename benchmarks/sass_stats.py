@@ -518,7 +518,8 @@ def find_tile_loop(instrs: list, blocks: list, isa: Isa, k_steps: int):
 # ---- one kernel's counts -------------------------------------------------------------------------------
 
 def launch_d(kw: dict):
-    """D of a launch: the kernels take it in vectors of ALIGN elements (triton_backend.load_align)."""
+    """D of a launch: the kernels take it in vectors of ALIGN elements (load_align in
+    ms_fused/engine/triton/backend.py)."""
     if "D" in kw:
         return kw["D"]
     return kw["D_vecs"] * kw["ALIGN"] if "D_vecs" in kw else None

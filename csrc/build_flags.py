@@ -1,4 +1,5 @@
-"""Sources and compiler flags of the C++ extension, shared by setup.py and the JIT build of ms_fused/cpp_backend.py.
+"""Sources and compiler flags of the C++ extension, shared by setup.py and the JIT build of
+ms_fused/engine/cpp/backend.py.
 
 OpenMP is used where torch itself was built with it and the compiler can link it: GCC's -fopenmp, clang's
 libomp on Linux (-fopenmp=libomp; Debian's clang needs libomp-dev), and on macOS Apple clang with Homebrew's

@@ -1,5 +1,5 @@
 // Schemas of the ms_fused torch ops. Kernels: csrc/cpu/ms_loss_cpu.cpp. Fake (meta) kernels and the
-// autograd formula are registered from Python, in ms_fused/cpp_backend.py.
+// autograd formula are registered from Python, in ms_fused/engine/cpp/backend.py.
 //
 // ms_forward takes the already normalised embeddings (normalisation stays in the autograd graph) and returns
 // the per-anchor losses (N,), the row statistics (4, N) = (min_pos, max_neg, A, B) the backward rebuilds
@@ -13,7 +13,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(ms_fused, m) {
-  m.set_python_module("ms_fused.cpp_backend");
+  m.set_python_module("ms_fused.engine.cpp.backend");
   m.def(
       "ms_forward(Tensor q_hat, Tensor? r_hat, Tensor labels, Tensor? ref_labels, Tensor? ref_self_index, "
       "float alpha, float beta, float base, float epsilon, bool mining, bool unit_q_grad=False) -> "

@@ -1,12 +1,12 @@
 """ms_fused: an exact, memory-lean Multi-Similarity loss with fused kernels (docs/semantics.md is the contract)."""
-from .api import multi_similarity_loss
-from .backends import available_backends
-from .cached import cached_backward
-from .module import MultiSimilarityLoss
-from .pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
-from . import retrieval
-from .stats import PairStats
-from .xbm import CrossBatchMemory
+from .losses.ms_api import multi_similarity_loss
+from .engine.backends import available_backends
+from .features.cached import cached_backward
+from .losses.ms_module import MultiSimilarityLoss
+from .losses.pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, ntxent_loss, supcon_loss
+from . import cached, retrieval  # the public paths ms_fused.cached and ms_fused.retrieval, set as before
+from .engine.stats import PairStats
+from .features.xbm import CrossBatchMemory
 
 __all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory", "retrieval",
            "cached_backward", "PairStats",

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from helpers import device_of
-from ms_fused import available_backends, backends
+from ms_fused import available_backends
+from ms_fused.engine import backends
 
 ALL_BACKENDS = backends.BACKEND_NAMES
 # the CPU backends that the larger parity tests run on: every built one except the slow interpreted triton
@@ -32,9 +33,9 @@ def backend_params(names):
 
 
 def triton_backend_or_skip():
-    """ms_fused.triton_backend for a test module of triton's own, which is skipped whole where the backend
+    """ms_fused.engine.triton.backend for a test module of triton's own, which is skipped whole where the backend
     cannot run (no triton, or a CPU without the interpreter)."""
-    module = pytest.importorskip("ms_fused.triton_backend")
+    module = pytest.importorskip("ms_fused.engine.triton.backend")
     reason = module.unavailable_reason(torch.device("cpu"))
     if reason is not None and not torch.cuda.is_available():
         pytest.skip(f"triton backend unusable here: {reason}", allow_module_level=True)

@@ -18,7 +18,7 @@ if os.environ.get("ATEN_CPU_CAPABILITY") and "TORCHINDUCTOR_CACHE_DIR" not in os
         tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY'].lower()}")
 
 # Triton kernels only run on the CPU through its interpreter, which must be switched on before any
-# @triton.jit decorator runs (i.e. before ms_fused.triton_backend is first imported).
+# @triton.jit decorator runs (i.e. before ms_fused.engine.triton.backend is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -195,7 +195,7 @@ def device_of(backend) -> torch.device:
 
 def widest_dtype(backend) -> torch.dtype:
     """float64 where `backend` takes it, else float32 (triton)."""
-    from ms_fused import backends
+    from ms_fused.engine import backends
 
     if isinstance(backend, str) and backend != "auto" and \
             backends.unavailable_reason(backend, device_of(backend), torch.float64) is not None:

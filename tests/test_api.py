@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ms_fused
-from ms_fused import backends
+from ms_fused.engine import backends
 from helpers import TOLERANCE, clustered_batch, rel_err
 from ms_fused import MultiSimilarityLoss, available_backends, multi_similarity_loss
 
@@ -48,7 +48,7 @@ def test_registry_refuses_a_module_without_per_anchor_loss(monkeypatch):
 
 
 def test_backend_names_are_defined_once():
-    from ms_fused._inputs import BACKENDS
+    from ms_fused.engine._inputs import BACKENDS
     assert BACKENDS == ("auto",) + backends.BACKEND_NAMES
     with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'cpp', 'torch', 'reference'\)"):
         multi_similarity_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), backend="cuda")

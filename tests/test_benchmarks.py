@@ -133,7 +133,7 @@ def test_a_goal_that_names_a_dtype_is_read_against_that_dtype_only():
 
 def test_every_preset_names_known_implementations_and_goals():
     import impls
-    from ms_fused.backends import BACKEND_NAMES
+    from ms_fused.engine.backends import BACKEND_NAMES
 
     for (device, name), preset in sweep.PRESETS.items():
         assert name in sweep.PRESET_NAMES

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from helpers import (Tol, assert_close, assert_matches_reference, clustered_batch, loss_and_grads,
                      memory_bank_batch, rel_err, threshold_gap)
-from ms_fused import backends, multi_similarity_loss
+from ms_fused.engine import backends
+from ms_fused import multi_similarity_loss
 
 CPU = torch.device("cpu")
 if os.environ.get("MS_FUSED_NO_CPP") == "1":
@@ -28,7 +29,7 @@ HP = (2.0, 50.0, 0.5, 0.1, True)  # alpha, beta, base, epsilon, mining as the op
 def test_extension_is_built_and_auto_picks_it():
     # CI builds the extension from scratch; a silently failed build must fail here, not skip the module
     assert backends.unavailable_reason("cpp", CPU) is None
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert backends.resolve("auto", CPU, dtype) is cpp_backend
@@ -214,8 +215,8 @@ def _sparsely_mined_batch(n, d, spread, seed, margin):
 
 def _mined_negative_share(x, y):
     """The share of negative pairs that either anchor mines: the nonzeros of a sweep tile's G + G^T."""
-    from ms_fused._inputs import HyperParams
-    from ms_fused.reference import mined_masks, pair_masks
+    from ms_fused.engine._inputs import HyperParams
+    from ms_fused.losses.ms_reference import mined_masks, pair_masks
 
     xn = F.normalize(x.double(), dim=1)
     pos, neg = pair_masks(y, y, torch.arange(len(y)))
@@ -431,7 +432,7 @@ def test_compile_fullgraph(backend, reference_mode):
 # ---- fallback when the extension is missing ------------------------------------------------------------
 
 def test_missing_extension_falls_back_with_one_warning(monkeypatch):
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     import ms_fused
 
@@ -489,7 +490,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 PARITY_ON_VARIANT = textwrap.dedent("""
     import torch
     import test_cpp as t
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
     print(cpp_backend.cpu_capability())
     t.test_self_mode_float64(0, 37, 5, 4)
     t.test_self_mode_float32(False, 150, 10)
@@ -514,7 +515,7 @@ PARITY_ON_VARIANT = textwrap.dedent("""
 def test_default_variant_is_the_widest_the_cpu_runs():
     if "ATEN_CPU_CAPABILITY" in os.environ:
         pytest.skip("ATEN_CPU_CAPABILITY is set")
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     # torch makes the same choice for its own kernels (AVX512 / AVX2 / DEFAULT)
     assert cpp_backend.cpu_capability() == torch.backends.cpu.get_cpu_capability().lower()
@@ -524,7 +525,7 @@ def test_default_variant_is_the_widest_the_cpu_runs():
 def variant_runs():
     """One process per variant this CPU can run (every one up to the widest), all started at once:
     variant -> (stdout, stderr, return code)."""
-    from ms_fused import cpp_backend
+    from ms_fused.engine.cpp import backend as cpp_backend
 
     runnable = VARIANTS[: VARIANTS.index(cpp_backend.cpu_capability()) + 1]
     procs = {v: subprocess.Popen([sys.executable, "-c", PARITY_ON_VARIANT], cwd=TESTS_DIR, text=True,

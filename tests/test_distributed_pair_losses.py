@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import clustered, rel_err, spawn_ranks
-from ms_fused.pair_api import PAIR_BACKENDS as ALL_PAIR_BACKENDS, pair_weighting_loss
-from ms_fused.reference_pair_losses import PAIR_LOSSES
+from ms_fused.losses.pair_api import PAIR_BACKENDS as ALL_PAIR_BACKENDS, pair_weighting_loss
+from ms_fused.losses.pair_reference import PAIR_LOSSES
 
 # the float64 backends (triton computes in float32 at most: tests/test_triton_pair_losses.py holds it to the
 # float64 reference within helpers.TOLERANCE)

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 RUN = r"""
 import os, sys, torch, ms_fused
-from ms_fused import cpp_backend, multi_similarity_loss
+from ms_fused.engine.cpp import backend as cpp_backend
+from ms_fused import multi_similarity_loss
 assert os.path.realpath(ms_fused.__file__).startswith(os.path.realpath(sys.prefix)), ms_fused.__file__
 assert os.path.isfile(os.path.join(os.path.dirname(ms_fused.__file__), "_csrc", "cpu", "row_kernels.h"))
 assert cpp_backend.unavailable_reason(torch.device("cpu")) is None, cpp_backend.unavailable_reason(torch.device("cpu"))

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ms_fused import _jit_lock
+from ms_fused.engine import _jit_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a build: 25-50 s on 2 idle cores (issue 31), 7.6 minutes on the same 2 cores under a load average of 10
@@ -26,7 +26,7 @@ FIRST_USE = r"""
 import sys
 sys.modules["ms_fused._C"] = None  # no compiled extension, as after `pip install .`: the JIT path
 import time, torch, ms_fused
-from ms_fused import cpp_backend
+from ms_fused.engine.cpp import backend as cpp_backend
 t0 = time.monotonic()
 reason = cpp_backend.unavailable_reason(torch.device("cpu"))
 g = torch.Generator().manual_seed(0)

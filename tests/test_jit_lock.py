@@ -1,4 +1,4 @@
-"""The JIT build's lock and first-use message (ms_fused/_jit_lock.py), with a stand-in for the compiler: a stale
+"""The JIT build's lock and first-use message (ms_fused/engine/_jit_lock.py), with a stand-in for the compiler: a stale
 torch lock is removed and the build announced once, an up-to-date build loads silently, a live builder is
 waited for (saying so), one that never finishes is given up on. tests/test_jit_first_use.py (slow) kills a
 real build midway."""
@@ -11,7 +11,8 @@ import time
 import pytest
 import torch
 
-from ms_fused import _jit_lock, cpp_backend
+from ms_fused.engine import _jit_lock
+from ms_fused.engine.cpp import backend as cpp_backend
 
 pytestmark = pytest.mark.skipif(_jit_lock.fcntl is None, reason="no fcntl.flock on this platform")
 

@@ -119,8 +119,8 @@ def test_triton_every_kernel_of_a_launch_computes_s_with_one_instruction(compile
 @pytest.mark.parametrize("arch", WITH_ASYNC_COPIES)
 @pytest.mark.slow
 def test_triton_column_tiles_are_copied_asynchronously(compiled, arch):
-    """The aligned load path (triton_kernels.py, "Alignment"): D = 100 loads 4 bfloat16 elements at a time,
-    D = 130 two; either way the pipeliner turns the column-tile loads into cp.async."""
+    """The aligned load path (ms_fused/engine/triton/ms_kernels.py, "Alignment"): D = 100 loads 4 bfloat16
+    elements at a time, D = 130 two; either way the pipeliner turns the column-tile loads into cp.async."""
     rows = [r for r in compiled[arch] if r.get("ok") and r["needs_copy"]]
     compiled_for = {(r["kernel"], r["d"]) for r in rows if r["dtype"] == "bfloat16"}
     # the odd D are the MS loss's cases; the pair-weighting kernels load through the same _column_tile and are

@@ -6,11 +6,11 @@ import torch
 
 import ms_fused
 from helpers import TOLERANCE, fresh_clustered, rel_err
-from ms_fused import torch_pair_engine
-from ms_fused._inputs import HyperParams, check_inputs
-from ms_fused.pair_api import pair_weighting_loss
-from ms_fused.pair_losses import LOSSES
-from ms_fused.reference_pair_losses import PAIR_LOSSES
+from ms_fused.engine.torch import pair_engine as torch_pair_engine
+from ms_fused.engine._inputs import HyperParams, check_inputs
+from ms_fused.losses.pair_api import pair_weighting_loss
+from ms_fused.losses.pair_losses import LOSSES
+from ms_fused.losses.pair_reference import PAIR_LOSSES
 
 MODULES = {"supcon": ms_fused.SupConLoss, "ntxent": ms_fused.NTXentLoss, "circle": ms_fused.CircleLoss}
 
@@ -225,8 +225,8 @@ def test_memory_bank_takes_a_configured_loss_only():
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
 def test_torch_compile_fullgraph_equals_eager(backend):
-    """The cpp ops' fake kernels and autograd formula (cpp_backend.py, cpp_pair_engine.py) and the torch engine's
-    autograd.Function trace into one graph; its loss and gradient are eager's within the float32 tolerance."""
+    """The cpp ops' fake kernels and autograd formula (ms_fused/engine/cpp/backend.py, pair_engine.py) and the torch
+    engine's autograd.Function trace into one graph; its loss and gradient are eager's within the float32 tolerance."""
     torch._dynamo.reset()
     x, y, _, _ = fresh(40, 16, 5, 9)
     x = x.float()

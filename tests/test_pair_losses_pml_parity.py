@@ -1,5 +1,5 @@
 """SupCon, NT-Xent and Circle loss (docs/semantics.md "Pair-weighting losses") on every backend that serves them
-(`reference`: ms_fused/reference_pair_losses.py; `torch`: pair_losses.py on torch_pair_engine.py) against
+(`reference`: ms_fused/losses/pair_reference.py; `torch`: losses/pair_losses.py on engine/torch/pair_engine.py) against
 pytorch-metric-learning's SupConLoss, NTXentLoss and CircleLoss in float64: loss and gradients within 1e-10
 (relative), on fresh random batches each run, in self mode and against a reference set, on odd shapes, with
 anchors without positives, one class and all classes distinct; the modules called as pml's are.
@@ -9,8 +9,8 @@ import torch
 
 from helpers import clustered, rel_err
 import ms_fused
-from ms_fused.pair_api import PAIR_BACKENDS as ALL_PAIR_BACKENDS
-from ms_fused.reference_pair_losses import DEFAULTS, PAIR_LOSSES, pair_loss
+from ms_fused.losses.pair_api import PAIR_BACKENDS as ALL_PAIR_BACKENDS
+from ms_fused.losses.pair_reference import DEFAULTS, PAIR_LOSSES, pair_loss
 
 # the float64 backends (triton computes in float32 at most: tests/test_triton_pair_losses.py holds it to the
 # float64 reference within helpers.TOLERANCE)

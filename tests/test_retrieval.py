@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import METRIC_ROUNDING, similarity_gap, similarity_rounding
-from ms_fused import _topk
+from ms_fused.features import _topk
 from ms_fused.retrieval import map_at_r, nearest_neighbors, recall_at_k
 
 sklearn_neighbors = pytest.importorskip("sklearn.neighbors")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import METRIC_ROUNDING, similarity_gap, similarity_rounding
-from ms_fused import _duplicates, _topk
+from ms_fused.features import _duplicates, _topk
 from ms_fused.retrieval import map_at_r, nearest_neighbors, recall_at_k
 
 
@@ -205,7 +205,7 @@ def test_cuda_equals_cpu():
 
 
 def copies_by_unique(x):
-    """(members, their first copies) found by torch.unique, independently of ms_fused._duplicates."""
+    """(members, their first copies) found by torch.unique, independently of ms_fused.features._duplicates."""
     _, inverse = torch.unique(x, dim=0, return_inverse=True)
     first = torch.full((int(inverse.max()) + 1,), x.shape[0]).scatter_reduce(
         0, inverse, torch.arange(x.shape[0]), reduce="amin")[inverse]

@@ -1,4 +1,4 @@
-"""The per-anchor statistics every fused backend saves for its backward: one layout (ms_fused/_autograd.py),
+"""The per-anchor statistics every fused backend saves for its backward: one layout (ms_fused/engine/_autograd.py),
 whose NaN log-sum-exps are the one "bad row" flag."""
 import math
 
@@ -8,10 +8,11 @@ import torch.nn.functional as F
 
 from backends_under_test import backend_params
 from helpers import memory_bank_batch
-from ms_fused import torch_backend, triton_op
-from ms_fused._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows
-from ms_fused._inputs import HyperParams, check_inputs
-from ms_fused.reference import log1p_sum_exp, mined_masks, pair_masks
+from ms_fused.engine.torch import backend as torch_backend
+from ms_fused.engine.triton import ms_op as triton_op
+from ms_fused.engine._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows
+from ms_fused.engine._inputs import HyperParams, check_inputs
+from ms_fused.losses.ms_reference import log1p_sum_exp, mined_masks, pair_masks
 
 BAD_ANCHOR = 3
 

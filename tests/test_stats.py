@@ -11,8 +11,8 @@ import torch
 from backends_under_test import CPU_BACKENDS
 from helpers import TOLERANCE, clustered_batch, rel_err, similarity_rounding, threshold_gap
 from ms_fused import MultiSimilarityLoss, PairStats, available_backends, multi_similarity_loss
-from ms_fused.reference import mined_masks, pair_masks
-from ms_fused._inputs import HyperParams
+from ms_fused.losses.ms_reference import mined_masks, pair_masks
+from ms_fused.engine._inputs import HyperParams
 
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 pml_lmu = pytest.importorskip("pytorch_metric_learning.utils.loss_and_miner_utils")

@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from ms_fused._once import once
+from ms_fused.engine._once import once
 
 # Four threads make the very first call of a fresh process together (the reproducer), each on its
 # own copy of one batch; every thread's loss and gradient must equal the float64 reference's.

@@ -9,8 +9,8 @@ import torch
 
 from helpers import Tol, assert_close, assert_matches_reference, clustered_batch, loss_and_grads, rel_err
 from ms_fused import multi_similarity_loss
-from ms_fused._inputs import HyperParams, check_inputs
-from ms_fused import torch_backend
+from ms_fused.engine._inputs import HyperParams, check_inputs
+from ms_fused.engine.torch import backend as torch_backend
 
 # float32 against the float32 reference (same rounded inputs, both float32 GEMMs): this backend's own
 # acceptance bound, tighter than the table's float32 bound against float64

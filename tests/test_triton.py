@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from backends_under_test import INTERPRETER_WARNINGS, triton_backend_or_skip
 from helpers import assert_matches_reference, clustered_batch, loss_and_grads, memory_bank_batch, rel_err, threshold_gap
 from ms_fused import multi_similarity_loss
-from ms_fused._inputs import HyperParams, check_inputs
+from ms_fused.engine._inputs import HyperParams, check_inputs
 
 triton_backend = triton_backend_or_skip()
 pytestmark = INTERPRETER_WARNINGS
@@ -50,8 +50,8 @@ def test_two_runs_are_bitwise_identical():
 
 
 def test_load_alignment_follows_d_the_row_strides_and_the_start():
-    """ALIGN (triton_kernels.py, "Alignment") divides D and every row stride, is at most 16, and is 1 for rows
-    that do not start at a 16-byte boundary."""
+    """ALIGN (ms_fused/engine/triton/ms_kernels.py, "Alignment") divides D and every row stride, is at most 16, and
+    is 1 for rows that do not start at a 16-byte boundary."""
     align = triton_backend.load_align
     wide = torch.zeros(8, 256, dtype=torch.bfloat16)
     assert align(256, wide) == 16
@@ -318,7 +318,7 @@ if triton_backend.kernels is not None:
     import triton
     import triton.language as tl
 
-    from ms_fused import triton_kernels as K
+    from ms_fused.engine.triton import ms_kernels as K
 
     @triton.jit
     def s_tiles_kernel(a_ptr, a_perm_ptr, inv_a_ptr, b_ptr, b_perm_ptr, inv_b_ptr, yb_ptr, out_ptr, sink_ptr,
@@ -425,15 +425,15 @@ def fake_gpu(monkeypatch, arch):
 
 
 def test_auto_takes_torch_where_triton_has_no_tensor_cores(monkeypatch):
-    from ms_fused import backends
+    from ms_fused.engine import backends
     fake_gpu(monkeypatch, "sm_75")
     cuda = torch.device("cuda")
-    assert backends.resolve("auto", cuda, torch.float16).__name__ == "ms_fused.torch_backend"
-    assert backends.resolve("triton", cuda, torch.float16).__name__ == "ms_fused.triton_backend"
+    assert backends.resolve("auto", cuda, torch.float16).__name__ == "ms_fused.engine.torch.backend"
+    assert backends.resolve("triton", cuda, torch.float16).__name__ == "ms_fused.engine.triton.backend"
     with pytest.raises(ValueError, match="float16 and float32"):
         backends.resolve("triton", cuda, torch.bfloat16)
     fake_gpu(monkeypatch, "sm_80")
-    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.triton.backend"
 
 
 def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
@@ -441,30 +441,30 @@ def test_auto_takes_torch_on_targets_newer_than_the_compiled_ones(monkeypatch):
     "auto" passes it to torch and backend="triton" still runs there."""
     import kernel_stats
 
-    from ms_fused import backends
+    from ms_fused.engine import backends
     assert f"sm_{triton_backend.NEWEST_COMPILED_CC}" in kernel_stats.ARCHS
     cuda = torch.device("cuda")
     fake_gpu(monkeypatch, "sm_100")
     assert triton_backend.arch_family("sm_100") == "hopper"
     monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 9))
-    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.triton.backend"
     # under Triton 3.6 sm_100 compiles with a few bytes of spills: "auto" takes torch there
     monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 6))
     assert "sm_90" in triton_backend.auto_skip_reason(cuda)
-    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.torch_backend"
+    assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.torch.backend"
     monkeypatch.setattr(triton_backend, "triton_version", lambda: (3, 9))
     for arch in ("sm_103", "sm_120"):
         fake_gpu(monkeypatch, arch)
         assert arch in triton_backend.auto_skip_reason(cuda) and "sm_100" in triton_backend.auto_skip_reason(cuda)
-        assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.torch_backend"
-        assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.triton_backend"
+        assert backends.resolve("auto", cuda, torch.bfloat16).__name__ == "ms_fused.engine.torch.backend"
+        assert backends.resolve("triton", cuda, torch.bfloat16).__name__ == "ms_fused.engine.triton.backend"
 
 
 def test_triton_older_than_the_compiled_release_is_refused(monkeypatch):
     """The kernels are compiled and tested with Triton 3.6 and newer (setup.py's extra asks for it); an older
     Triton makes the backend unavailable, with both versions in the reason; the resident D = 512
     configurations are bfloat16's under the checked Tritons (3.9: only with one exp2 per pair)."""
-    from ms_fused import backends
+    from ms_fused.engine import backends
     monkeypatch.setattr(triton_backend.triton, "__version__", "3.5.1")
     reason = triton_backend.unavailable_reason(torch.device(DEVICE), torch.float32)
     assert reason is not None and "3.5.1" in reason and "3.6" in reason
@@ -579,7 +579,7 @@ def test_a_memory_bank_call_reads_nothing_of_o_m_outside_the_kernels(monkeypatch
     launches = []
     monkeypatch.setattr(triton_backend, "_launch", lambda kernel, grid, cfg, backward=False, **args:
                         launches.append((kernel.fn.__name__, math.prod(grid))))
-    from ms_fused import triton_op
+    from ms_fused.engine.triton import ms_op as triton_op
     n, m, d = 256, 10 ** 6, 128
     gen = torch.Generator().manual_seed(38)
     bank = torch.nn.functional.normalize(torch.randn(m, d, generator=gen), dim=1).to(torch.bfloat16)

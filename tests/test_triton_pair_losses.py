@@ -1,5 +1,5 @@
-"""SupCon, NT-Xent and Circle loss on the `triton` backend (triton_pair_kernels.py, triton_pair_engine.py) against
-the float64 `reference` (itself held to pml's losses within 1e-10, tests/test_pair_losses_pml_parity.py):
+"""SupCon, NT-Xent and Circle loss on the `triton` backend (ms_fused/engine/triton/pair_kernels.py, pair_engine.py)
+against the float64 `reference` (itself held to pml's losses within 1e-10, tests/test_pair_losses_pml_parity.py):
 float32 under the interpreter, bfloat16 and float16 with the operands rounded as a GPU rounds them, within
 helpers.TOLERANCE; every mode (self, reference set, own copies, memory bank), column splits, tiles of negatives
 only and masked ones, the edge cases of docs/semantics.md "Pair-weighting losses", NaN, counts, errors. The
@@ -9,15 +9,16 @@ import torch
 
 from backends_under_test import INTERPRETER_WARNINGS, triton_backend_or_skip
 from helpers import TOLERANCE, device_of, fresh_clustered, rel_err
-from ms_fused import pair_losses, torch_pair_engine
-from ms_fused._inputs import HyperParams, check_inputs
-from ms_fused.pair_api import pair_weighting_loss
-from ms_fused.reference_pair_losses import PAIR_LOSSES
+from ms_fused.losses import pair_losses
+from ms_fused.engine.torch import pair_engine as torch_pair_engine
+from ms_fused.engine._inputs import HyperParams, check_inputs
+from ms_fused.losses.pair_api import pair_weighting_loss
+from ms_fused.losses.pair_reference import PAIR_LOSSES
 
 triton_backend = triton_backend_or_skip()
 # an anchor without pairs of a kind has a log-sum-exp of log2(0) = -Inf, which numpy warns of and a GPU does not
 pytestmark = INTERPRETER_WARNINGS + [pytest.mark.filterwarnings("ignore:divide by zero encountered in log2")]
-from ms_fused import triton_pair_engine  # noqa: E402  (imports triton)
+from ms_fused.engine.triton import pair_engine as triton_pair_engine  # noqa: E402  (imports triton)
 
 DEV = device_of("triton")
 

@@ -10,7 +10,7 @@ import torch
 from backends_under_test import FAST_CPU_BACKENDS
 from helpers import TOLERANCE, clustered, loss_and_grads, rel_err, threshold_gap
 from ms_fused import CrossBatchMemory, multi_similarity_loss
-from ms_fused._inputs import compute_dtype
+from ms_fused.engine._inputs import compute_dtype
 
 MEMORY, DIM, CLASSES = 37, 11, 6
 # 9+16+7 = 32 rows fill most of the memory, 20 wraps around, 45 > 37 overwrites its own first rows

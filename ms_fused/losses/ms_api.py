@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from . import backends
-from ._autograd import autocast_off
-from ._inputs import check_flag, check_backend_name, check_finite_inputs, check_hyperparams, check_inputs, check_reduction
-from .stats import PairStats, pair_stats
+from ..engine import backends
+from ..engine._autograd import autocast_off
+from ..engine._inputs import (check_flag, check_backend_name, check_finite_inputs, check_hyperparams, check_inputs,
+                              check_reduction)
+from ..engine.stats import PairStats, pair_stats
 
 
 def reduce_losses(losses: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Exact duplicate rows of a reference set, found without a second copy of it.
 
-Retrieval scores each set of identical reference rows once (`ms_fused._topk`): a matrix product may round
+Retrieval scores each set of identical reference rows once (`ms_fused.features._topk`): a matrix product may round
 the same row differently depending on where it sits in the matrix (which micro-kernel, SIMD lane or edge
 block computes it depends on the BLAS and the CPU), so two copies of one row would otherwise get
 similarities that differ in the last bits, and the tie rule "equal similarities by lower index" would not

@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._autograd import autocast_off
-from ._inputs import HyperParams, Problem, compute_dtype
+from ..engine._autograd import autocast_off
+from ..engine._inputs import HyperParams, Problem, compute_dtype
 
 
 class FullPrecisionMatmul(torch.autograd.Function):

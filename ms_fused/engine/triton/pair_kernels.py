@@ -1,9 +1,9 @@
 """Triton kernels of the pair-weighting losses (docs/semantics.md "Pair-weighting losses") on the MS loss's
-engine (triton_kernels.py): the same label order, column tiles, S, pair masks, column splits and gradient
+engine (ms_kernels.py): the same label order, column tiles, S, pair masks, column splits and gradient
 accumulation. What makes a loss is written once, in the first functions below: its base-2 logits of S for a
 positive and for a negative pair (`_logits`) and the weight dL/dS of a pair from its anchor's saved factors
 (`_pair_weights`, `_negative_weights`); the loss of an anchor from its row statistics is
-`_anchor_loss`. A loss is a constexpr LOSS (SUPCON, NTXENT, CIRCLE, as triton_pair_engine.LOSS_IDS), with
+`_anchor_loss`. A loss is a constexpr LOSS (SUPCON, NTXENT, CIRCLE, as pair_engine.LOSS_IDS), with
 two parameters p0, p1 (temperature, 0 or gamma, m).
 
 Forward: pair_sweep_kernel, program (anchor block, column split): over the split's columns the online
@@ -13,7 +13,7 @@ then (NT-Xent) a pass over the block's band of positives for its sums of softplu
 anchor's loss and the factors its backward needs. Backward: pair_backward_kernel (one S recompute per tile,
 W = G, G^T or G + G^T, as backward_kernel) and combine_grad_kernel for split columns.
 
-Saved per anchor (float32, label order; rows FACTOR, OFFSET_POS, OFFSET_NEG, EXTRA of triton_pair_engine):
+Saved per anchor (float32, label order; rows FACTOR, OFFSET_POS, OFFSET_NEG, EXTRA of pair_engine):
 f (the weight's factor without the upstream gradient), the positives' and negatives' base-2 exponent offsets
 and one loss-specific value:
   SupCon   f = 1/t (0 without positives), offsets L2 (the base-2 LSE over P u N), EXTRA = 1/|P|
@@ -23,8 +23,8 @@ and one loss-specific value:
 import triton
 import triton.language as tl
 
-from .triton_kernels import (INF, REF_SELF_INDEX_OF_COLS, REF_SELF_INDEX_OF_ROWS, _accumulate, _anchor_block,
-                             _band_chunk, _band_rows, _band_tile, _column_tile, _finish_rows, _pair_masks)
+from .ms_kernels import (INF, REF_SELF_INDEX_OF_COLS, REF_SELF_INDEX_OF_ROWS, _accumulate, _anchor_block,
+                         _band_chunk, _band_rows, _band_tile, _column_tile, _finish_rows, _pair_masks)
 
 SUPCON = tl.constexpr(0)
 NTXENT = tl.constexpr(1)
@@ -124,7 +124,7 @@ def _anchor_loss(lse_neg, lse_pos, n_pos, n_neg, sum_pos, band_loss, band_weight
 def _add_exp2(shift, total, z, keep, S, FLAG_NON_FINITE: tl.constexpr):
     """Online log-sum-exp in base 2 from shift = -Inf (an empty row stays at total 0): total = sum over the
     kept z seen of 2^(z - shift), shift their maximum. FLAG_NON_FINITE: the total turns NaN once any S of the
-    row is NaN or +-Inf, kept or not (S * 0 is NaN there; triton_kernels._add_exp2 says why)."""
+    row is NaN or +-Inf, kept or not (S * 0 is NaN there; ms_kernels._add_exp2 says why)."""
     new_shift = tl.maximum(shift, tl.max(tl.where(keep, z, -INF), axis=1))
     ref = tl.where(new_shift == -INF, 0.0, new_shift)  # no -Inf - -Inf while a row has kept nothing
     terms = tl.exp2(tl.where(keep, z - ref[:, None], -INF))
@@ -290,7 +290,7 @@ def pair_backward_kernel(a_ptr, a_perm_ptr, inv_a_ptr, norm_a_ptr, ya_ptr, ref_s
                          ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DOUT: tl.constexpr):
     """dA for BLOCK_N sorted rows of A, output columns [pid(2) * BLOCK_DOUT, +BLOCK_DOUT), over the columns of
-    one split, as triton_kernels.backward_kernel: dA_hat_i = sum_j W_ij b_hat_j with W = G (ANCHOR_ROWS), G^T
+    one split, as ms_kernels.backward_kernel: dA_hat_i = sum_j W_ij b_hat_j with W = G (ANCHOR_ROWS), G^T
     (ANCHOR_COLS) or G + G^T (self mode). The anchors' factors are f_ptr (f times the upstream gradient) and
     stats_ptr's rows (n_anchors anchors). A tile without one of the rows' labels and inside the split holds
     negatives only: its weights need no compare."""

@@ -1,7 +1,8 @@
-"""The `torch` backend of the pair-weighting losses (pair_losses.py): chunked over anchors, hand-written backward.
+"""The `torch` backend of the pair-weighting losses (losses/pair_losses.py): chunked over anchors, hand-written
+backward.
 
-Any loss of pair_losses.py runs here unchanged: per chunk of anchors the forward builds the block of S against the
-whole reference set, its pair masks, and asks the loss for the per-anchor losses and statistics; the backward
+Any loss of losses/pair_losses.py runs here unchanged: per chunk of anchors the forward builds the block of S against
+the whole reference set, its pair masks, and asks the loss for the per-anchor losses and statistics; the backward
 rebuilds the block, asks the loss for d l_i / d S_ij and multiplies it out. Scratch memory is O(chunk x M);
 what is kept is O(N) per-anchor statistics.
 """
@@ -11,9 +12,9 @@ from typing import Optional
 
 import torch
 
-from ._autograd import fused_backward
-from ._inputs import Problem
-from .torch_backend import DEFAULT_CHUNK_BYTES, _pair_masks, _scores, _times, chunk_rows, normalized_inputs
+from .._autograd import fused_backward
+from .._inputs import Problem
+from .backend import DEFAULT_CHUNK_BYTES, _pair_masks, _scores, _times, chunk_rows, normalized_inputs
 
 # live (chunk x M) temporaries in the worst step: S, z, exp terms, G in the float type plus ~4 bool masks
 _FLOAT_TEMPS, _BOOL_TEMPS = 5, 4
@@ -65,10 +66,10 @@ class ChunkedPairLoss(torch.autograd.Function):
 
 
 def per_anchor_loss(problem: Problem, loss, chunk_bytes: Optional[int] = None):
-    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a pair_losses.py loss) on validated,
-    unnormalised inputs; pml's empty-batch guard is pair_api.loss_value's."""
+    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a losses/pair_losses.py loss) on validated,
+    unnormalised inputs; pml's empty-batch guard is losses/pair_api.py's loss_value."""
     q, r, yr = normalized_inputs(problem)
-    if problem.self_mode:  # distinct views of one tensor, as torch_backend.per_anchor_loss passes them
+    if problem.self_mode:  # distinct views of one tensor, as backend.per_anchor_loss passes them
         r, yr = q.view_as(q), yr.view_as(yr)
     chunk = chunk_rows(r.shape[0], q.dtype, DEFAULT_CHUNK_BYTES if chunk_bytes is None else chunk_bytes,
                        _FLOAT_TEMPS, _BOOL_TEMPS)

@@ -4,7 +4,7 @@ Order: larger similarity first; equal similarities by lower reference index. `to
 of equal values open, so each tile's selection is repaired where a tie straddles its k-th place, and the
 running top-k is merged with each new tile by a stable sort (the running list holds lower indices).
 
-Exact duplicates (`ms_fused._duplicates`): a matrix product may round a row differently depending on its
+Exact duplicates (`ms_fused.features._duplicates`): a matrix product may round a row differently depending on its
 position in the matrix, so a copy of a reference row does not take its own product: every copy gets the
 similarity computed for its representative (the lowest-indexed equal row). A representative in the same
 tile is read from its column before the own-row exclusion; one in an earlier tile is read from the running
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from ._duplicates import Duplicates
-from .torch_backend import DEFAULT_CHUNK_BYTES, chunk_rows
+from ..engine.torch.backend import DEFAULT_CHUNK_BYTES, chunk_rows
 
 REF_BLOCK = 16384  # references per tile; the queries per tile follow from the byte budget
 GROUP = 32  # columns per group of the pre-selection in `_top_values`
@@ -156,7 +156,7 @@ def topk(q, r, k: int, exclude=None, duplicates: Optional[Duplicates] = None):
     """The k largest S_ij = <q_i, r_j> of each query row, as (values, indices) of shape (rows, k).
 
     `exclude`: an int64 (rows,) tensor, column exclude[i] left out of row i (-1 for none). `duplicates`: the
-    copies among the rows of r (`ms_fused._duplicates.find`), each scored as its representative. Needs
+    copies among the rows of r (`ms_fused.features._duplicates.find`), each scored as its representative. Needs
     k <= columns left. Memory: one (rows x REF_BLOCK) tile of S and O(rows x k) candidates.
     """
     values = indices = None

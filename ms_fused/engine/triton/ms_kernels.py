@@ -1,5 +1,5 @@
 """Triton kernels of the `triton` backend (docs/semantics.md, "Similarities" to "Gradient"); the launchers,
-the label sort and the configurations are in triton_backend.py.
+the label sort and the configurations are in backend.py.
 
 Order. Anchors (rows) and reference rows (columns) are visited in label order through permutations:
 row r of a kernel is input row `perm[r]`. Labels are dense int32 numbers, sorted, so the positives of a
@@ -22,14 +22,14 @@ tile.
 Alignment. Triton knows of an integer argument only whether it is a multiple of 16, so D = 100, D = 130 or a
 column slice of a wider tensor would leave every row load at one element (2 bytes) and the column tiles without
 asynchronous copies. The launchers therefore pass D and the row strides in vectors of ALIGN elements (the `*_vecs`
-arguments, triton_backend.load_align) and each kernel multiplies them back by the constexpr ALIGN: the compiler
+arguments, backend.load_align) and each kernel multiplies them back by the constexpr ALIGN: the compiler
 then knows that every row starts at a multiple of ALIGN elements and that the K mask (ks < D) changes only at such
 multiples, so row loads move ALIGN elements (up to 16 bytes) at a time and the pipeliner copies column tiles with
 cp.async. The loaded values, and so every S, are the same whatever ALIGN is.
 
 Exponentials are in base 2: with alpha2 = alpha * log2(e), exp(-alpha (S - base)) = exp2(-alpha2 (S - base)).
 Saved log-sum-exps (A, B of the gradient equations) are in base 2 as well (A2 = A * log2(e)); an anchor whose
-row touches a NaN/Inf is saved with A2 = B2 = NaN, the flag of the statistics layout (ms_fused/_autograd.py).
+row touches a NaN/Inf is saved with A2 = B2 = NaN, the flag of the statistics layout (ms_fused/engine/_autograd.py).
 
 Forward: band_min_kernel (min_pos over the band), sweep_kernel (max_neg and the hard-negative sum over all
 columns, the sum NaN for a row whose S holds a NaN or Inf, split across programs when there are few anchor blocks), finish_kernel (combines the splits, then

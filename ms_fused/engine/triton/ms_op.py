@@ -5,7 +5,7 @@ instead of tracing into the launchers, and CUDA graphs capture the launches alon
 What the forward derives from its inputs besides the loss (the label order, row norms, bands, the "bad row"
 flags) comes out of the forward op as O(N + M) tensors and goes into the backward op, so the backward never
 sorts or reads a row norm again. The tile configuration a forward launched is kept per tuning key
-(triton_backend.tuning_key): the backward of that call mines with the same tiles. Nothing in either op
+(backend.tuning_key): the backward of that call mines with the same tiles. Nothing in either op
 synchronises the host with the device (autotuning aside, which runs once per key and never while a CUDA
 graph is captured).
 """
@@ -17,9 +17,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import triton_backend as tb
-from ._autograd import N_STATS, fused_backward
-from ._inputs import HyperParams, Problem
+from . import backend as tb
+from .._autograd import N_STATS, fused_backward
+from .._inputs import HyperParams, Problem
 
 # rows of the forward's packed plan tensors (one column per anchor, or per reference row)
 PERM, LABELS, BAND_LO, BAND_HI, OWN_COLUMN, BAD = range(6)   # int32
@@ -105,7 +105,7 @@ def forward_impl(q: Tensor, r: Optional[Tensor], labels: Tensor, ref_labels: Opt
         except tb.NoConfigurationFits as exc:
             tb._fallback_warning(exc)
             _LAUNCHED[key] = None
-            from . import torch_backend
+            from ..torch import backend as torch_backend
             with torch.no_grad():
                 loss, counts = torch_backend.per_anchor_loss(
                     _problem(q, r, labels, ref_labels, ref_self_index, hp, ref_normalized), count_pairs=True)

@@ -1,7 +1,7 @@
 """The `torch` backend: pure PyTorch, chunked over anchors, hand-written backward (docs/semantics.md "Gradient").
 
 Scratch memory is O(chunk x M): `chunk` rows of anchors are processed at a time, chunk chosen from a
-byte budget. Forward keeps only the per-row statistics of _autograd.py's layout (min_pos, max_neg, A, B;
+byte budget. Forward keeps only the per-row statistics of engine/_autograd.py's layout (min_pos, max_neg, A, B;
 NaN A and B for a non-finite row); backward recomputes each chunk's similarities and rebuilds its weight
 block G, never the whole N x M matrix.
 """
@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows, fused_backward
-from ._inputs import HyperParams, Problem, compute_dtype
+from .._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, bad_rows, fused_backward
+from .._inputs import HyperParams, Problem, compute_dtype
 
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 

@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 BACKEND_NAMES = ("triton", "cpp", "torch", "reference")
 TRITON, CPP, TORCH, REFERENCE = BACKEND_NAMES
 
-_MODULES = dict(zip(BACKEND_NAMES, ("ms_fused.triton_backend", "ms_fused.cpp_backend", "ms_fused.torch_backend",
-                                    "ms_fused.reference")))
+_MODULES = dict(zip(BACKEND_NAMES, ("ms_fused.engine.triton.backend", "ms_fused.engine.cpp.backend",
+                                    "ms_fused.engine.torch.backend", "ms_fused.losses.ms_reference")))
 # fastest first; on the CPU triton only runs under TRITON_INTERPRET=1, slower than anything else
 _ORDER = {"cuda": (TRITON, TORCH, REFERENCE), "cpu": (CPP, TORCH, REFERENCE, TRITON)}
 _GENERIC_ORDER = (TORCH, REFERENCE)
@@ -41,7 +41,7 @@ def check_backend_module(name: str, module) -> None:
     missing = [member for member in BACKEND_MEMBERS if not callable(getattr(module, member, None))]
     if missing:
         raise TypeError(f"backend {name!r} (module {getattr(module, '__name__', module)!r}) does not provide "
-                        f"{', '.join(missing)}, which every backend must (ms_fused.backends.Backend)")
+                        f"{', '.join(missing)}, which every backend must (ms_fused.engine.backends.Backend)")
 
 
 @once

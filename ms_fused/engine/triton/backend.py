@@ -1,4 +1,4 @@
-"""The `triton` backend: fused forward and backward kernels (triton_kernels.py), no N x M tensor.
+"""The `triton` backend: fused forward and backward kernels (ms_kernels.py), no N x M tensor.
 
 A call sorts anchors and reference rows by label (through permutations; the rows themselves are never
 copied), so that a block of anchors finds its positives in one narrow band of columns. The forward then
@@ -22,13 +22,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
-from ._inputs import HyperParams, Problem
+from .._autograd import LSE_NEG, LSE_POS, MAX_NEG, MIN_POS, N_STATS, fused_backward
+from .._inputs import HyperParams, Problem
 
 try:
     import triton
 
-    from . import triton_kernels as kernels
+    from . import ms_kernels as kernels
     _IMPORT_ERROR: Optional[str] = None
 except Exception as exc:  # triton missing or broken: the backend reports why instead of failing the package
     triton = kernels = None
@@ -338,7 +338,7 @@ def _launch(kernel, grid: tuple, cfg: Optional[TileConfig], backward: bool = Fal
 
 
 def load_align(d: int, *rows: torch.Tensor) -> int:
-    """The kernels' ALIGN (triton_kernels.py, "Alignment"): the largest power of two up to 16 that divides D
+    """The kernels' ALIGN (ms_kernels.py, "Alignment"): the largest power of two up to 16 that divides D
     and the row stride of every tensor in `rows`, so that rows Triton already knew to be multiples of 16 stay
     so; 1 when a tensor does not start at a 16-byte boundary, since Triton then assumes nothing of its address
     and a larger ALIGN would only compile another variant."""
@@ -513,7 +513,7 @@ class Plan:
     band: Optional[SortedRows] = None  # reference mode: the band kernels' columns (_reference_order's list)
     # reference mode: refs' (perm, labels) int32 and (norm, inv) float32 as (2, M) tensors, refs' rows views of them
     ref_tensors: Optional[tuple] = None
-    # _autograd.py's layout, float32, sorted order, LSE rows in base 2 (A2, B2; NaN for a bad anchor)
+    # engine/_autograd.py's layout, float32, sorted order, LSE rows in base 2 (A2, B2; NaN for a bad anchor)
     stats: Optional[torch.Tensor] = None
     count: bool = False                # count each anchor's mined pairs in the forward
     counts: Optional[torch.Tensor] = None  # (2, N) int32 sorted: hard positives, hard negatives
@@ -848,16 +848,16 @@ def _fallback_warning(exc: Exception) -> None:
 
 def _torch_gradients(problem: Problem, g: torch.Tensor, needs: tuple) -> tuple:
     """(dq, dr) from the torch backend, for when no triton configuration launches."""
-    from . import torch_backend
+    from ..torch import backend as torch_backend
     return torch_backend.gradients(problem, g, needs)
 
 
 def per_anchor_loss(problem: Problem, config: Optional[TileConfig] = None, splits: Optional[int] = None,
                     count_pairs: bool = False):
     """(N,) float32 per-anchor losses attached to autograd (with `count_pairs`, also the (2, N) mined
-    positives and negatives per anchor), through the torch ops of triton_op.py; `config` and `splits`
+    positives and negatives per anchor), through the torch ops of ms_op.py; `config` and `splits`
     force the tile configuration and column splits (tests)."""
-    from . import triton_op  # it imports this module
+    from . import ms_op as triton_op  # it imports this module
     return triton_op.per_anchor_loss(problem, config, splits, count_pairs)
 
 __all__ = ["unavailable_reason", "per_anchor_loss", "TileConfig", "tile_configs", "target_arch",

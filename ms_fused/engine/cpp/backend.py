@@ -18,16 +18,16 @@ from typing import Optional
 
 import torch
 
-from ._autograd import N_STATS, fused_backward
-from ._inputs import Problem
-from ._jit_lock import guarded_build
-from ._once import once
-from .torch_backend import normalized_inputs
+from .._autograd import N_STATS, fused_backward
+from .._inputs import Problem
+from .._jit_lock import guarded_build
+from .._once import once
+from ..torch.backend import normalized_inputs
 
 N_PAIR_STATS = 2  # rows of the pair-weighting ops' statistics (kPairStats in csrc/cpu/pair_rows.h)
 
 BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler)"
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # ms_fused/, from engine/cpp/
 # installed: shipped inside the package; source checkout: next to it
 _CSRC = next((d for d in (os.path.join(_PACKAGE, "_csrc"), os.path.join(os.path.dirname(_PACKAGE), "csrc"))
               if os.path.isfile(os.path.join(d, "build_flags.py"))), os.path.join(_PACKAGE, "_csrc"))
@@ -77,7 +77,7 @@ def _load() -> Optional[str]:
         reason = "the C++ extension is switched off by MS_FUSED_NO_CPP=1"
     else:
         try:
-            from . import _C  # noqa: F401  (loading it registers the ops)
+            from ... import _C  # noqa: F401  (loading it registers the ops)
         except ImportError as exc:
             try:
                 note = _jit_build()
@@ -164,7 +164,7 @@ _pair_fakes = False
 
 
 def register_pair_fakes() -> None:
-    """The fake kernels of the pair-weighting ops (cpp_pair_engine.py registers their autograd); once."""
+    """The fake kernels of the pair-weighting ops (pair_engine.py registers their autograd); once."""
     global _pair_fakes
     if not _pair_fakes:
         _pair_fakes = True

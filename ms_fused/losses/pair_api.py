@@ -1,9 +1,9 @@
 """SupCon, NT-Xent and Circle loss: functional forms and pml-named modules (docs/semantics.md "Pair-weighting losses").
 
-Served by the `triton` backend (fused GPU kernels on the MS loss's engine; triton_pair_kernels.py +
-triton_pair_engine.py), the `cpp` backend (fused row passes on the CPU; csrc/cpu/pair_rows.cpp +
-cpp_pair_engine.py), the `torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py +
-torch_pair_engine.py) and the dense `reference` backend; `backend="auto"` takes `triton` on a GPU where it
+Served by the `triton` backend (fused GPU kernels on the MS loss's engine; engine/triton/pair_kernels.py +
+pair_engine.py), the `cpp` backend (fused row passes on the CPU; csrc/cpu/pair_rows.cpp +
+engine/cpp/pair_engine.py), the `torch` backend (chunked, O(N·D) beyond a bounded scratch block; pair_losses.py +
+engine/torch/pair_engine.py) and the dense `reference` backend; `backend="auto"` takes `triton` on a GPU where it
 serves (backends.resolve's rule), `cpp` on the CPU where it is built, else `torch`.
 """
 from __future__ import annotations
@@ -11,11 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._autograd import autocast_off
-from ._inputs import HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple, ALL_PAIRS
+from ..engine._autograd import autocast_off
+from ..engine._inputs import (HyperParams, check_backend_name, check_inputs, check_reduction, refuse_indices_tuple,
+                              ALL_PAIRS)
 from .pair_losses import LOSSES
-from .reference_pair_losses import pair_loss as reference_pair_loss
-from . import backends, cpp_pair_engine, torch_pair_engine
+from .pair_reference import pair_loss as reference_pair_loss
+from ..engine import backends
+from ..engine.cpp import pair_engine as cpp_pair_engine
+from ..engine.torch import pair_engine as torch_pair_engine
 
 PAIR_BACKENDS = ("triton", "cpp", "torch", "reference")
 
@@ -103,7 +106,7 @@ def loss_value(loss, embeddings, labels, ref_emb, ref_labels, reduction: str, ba
 
 
 def _triton_engine():
-    from . import triton_pair_engine  # imports triton: only when asked for
+    from ..engine.triton import pair_engine as triton_pair_engine  # imports triton: only when asked for
     return triton_pair_engine
 
 

@@ -1,7 +1,7 @@
-"""The `triton` backend of the pair-weighting losses: triton_pair_kernels.py launched on the MS loss's plan
-(triton_backend.make_plan: label order, bands, row norms; its tile configurations and column splits), with a
+"""The `triton` backend of the pair-weighting losses: pair_kernels.py launched on the MS loss's plan
+(backend.make_plan: label order, bands, row norms; its tile configurations and column splits), with a
 hand-written backward that recomputes each tile of S. Memory beyond the inputs is O(N·D): per-anchor
-statistics, column-split partials, and the backward's float32 partial sums (triton_backend.backward_splits).
+statistics, column-split partials, and the backward's float32 partial sums (backend.backward_splits).
 """
 from __future__ import annotations
 
@@ -10,18 +10,18 @@ from typing import Optional
 
 import torch
 
-from . import triton_backend as tb
-from ._autograd import fused_backward
-from ._inputs import HyperParams, Problem
+from . import backend as tb
+from .._autograd import fused_backward
+from .._inputs import HyperParams, Problem
 
 try:
     import triton
-    from . import triton_pair_kernels as kernels
-except Exception:  # triton_backend.unavailable_reason says why
+    from . import pair_kernels as kernels
+except Exception:  # backend.unavailable_reason says why
     triton = kernels = None
 
-LOSS_IDS = {"supcon": 0, "ntxent": 1, "circle": 2}  # triton_pair_kernels' SUPCON, NTXENT, CIRCLE
-# rows of the saved statistics (triton_pair_kernels' docstring): the weight's factor, the positives' and the
+LOSS_IDS = {"supcon": 0, "ntxent": 1, "circle": 2}  # pair_kernels' SUPCON, NTXENT, CIRCLE
+# rows of the saved statistics (pair_kernels' docstring): the weight's factor, the positives' and the
 # negatives' base-2 exponent offsets, one loss-specific value
 FACTOR, OFFSET_POS, OFFSET_NEG, EXTRA = range(4)
 N_PAIR_STATS = 4
@@ -29,7 +29,7 @@ _HP = HyperParams()  # the plan's switches: normalised S; the MS hyper-parameter
 
 
 def kernel_params(loss) -> tuple:
-    """(LOSS, p0, p1) of a pair_losses.py loss, as the kernels take them."""
+    """(LOSS, p0, p1) of a losses/pair_losses.py loss, as the kernels take them."""
     if loss.name == "circle":
         return LOSS_IDS["circle"], loss.gamma, loss.m
     return LOSS_IDS[loss.name], loss.temperature, 0.0
@@ -47,7 +47,7 @@ def weight_bound(loss, stats: torch.Tensor) -> torch.Tensor:
 
 
 def tile_configs(d: int, dtype: torch.dtype, arch: str) -> list:
-    """The MS loss's configurations for the same target (triton_backend.tile_configs), without its shared
+    """The MS loss's configurations for the same target (backend.tile_configs), without its shared
     exponential's wider resident D (these backwards compute their anchors' weights separately). One stage where
     a second spilled (kernel_stats.py): the float32 sweep (its CUDA-core dots beside two log-sum-exps; sm_90),
     and on AMD targets the backward (both anchors' weights beside the (32, 256) accumulator; gfx942, D = 512)."""
@@ -157,11 +157,11 @@ def unavailable_reason(device: torch.device, dtype: Optional[torch.dtype] = None
     return tb.unavailable_reason(device, dtype)
 
 
-# not yet torch ops (as triton_op.py makes the MS loss's): torch.compile runs this eagerly, between two graphs
+# not yet torch ops (as ms_op.py makes the MS loss's): torch.compile runs this eagerly, between two graphs
 @torch.compiler.disable
 def per_anchor_loss(problem: Problem, loss, config: Optional[tb.TileConfig] = None, splits: Optional[int] = None):
-    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a pair_losses.py loss), as
-    torch_pair_engine.per_anchor_loss; `config` and `splits` force the tile configuration and the column
+    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a losses/pair_losses.py loss), as
+    engine/torch/pair_engine.py's per_anchor_loss; `config` and `splits` force the tile configuration and the column
     splits (tests)."""
     reason = unavailable_reason(problem.q.device, problem.q.dtype)
     if reason is not None:

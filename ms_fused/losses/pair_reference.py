@@ -1,6 +1,6 @@
 """The `reference` form of the General Pair Weighting losses beside MS: SupCon, NT-Xent and Circle, dense, line by
 line docs/semantics.md ("Pair-weighting losses"), differentiated by autograd. The oracle that the other backends
-of these losses are tested against, and their `backend="reference"` (ms_fused/pair_api.py).
+of these losses are tested against, and their `backend="reference"` (ms_fused/losses/pair_api.py).
 
 Every loss here is a function of per-anchor statistics over the anchor's positive pairs P_i and negative pairs
 N_i (the pair sets of MS, docs/semantics.md "Pair sets"; no mining), then of a per-anchor loss and a reduction:
@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .reference import FullPrecisionMatmul, pair_masks
+from .ms_reference import FullPrecisionMatmul, pair_masks
 
 PAIR_LOSSES = ("supcon", "ntxent", "circle")
 DEFAULTS = {"supcon": dict(temperature=0.1), "ntxent": dict(temperature=0.07), "circle": dict(m=0.4, gamma=80.0)}

@@ -1,5 +1,5 @@
 """SupCon, NT-Xent and Circle loss as functions of a block of similarities: what makes each loss, for the chunked
-`torch` engine (torch_pair_engine.py). docs/semantics.md "Pair-weighting losses" holds the equations.
+`torch` engine (engine/torch/pair_engine.py). docs/semantics.md "Pair-weighting losses" holds the equations.
 
 A loss here is three functions of a block (rows = anchors, columns = the whole reference set) of unit-row
 similarities S with its pair masks P and N:

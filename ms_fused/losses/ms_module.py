@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._inputs import check_flag, check_backend_name, check_hyperparams, check_reduction, refuse_indices_tuple
-from .api import multi_similarity_loss
+from ..engine._inputs import check_flag, check_backend_name, check_hyperparams, check_reduction, refuse_indices_tuple
+from .ms_api import multi_similarity_loss
 
 
 class MultiSimilarityLoss(nn.Module):

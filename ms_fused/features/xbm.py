@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._inputs import FLOAT_DTYPES, check_embedding, check_labels, compute_dtype, refuse_indices_tuple
-from .module import MultiSimilarityLoss
-from .pair_api import _PairWeightingLoss
+from ..engine._inputs import FLOAT_DTYPES, check_embedding, check_labels, compute_dtype, refuse_indices_tuple
+from ..losses.ms_module import MultiSimilarityLoss
+from ..losses.pair_api import _PairWeightingLoss
 
 
 class _Saved:

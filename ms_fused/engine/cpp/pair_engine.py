@@ -1,23 +1,23 @@
 """The `cpp` backend of the pair-weighting losses: the ops ms_fused::pair_forward / pair_backward (csrc/cpu/
 pair_loss_cpu.cpp, each loss one struct of csrc/cpu/pair_rows.cpp), with their autograd formula registered here
-(their fake kernels in cpp_backend.py, the ops' python module), so that they survive torch.compile."""
+(their fake kernels in backend.py, the ops' python module), so that they survive torch.compile."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
 
-from ._autograd import fused_backward
-from ._inputs import Problem
-from . import cpp_backend
-from .torch_backend import normalized_inputs
+from .._autograd import fused_backward
+from .._inputs import Problem
+from . import backend as cpp_backend
+from ..torch.backend import normalized_inputs
 
 _LOSS_IDS = {"supcon": 0, "ntxent": 1, "circle": 2}  # PairLoss in csrc/cpu/pair_rows.h
 _registered = False
 
 
 def op_params(loss) -> tuple:
-    """(loss id, p0, p1) of a pair_losses.py loss, as the ops take them."""
+    """(loss id, p0, p1) of a losses/pair_losses.py loss, as the ops take them."""
     if loss.name == "circle":
         return _LOSS_IDS["circle"], loss.m, loss.gamma
     return _LOSS_IDS[loss.name], loss.temperature, 0.0
@@ -50,13 +50,13 @@ def _register() -> None:
     if _registered:
         return
     _registered = True
-    cpp_backend.register_pair_fakes()  # in cpp_backend.py, the ops' python module (csrc/ms_fused_ops.cpp)
+    cpp_backend.register_pair_fakes()  # in backend.py, the ops' python module (csrc/ms_fused_ops.cpp)
     torch.library.register_autograd("ms_fused::pair_forward", _backward, setup_context=_setup_context)
 
 
 def per_anchor_loss(problem: Problem, loss):
-    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a pair_losses.py loss), as
-    torch_pair_engine.per_anchor_loss."""
+    """(per-anchor losses, (2, N) counts |P_i|, |N_i|) of `loss` (a losses/pair_losses.py loss), as
+    engine/torch/pair_engine.py's per_anchor_loss."""
     _register()
     q, r, yr = normalized_inputs(problem)
     ref = None if problem.self_mode else r

@@ -1,0 +1,1 @@
+"""The `torch` backend: chunked PyTorch operations, on any device PyTorch runs on."""
