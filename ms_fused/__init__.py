@@ -7,6 +7,9 @@ from .losses.pair_api import CircleLoss, NTXentLoss, SupConLoss, circle_loss, nt
 from . import cached, retrieval  # the public paths ms_fused.cached and ms_fused.retrieval, set as before
 from .engine.stats import PairStats
 from .features.xbm import CrossBatchMemory
+from . import _moved
+
+_moved.install()  # the module paths before the engine/losses/features layout (old pickles, old imports)
 
 __all__ = ["multi_similarity_loss", "MultiSimilarityLoss", "available_backends", "CrossBatchMemory", "retrieval",
            "cached_backward", "PairStats",

@@ -99,3 +99,37 @@ def test_every_folder_of_the_package_is_a_package():
     assert package_dirs == found
     assert {"ms_fused.engine", "ms_fused.engine.cpp", "ms_fused.engine.torch", "ms_fused.engine.triton",
             "ms_fused.losses", "ms_fused.features"} <= found
+
+
+def test_old_module_paths_resolve_to_the_moved_modules():
+    """Every module path from before the layout (ms_fused/_moved.py) imports as the moved module itself."""
+    from ms_fused._moved import OLD_PATHS
+    for old, new in OLD_PATHS.items():
+        if old.startswith("triton") and importlib.util.find_spec("triton") is None:
+            continue
+        assert importlib.import_module(f"ms_fused.{old}") is importlib.import_module(f"ms_fused.{new}")
+    from ms_fused.xbm import CrossBatchMemory
+    assert CrossBatchMemory is ms_fused.CrossBatchMemory
+
+
+def test_a_model_pickled_under_the_old_paths_loads():
+    """A whole model saved with torch.save before the layout names its classes by their old modules (pickle
+    protocol 2 writes them as text): it loads, with the same classes and state."""
+    import io
+    import pickle
+
+    import torch
+    model = torch.nn.ModuleDict({"ms": ms_fused.MultiSimilarityLoss(alpha=3.0), "supcon": ms_fused.SupConLoss(),
+                                 "bank": ms_fused.CrossBatchMemory(8, 5)})
+    data = pickle.dumps(model, protocol=2)
+    for new, old in [(b"ms_fused.losses.ms_module", b"ms_fused.module"),
+                     (b"ms_fused.losses.pair_api", b"ms_fused.pair_api"), (b"ms_fused.features.xbm", b"ms_fused.xbm")]:
+        assert new in data
+        data = data.replace(new, old)
+    loaded = pickle.loads(data)
+    assert type(loaded["ms"]) is ms_fused.MultiSimilarityLoss and loaded["ms"].kwargs["alpha"] == 3.0
+    assert type(loaded["supcon"]) is ms_fused.SupConLoss and type(loaded["bank"]) is ms_fused.CrossBatchMemory
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    assert type(torch.load(buffer, weights_only=False)["bank"]) is ms_fused.CrossBatchMemory
