@@ -19,7 +19,7 @@ struct PairParams {  // SupCon, NT-Xent: p0 = temperature; Circle: p0 = m, p1 = 
   T p0, p1;
 };
 
-// Rows of the (kPairStats, N) statistics of the pair-weighting losses (ms_fused/pair_losses.py's order):
+// Rows of the (kPairStats, N) statistics of the pair-weighting losses (ms_fused/losses/pair_losses.py's order):
 //   SupCon: L_i (LSE over P u N of S/t), |P_i|;  NT-Xent: L_i (LSE over N of S/t), W_i = sum_p sigmoid(L_i - z_ip);
 //   Circle: A_i, B_i
 inline constexpr int64_t kPairStats = 2;

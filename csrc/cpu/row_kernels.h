@@ -24,7 +24,7 @@ struct Hyper {  // the hyper-parameters, in the compute dtype
 };
 
 // Rows of the (kNumStats, N) statistics tensor that ms_forward returns and ms_backward takes, as
-// ms_fused/_autograd.py numbers them (MIN_POS .. LSE_NEG): min_pos, max_neg, A, B of each anchor.
+// ms_fused/engine/_autograd.py numbers them (MIN_POS .. LSE_NEG): min_pos, max_neg, A, B of each anchor.
 // A = B = NaN marks an anchor whose row of S is not finite, and only such an anchor.
 enum StatRow : int64_t { kMinPos = 0, kMaxNeg = 1, kLsePos = 2, kLseNeg = 3, kNumStats = 4 };
 
