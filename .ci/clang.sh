@@ -23,7 +23,8 @@ isa = cpp_backend.cpu_capability()  # loads the extension
 assert torch.ops.ms_fused.built_with_openmp(), 'the clang build has no OpenMP'
 print('clang build:', cpp_backend.__file__, isa, 'with OpenMP')"
 PYTHONPATH="$PWD" "$py" -m pytest tests/test_cpp.py -q -p no:cacheprovider
-# the pair-weighting losses' cpp kernels (csrc/cpu/pair_rows.cpp) against pml and the reference, on this build
+# the pair-weighting losses' cpp kernels (csrc/cpu/pair_*.cpp: row blocks, self-mode triangle) against pml and the
+# reference, on this build
 PYTHONPATH="$PWD" "$py" -m pytest tests/test_pair_losses.py tests/test_pair_losses_pml_parity.py -q -p no:cacheprovider \
     -k cpp -m "not slow"
 CXX=clang++ PYTHONPATH="$PWD" "$py" -m pytest tests/test_openmp_note.py -q -p no:cacheprovider
