@@ -207,7 +207,9 @@ void pair_self_backward(const at::Tensor& x, const at::Tensor& ids, const PairPa
       const auto [lo, top] = shift_range(shift[kind].data(), t);
       hi[kind] = top, shared[kind] = shareable[kind] && top - lo <= kSharedRange<T>;
       if (!shared[kind]) continue;
-      auto scaled = [&](int64_t i) { return coef[kind][i] == 0 ? T(0) : coef[kind][i] * std::exp(top - shift[kind][i]); };
+      auto scaled = [&](int64_t i) {
+        return coef[kind][i] == 0 ? T(0) : coef[kind][i] * std::exp(hi[kind] - shift[kind][i]);
+      };
       row_coef[kind].resize(t.rows), col_coef[kind].resize(t.cols);
       for (int64_t k = 0; k < t.rows; ++k) row_coef[kind][k] = scaled(t.row + k);
       for (int64_t q = 0; q < t.cols; ++q) col_coef[kind][q] = scaled(t.col + q);
