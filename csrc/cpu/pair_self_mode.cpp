@@ -64,12 +64,6 @@ pair_losses::AnchorWeights<T> anchor_weights(const PairParams<T>& p, T stat0, T 
   MS_FUSED_WITH_LOSS(p, return loss.anchor_weights(stat0, stat1, g))
 }
 
-// e^{hi - shift}: the factor of an anchor's terms taken as e^{z - hi}; 0 for an anchor without a shift
-template <typename T>
-T rescale(T hi, T shift) {
-  return shift > -std::numeric_limits<T>::infinity() ? std::exp(hi - shift) : T(0);
-}
-
 }  // namespace
 
 template <typename T>
@@ -130,11 +124,17 @@ void pair_self_forward(const at::Tensor& x, const at::Tensor& ids, const PairPar
       row_sum[0][k] = pos[0], row_logits[k] = pos[1], row_sum[1][k] = neg[0];
     }
     for (int kind = 0; kind < 2; ++kind) {
-      auto add = [&](int64_t i, T tile_sum) {
-        sum[kind][i] += shared[kind] ? tile_sum * rescale(hi[kind], shift[kind][i]) : tile_sum;
-      };
-      for (int64_t k = 0; k < t.rows; ++k) add(t.row + k, row_sum[kind][k]);
-      for (int64_t q = 0; q < t.cols; ++q) add(t.col + q, col_sum[kind][q]);
+      if (shared[kind]) {  // terms taken as e^{z - hi}: each anchor's times e^{hi - shift} (0 without a shift)
+        std::vector<T> row_factor(t.rows), col_factor(t.cols);
+        scaled_exps(shift[kind].data() + t.row, static_cast<const T*>(nullptr), t.rows, hi[kind], T(-1),
+                    row_factor.data());
+        scaled_exps(shift[kind].data() + t.col, static_cast<const T*>(nullptr), t.cols, hi[kind], T(-1),
+                    col_factor.data());
+        for (int64_t k = 0; k < t.rows; ++k) row_sum[kind][k] *= row_factor[k];
+        for (int64_t q = 0; q < t.cols; ++q) col_sum[kind][q] *= col_factor[q];
+      }
+      for (int64_t k = 0; k < t.rows; ++k) sum[kind][t.row + k] += row_sum[kind][k];
+      for (int64_t q = 0; q < t.cols; ++q) sum[kind][t.col + q] += col_sum[kind][q];
     }
     for (int64_t k = 0; k < t.rows; ++k) logit_sum[t.row + k] += row_logits[k];
     for (int64_t q = 0; q < t.cols; ++q) logit_sum[t.col + q] += col_logits[q];
